@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   - the main job
+#   make test   - the test suite
+# Both create .venv, install the project into it, and install the Debian
+# tools the project drives (when missing and when run as root).
+
+PY       ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+# Debian package:command pairs the labs and tests use.
+DEB_TOOLS := iproute2:ip ethtool:ethtool tcpdump:tcpdump tshark:tshark iperf3:iperf3 curl:curl
+
+.PHONY: demo test bench deps venv clean
+
+demo: venv deps
+	$(BIN)/amesh demo
+
+test: venv deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: venv deps
+	$(BIN)/python -m benchmarks
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+deps:
+	@missing=""; for pair in $(DEB_TOOLS); do \
+	  command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root or install them)"; exit 1; fi; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

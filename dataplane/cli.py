@@ -1,0 +1,23 @@
+"""`amesh`: the command line of affinity-mesh.
+
+The group lives here; each family of commands sits in its own `cli_*` module
+and is attached below, so this file stays the table of contents.
+"""
+
+from __future__ import annotations
+
+import click
+
+from dataplane import cli_map, cli_packets
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="affinity-mesh")
+def main() -> None:
+    """affinity-mesh: a failure-tolerant service-chain dataplane."""
+
+
+for command in (*cli_packets.COMMANDS, *cli_map.COMMANDS):
+    main.add_command(command)
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""What the sans-I/O nodes return: one small dataclass per action.
+
+A node never sends anything itself; its shell (a UDP socket in the lab, a
+Python list in the simulation) carries these out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dataplane.flowtable import FlowKey
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send `data` (affinity header + inner packet) to node `to` on the fabric."""
+
+    to: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand the inner packet to the local host side (client or server)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """The packet was dropped; `reason` is also counted in the node's counters."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlowUpdate:
+    """One flow's mirrored state: what the state-sync channel carries.
+
+    `version` only grows per flow; a replica applies an update only when it
+    is newer than what it holds. `deleted` mirrors a delete or expiry.
+    """
+
+    key: FlowKey
+    version: int
+    state: bytes = b""
+    deleted: bool = False
+    fwd_hop: str | None = None
+    rev_hop: str | None = None
+    prev_hop: str | None = None
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """Mirror `update` to peer `to` (the flow's secondary)."""
+
+    to: str
+    update: FlowUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class TookOver:
+    """This node served a packet of a flow it held only as a replica: the
+    moment a failover completes for that flow."""
+
+    key: FlowKey
+
+
+Event = Send | Deliver | Drop | Mirror | TookOver

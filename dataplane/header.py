@@ -1,0 +1,111 @@
+"""The affinity header on raw bytes: constants, encode, strict decode.
+
+The Scapy layer (`layers.affinity.Affinity`) is the reference definition for
+people; this module is the same format for the per-packet path, which must not
+build Scapy objects. Both import their numbers from here so they cannot drift.
+See `layers/affinity.py` for the diagram and the reasons behind each size.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+VERSION = 1
+HEADER_LEN = 20
+"""Fixed part of the header in bytes (5 words); options may follow."""
+DEFAULT_TTL = 63
+UDP_PORT = 6886
+"""Default UDP destination port of the header on the fabric (configurable)."""
+ETHERTYPE = 0x88B5
+"""IEEE 802 local experimental EtherType, free for a custom L2 header."""
+MAX_TTL = 255
+
+
+class NextProto(IntEnum):
+    """What follows the header (NSH's numbering, so tools agree)."""
+
+    IPV4 = 1
+    IPV6 = 2
+    ETHERNET = 3
+
+
+class Flags(IntFlag):
+    """The 4 flag bits of word 0 (bit values as they sit in the nibble)."""
+
+    OAM = 0x8
+    """Operations and maintenance packet: never delivered to a host."""
+    REROUTED = 0x4
+    """Set by the upstream hop on the first packet it sends to a former secondary."""
+    REVERSE = 0x2
+    """Server-to-client direction: the chain is walked backwards."""
+
+
+FLAG_NAMES = {"oam": Flags.OAM, "rerouted": Flags.REROUTED, "reverse": Flags.REVERSE}
+
+_WORDS = struct.Struct("!BBBBIIII")
+
+
+class HeaderError(ValueError):
+    """A header that must be dropped; `reason` is the drop counter's name."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The decoded fixed header. `length` is in bytes (options included)."""
+
+    chain: int
+    index: int
+    code: int
+    client: int
+    epoch: int
+    flags: int = 0
+    ttl: int = DEFAULT_TTL
+    next_proto: int = NextProto.IPV4
+    version: int = VERSION
+    length: int = HEADER_LEN
+
+    def encode(self) -> bytes:
+        """The 20-byte fixed header (length always written as 5 words)."""
+        return pack(self.chain, self.index, self.code, self.client, self.epoch,
+                    self.flags, self.ttl, self.next_proto)
+
+
+def pack(chain: int, index: int, code: int, client: int, epoch: int,
+         flags: int = 0, ttl: int = DEFAULT_TTL, next_proto: int = NextProto.IPV4,
+         version: int = VERSION, words: int = HEADER_LEN // 4) -> bytes:
+    """Encode a header without options; the hot path's only encoder."""
+    return _WORDS.pack((version << 4) | (flags & 0xF), ttl, words, next_proto,
+                       (chain << 8) | index, code, client, epoch)
+
+
+def decode(buf: bytes | memoryview, offset: int = 0) -> Header:
+    """Decode and validate the header at `offset`; raise HeaderError(reason).
+
+    Validation is what a receiving instance needs before trusting any field:
+    the reasons double as drop-counter names.
+    """
+    if len(buf) - offset < HEADER_LEN:
+        raise HeaderError("truncated", f"{len(buf) - offset} bytes < {HEADER_LEN}")
+    b0, ttl, words, nxt, path, code, client, epoch = _WORDS.unpack_from(buf, offset)
+    version = b0 >> 4
+    if version != VERSION:
+        raise HeaderError("bad_version", f"version {version}")
+    length = words * 4
+    if length < HEADER_LEN or length > len(buf) - offset:
+        raise HeaderError("bad_length", f"length {words} words")
+    if ttl == 0:
+        raise HeaderError("ttl_expired")
+    if nxt not in _NEXT_PROTOS:
+        raise HeaderError("bad_next_proto", f"next protocol {nxt}")
+    return Header(chain=path >> 8, index=path & 0xFF, code=code, client=client,
+                  epoch=epoch, flags=b0 & 0xF, ttl=ttl, next_proto=nxt,
+                  version=version, length=length)
+
+
+_NEXT_PROTOS = frozenset(int(p) for p in NextProto)

@@ -1,0 +1,342 @@
+"""The sans-I/O forwarding core of each node: ingress, service instance, egress.
+
+Each node takes bytes (plus the name of the node they came from and the
+time) and returns events (`dataplane.events`); it keeps a flow table, a
+current service map and counters. The lab's forwarder processes and the
+in-process simulation are thin shells around these classes.
+
+Path of a stream (chain [A, B], services at index positions)::
+
+    client -> ingress --si=2--> A --si=1--> B --si=0--> egress -> server
+    client <- ingress <-si=0--- A <-si=1--- B <-si=2--- egress <- server
+                              (reverse flag set, chain walked backwards)
+
+Next hops are chosen flow table first, map on a miss: the first packet of a
+stream pins the next hop of each direction. A pin to an instance the map
+says is dead is replaced by the map's current primary (the former
+secondary) and that packet carries the REROUTED flag; a pin is never
+followed to a dead instance. A reply goes back to the instance its flow came
+from (`prev_hop`), so both directions cross the same instances.
+
+After the service ran, a change worth mirroring bumps the flow's version and
+emits a `Mirror` to the bucket's secondary (the first other candidate).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from dataplane import header as wire
+from dataplane.affinity import AffinityHasher, flow_endpoints
+from dataplane.classifier import Classifier
+from dataplane.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send, TookOver
+from dataplane.flowtable import FlowEntry, FlowKey, FlowTable
+from dataplane.header import Flags, HeaderError
+from dataplane.packet import UDP, Inner, PacketError, parse
+from dataplane.servicemap import ServiceMap
+from dataplane.services import Action, Service
+
+INGRESS, EGRESS = "ingress", "egress"
+"""Pseudo-service names of the chain's ends in the service map."""
+EDGE_TIMEOUT = 600.0
+
+
+def flow_key(chain: int, code: int, inner: Inner) -> tuple[FlowKey, bool]:
+    """The flow table key of a packet and whether it travels low -> high."""
+    (lo_ip, lo_port), (hi_ip, hi_port), up = flow_endpoints(inner)
+    return (chain, code, inner.proto, lo_ip, lo_port, hi_ip, hi_port), up
+
+
+class Node:
+    """What every node has: a name, a map, a flow table and counters."""
+
+    def __init__(self, name: str, smap: ServiceMap, capacity: int = 1 << 20) -> None:
+        self.name = name
+        self.map = smap
+        self.flows = FlowTable(capacity)
+        self.counters: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()
+
+    def update_map(self, smap: ServiceMap) -> bool:
+        """Install a newer map; an older or equal epoch is ignored (counted)."""
+        if smap.epoch <= self.map.epoch:
+            self.counters["stale_map"] += 1
+            return False
+        self.map = smap
+        self.counters["map_updates"] += 1
+        return True
+
+    def _drop(self, reason: str, events: list[Event] | None = None) -> list[Event]:
+        self.drops[reason] += 1
+        return [*(events or []), Drop(reason)]
+
+    def _next_hop(self, service: str, code: int, pinned: str | None) -> tuple[str | None, bool]:
+        """(hop, rerouted): the pin if alive, else the map's primary."""
+        if pinned is not None and self.map.is_alive(pinned):
+            return pinned, False
+        hop = self.map.primary(service, code)
+        if pinned is not None and hop is not None:
+            self.counters["rerouted"] += 1
+            return hop, True
+        return hop, False
+
+    def _parse(self, data: bytes | memoryview, offset: int = 0) -> Inner | None:
+        try:
+            return parse(data, offset)
+        except PacketError as exc:
+            self.drops[exc.reason] += 1
+            return None
+
+    def _decode(self, data: bytes) -> wire.Header | None:
+        try:
+            h = wire.decode(data)
+        except HeaderError as exc:
+            self.drops[exc.reason] += 1
+            return None
+        if h.epoch < self.map.epoch:
+            self.counters["older_epoch"] += 1
+        return h
+
+
+class ServiceNode(Node):
+    """An instance of one service in the chain."""
+
+    def __init__(self, name: str, smap: ServiceMap, service: Service, capacity: int = 1 << 20,
+                 mirroring: bool = True) -> None:
+        super().__init__(name, smap, capacity)
+        svc = smap.service_of(name)
+        if svc is None:
+            raise ValueError(f"instance {name!r} is not in the service map")
+        self.service_name = svc
+        self.service = service
+        self.mirroring = mirroring
+
+    def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
+        """An encapsulated packet from upstream (or downstream, for replies)."""
+        h = self._decode(data)
+        if h is None:
+            return [Drop("header")]
+        if h.flags & Flags.OAM:
+            self.counters["oam"] += 1
+            return []
+        chain = self.map.chains.get(h.chain)
+        if chain is None:
+            return self._drop("unknown_chain")
+        n = len(chain.services)
+        if not 1 <= h.index <= n:
+            return self._drop("bad_index")
+        reverse = bool(h.flags & Flags.REVERSE)
+        pos = h.index - 1 if reverse else n - h.index
+        if chain.services[pos] != self.service_name:
+            return self._drop("wrong_service")
+        inner = self._parse(data, h.length)
+        if inner is None:
+            return [Drop("inner")]
+        key, _ = flow_key(h.chain, h.code, inner)
+        entry = self.flows.lookup(key, now)
+        events: list[Event] = []
+        if entry is not None and entry.replica:
+            entry.replica = False
+            self.counters["took_over"] += 1
+            events.append(TookOver(key))
+        verdict, state = self.service.process(inner, not reverse, entry.state if entry else None, now)
+        if entry is None and state is not None:
+            entry = self.flows.insert(key, now, state)
+        if entry is None:
+            return self._drop(verdict.reason or "no_state", events)
+        entry.state = state
+        entry.packets += 1
+        entry.bytes += inner.length
+        if verdict.timeout is not None:
+            entry.timeout = verdict.timeout
+        changed = verdict.mirror
+        if not reverse and src is not None and entry.prev_hop != src:
+            entry.prev_hop, changed = src, True
+        hop = rerouted = None
+        if verdict.action == Action.FORWARD:
+            hop, rerouted, pin_changed = self._route(chain.services, pos, reverse, h.code, entry)
+            changed = changed or pin_changed
+        if changed:
+            events.extend(self._mirror(h.code, entry))
+        if verdict.action == Action.DROP:
+            return self._drop(verdict.reason, events)
+        if hop is None:
+            return self._drop("no_instance", events)
+        flags = (h.flags & ~Flags.REROUTED) | (Flags.REROUTED if rerouted else 0)
+        out = wire.pack(h.chain, h.index - 1, h.code, h.client, self.map.epoch, flags,
+                        h.ttl - 1, h.next_proto) + data[h.length:]
+        events.append(Send(hop, out))
+        self.counters["forwarded"] += 1
+        return events
+
+    def _route(self, services: list[str], pos: int, reverse: bool, code: int,
+               entry: FlowEntry) -> tuple[str | None, bool, bool]:
+        """Next hop for the packet; (hop, rerouted, pin changed)."""
+        if reverse:
+            target = INGRESS if pos == 0 else services[pos - 1]
+            hop, rerouted = self._next_hop(target, code, entry.prev_hop)
+            changed = hop != entry.prev_hop
+            entry.prev_hop = hop
+        else:
+            target = EGRESS if pos == len(services) - 1 else services[pos + 1]
+            hop, rerouted = self._next_hop(target, code, entry.fwd_hop)
+            changed = hop != entry.fwd_hop
+            entry.fwd_hop = hop
+        return hop, rerouted, changed
+
+    def _mirror(self, code: int, entry: FlowEntry) -> list[Event]:
+        entry.version += 1
+        if not self.mirroring:
+            return []
+        peer = self.map.secondary(self.service_name, code, exclude=self.name)
+        if peer is None:
+            self.counters["no_secondary"] += 1
+            return []
+        self.counters["mirrored"] += 1
+        return [Mirror(peer, self.update_of(entry))]
+
+    def update_of(self, entry: FlowEntry, deleted: bool = False) -> FlowUpdate:
+        """The mirror form of an entry (also used by bulk sync)."""
+        return FlowUpdate(entry.key, entry.version,
+                          b"" if deleted else self.service.encode_state(entry.state),
+                          deleted, entry.fwd_hop, entry.rev_hop, entry.prev_hop, entry.timeout)
+
+    def apply_update(self, update: FlowUpdate, now: float) -> bool:
+        """Apply a mirrored update if newer than what this node holds."""
+        entry = self.flows.get(update.key)
+        if entry is not None and entry.version >= update.version:
+            self.counters["stale_updates"] += 1
+            return False
+        if update.deleted:
+            if entry is not None:
+                self.flows.delete(update.key, "deleted_by_peer")
+            return True
+        try:
+            state = self.service.decode_state(update.state)
+        except ValueError:
+            self.drops["bad_state"] += 1
+            return False
+        if entry is None:
+            entry = self.flows.insert(update.key, now, state)
+            entry.replica = True
+        entry.state = state
+        entry.version = update.version
+        entry.fwd_hop, entry.rev_hop, entry.prev_hop = update.fwd_hop, update.rev_hop, update.prev_hop
+        entry.timeout = update.timeout
+        self.flows.touch(update.key, now)
+        self.counters["updates_applied"] += 1
+        return True
+
+    def expire(self, now: float) -> list[Event]:
+        """Idle expiry; deletes of flows this node leads are mirrored."""
+        events: list[Event] = []
+        for e in self.flows.expire(now, self.service.max_timeout):
+            if not e.replica and self.mirroring:
+                peer = self.map.secondary(self.service_name, e.key[1], exclude=self.name)
+                if peer is not None:
+                    e.version += 1
+                    events.append(Mirror(peer, self.update_of(e, deleted=True)))
+        return events
+
+
+class IngressNode(Node):
+    """Classifies client packets, adds the header, sends to the chain's first
+    instance; strips the header of replies and delivers them to the client."""
+
+    def __init__(self, name: str, smap: ServiceMap, hasher: AffinityHasher,
+                 udp_port: int = wire.UDP_PORT, capacity: int = 1 << 20) -> None:
+        super().__init__(name, smap, capacity)
+        self.classifier = Classifier(smap, hasher)
+        self.udp_port = udp_port
+
+    def update_map(self, smap: ServiceMap) -> bool:
+        if super().update_map(smap):
+            self.classifier.map = smap
+            return True
+        return False
+
+    def from_client(self, data: bytes, now: float) -> list[Event]:
+        inner = self._parse(data)
+        if inner is None:
+            return [Drop("inner")]
+        if inner.proto == UDP and self.udp_port in (inner.dport, inner.sport):
+            return self._drop("steering_attempt")
+        key, _ = flow_key(0, 0, inner)
+        entry = self.flows.lookup(key, now)
+        if entry is None:
+            try:
+                c = self.classifier.classify(inner)
+            except PacketError as exc:
+                return self._drop(exc.reason)
+            entry = self.flows.insert(key, now, (c.client, c.chain.id, c.code))
+            entry.timeout = EDGE_TIMEOUT
+        client, chain_id, code = entry.state
+        chain = self.map.chains.get(chain_id)
+        if chain is None:
+            return self._drop("unknown_chain")
+        hop, rerouted = self._next_hop(chain.services[0], code, entry.fwd_hop)
+        if hop is None:
+            return self._drop("no_instance")
+        entry.fwd_hop = hop
+        entry.packets += 1
+        n = len(chain.services)
+        hdr = wire.pack(chain_id, n, code, client, self.map.epoch,
+                        Flags.REROUTED if rerouted else 0)
+        self.counters["encapsulated"] += 1
+        return [Send(hop, hdr + data)]
+
+    def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
+        h = self._decode(data)
+        if h is None:
+            return [Drop("header")]
+        if not h.flags & Flags.REVERSE or h.index != 0:
+            return self._drop("bad_index")
+        self.counters["delivered"] += 1
+        return [Deliver(data[h.length:])]
+
+
+class EgressNode(Node):
+    """Strips the header and delivers to the server; classifies replies from
+    the server by the flow it recorded and sends them back up the chain."""
+
+    def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
+        h = self._decode(data)
+        if h is None:
+            return [Drop("header")]
+        if h.flags & Flags.REVERSE or h.index != 0:
+            return self._drop("bad_index")
+        inner = self._parse(data, h.length)
+        if inner is None:
+            return [Drop("inner")]
+        key, _ = flow_key(0, 0, inner)
+        entry = self.flows.lookup(key, now)
+        if entry is None:
+            entry = self.flows.insert(key, now)
+            entry.timeout = EDGE_TIMEOUT
+        entry.state = (h.client, h.chain, h.code)
+        if src is not None:
+            entry.rev_hop = src
+        entry.packets += 1
+        self.counters["delivered"] += 1
+        return [Deliver(data[h.length:])]
+
+    def from_server(self, data: bytes, now: float) -> list[Event]:
+        inner = self._parse(data)
+        if inner is None:
+            return [Drop("inner")]
+        key, _ = flow_key(0, 0, inner)
+        entry = self.flows.lookup(key, now)
+        if entry is None:
+            return self._drop("no_flow_return")
+        client, chain_id, code = entry.state
+        chain = self.map.chains.get(chain_id)
+        if chain is None:
+            return self._drop("unknown_chain")
+        hop, rerouted = self._next_hop(chain.services[-1], code, entry.rev_hop)
+        if hop is None:
+            return self._drop("no_instance")
+        entry.rev_hop = hop
+        flags = Flags.REVERSE | (Flags.REROUTED if rerouted else 0)
+        hdr = wire.pack(chain_id, len(chain.services), code, client, self.map.epoch, flags)
+        self.counters["encapsulated"] += 1
+        return [Send(hop, hdr + data)]

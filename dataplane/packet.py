@@ -1,0 +1,164 @@
+"""Parse an inner IPv4/IPv6 packet into the few fields the dataplane needs.
+
+The per-packet path cannot afford Scapy (about 10k dissections/s), so this is
+a `struct`-only parser that reads exactly what hashing, flow lookup and the
+services use, and raises `PacketError(reason)` on anything it cannot trust.
+The reason strings double as drop-counter names.
+"""
+
+from __future__ import annotations
+
+import struct
+
+TCP, UDP, ICMP, ICMPV6, SCTP, UDPLITE = 6, 17, 1, 58, 132, 136
+PORTED = frozenset({TCP, UDP, SCTP, UDPLITE})
+ICMP_ECHO = {ICMP: (8, 0), ICMPV6: (128, 129)}
+ICMP_ERRORS = {ICMP: frozenset({3, 4, 5, 11, 12}), ICMPV6: frozenset({1, 2, 3, 4})}
+V6_EXT_HEADERS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
+V6_FRAGMENT = 44
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+_V4 = struct.Struct("!BBHHHBBH4s4s")
+_PORTS = struct.Struct("!HH")
+_TCP = struct.Struct("!HHIIBBH")
+
+
+class PacketError(ValueError):
+    """An inner packet the dataplane refuses; `reason` names the drop counter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Inner:
+    """What the dataplane knows about one inner IP packet.
+
+    `sport`/`dport` are the ports used for the flow identity: real ports for
+    TCP/UDP/SCTP/UDP-Lite, the echo id on both sides for ICMP echo, and 0 for
+    other protocols and for every fragment (a fragment after the first has no
+    ports, so all fragments of a datagram are identified by addresses only).
+    """
+
+    __slots__ = ("family", "src", "dst", "proto", "sport", "dport", "fragment",
+                 "l4", "tcp_flags", "seq", "ack", "window", "payload", "length",
+                 "icmp_error")
+
+    def __init__(self) -> None:
+        self.family = 4
+        self.src = self.dst = b""
+        self.proto = 0
+        self.sport = self.dport = 0
+        self.fragment = False
+        self.l4 = 0
+        self.tcp_flags = 0
+        self.seq = self.ack = self.window = 0
+        self.payload: bytes | memoryview = b""
+        self.length = 0
+        self.icmp_error: Inner | None = None
+
+    def __repr__(self) -> str:
+        return (f"Inner(v{self.family} proto={self.proto} {self.src.hex()}:{self.sport}"
+                f" > {self.dst.hex()}:{self.dport} len={self.length})")
+
+
+def parse(buf: bytes | memoryview, offset: int = 0, *, embedded: bool = False) -> Inner:
+    """Parse the IP packet starting at `offset`.
+
+    `embedded` parses the truncated copy inside an ICMP error (8 bytes of
+    transport header at most), which is allowed to be short.
+    """
+    if len(buf) - offset < 1:
+        raise PacketError("inner_truncated")
+    version = buf[offset] >> 4
+    if version == 4:
+        p = _parse_v4(buf, offset, embedded)
+    elif version == 6:
+        p = _parse_v6(buf, offset, embedded)
+    else:
+        raise PacketError("inner_not_ip")
+    if not p.fragment:
+        _parse_l4(p, buf, embedded)
+    return p
+
+
+def _parse_v4(buf: bytes | memoryview, off: int, embedded: bool) -> Inner:
+    if len(buf) - off < 20:
+        raise PacketError("inner_truncated")
+    vihl, _tos, total, _id, frag, _ttl, proto, _ck, src, dst = _V4.unpack_from(buf, off)
+    ihl = (vihl & 0xF) * 4
+    if ihl < 20 or (total < ihl and not embedded):
+        raise PacketError("inner_bad_ip_header")
+    end = off + total
+    if end > len(buf):
+        if not embedded:
+            raise PacketError("inner_truncated")
+        end = len(buf)
+    p = Inner()
+    p.family, p.src, p.dst, p.proto = 4, src, dst, proto
+    p.fragment = bool(frag & 0x3FFF)
+    p.l4 = off + ihl
+    p.length = end - off
+    p.payload = buf[p.l4:end]
+    return p
+
+
+def _parse_v6(buf: bytes | memoryview, off: int, embedded: bool) -> Inner:
+    if len(buf) - off < 40:
+        raise PacketError("inner_truncated")
+    plen = struct.unpack_from("!H", buf, off + 4)[0]
+    nxt = buf[off + 6]
+    end = off + 40 + plen
+    if end > len(buf):
+        if not embedded:
+            raise PacketError("inner_truncated")
+        end = len(buf)
+    p = Inner()
+    p.family = 6
+    p.src = bytes(buf[off + 8:off + 24])
+    p.dst = bytes(buf[off + 24:off + 40])
+    pos = off + 40
+    while nxt in V6_EXT_HEADERS or nxt == V6_FRAGMENT:
+        if pos + 8 > end:
+            raise PacketError("inner_truncated")
+        if nxt == V6_FRAGMENT:
+            p.fragment = True
+            nxt, pos = buf[pos], pos + 8
+        else:
+            nxt, pos = buf[pos], pos + (buf[pos + 1] + 1) * 8
+    p.proto = nxt
+    p.l4 = pos
+    p.length = end - off
+    p.payload = buf[pos:end]
+    return p
+
+
+def _parse_l4(p: Inner, buf: bytes | memoryview, embedded: bool) -> None:
+    seg = p.payload
+    if p.proto in PORTED:
+        if len(seg) < 4:
+            raise PacketError("inner_truncated")
+        p.sport, p.dport = _PORTS.unpack_from(seg)
+        if p.proto == TCP and not embedded:
+            if len(seg) < 20:
+                raise PacketError("inner_truncated")
+            _sp, _dp, p.seq, p.ack, dataofs, p.tcp_flags, p.window = _TCP.unpack_from(seg)
+            hl = (dataofs >> 4) * 4
+            if hl < 20 or hl > len(seg):
+                raise PacketError("inner_bad_tcp_header")
+            p.payload = seg[hl:]
+        elif p.proto == UDP and not embedded:
+            p.payload = seg[8:]
+    elif p.proto in ICMP_ECHO:
+        if len(seg) < 8 and not embedded:
+            raise PacketError("inner_truncated")
+        if len(seg) >= 8:
+            icmp_type = seg[0]
+            if icmp_type in ICMP_ECHO[p.proto]:
+                p.sport = p.dport = struct.unpack_from("!H", seg, 4)[0]
+            elif icmp_type in ICMP_ERRORS[p.proto] and not embedded:
+                try:
+                    p.icmp_error = parse(seg, 8, embedded=True)
+                except PacketError:
+                    p.icmp_error = None

@@ -1,0 +1,298 @@
+"""The service map: who serves which stream, as primary and as secondary.
+
+One map is distributed to every instance. It holds the services and their
+instances, the tenants and their chains, and an *epoch* that grows on every
+change, so an instance can tell which of two maps is newer and a packet can
+say which map routed it.
+
+For each service, stream affinity codes fall into `buckets` buckets
+(``code % buckets``); each bucket has an ordered candidate list computed by
+rendezvous hashing over the service's *eligible* instances (see
+`dataplane.rendezvous`): candidate 0 is the primary, 1 the secondary, and so
+on up to `replicas` candidates. Only ACTIVE instances are eligible; a DEAD or
+DRAINING one holds no role, so when an instance dies each of its buckets is
+led by its former secondary and the next candidate becomes secondary.
+
+The default of 65,536 buckets is what keeps HRW's statistical balance within
+10 % (max/mean primary buckets) for 16 instances: with B buckets and N
+instances the spread is about sqrt(N/B), 4096 buckets would give ~12 % at 16.
+
+Tables are derived from the rest of the map, so they are built lazily and
+shipped in JSON only as a digest (a receiver rebuilds them and checks).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from array import array
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from dataplane.rendezvous import rank
+
+DEFAULT_BUCKETS = 65536
+DEFAULT_REPLICAS = 2
+NO_INSTANCE = 0xFFFF
+
+
+class MapError(ValueError):
+    """A map operation or a map document that does not make sense."""
+
+
+class InstanceState(str, Enum):
+    """Life cycle of an instance as the map sees it."""
+
+    ACTIVE = "active"
+    """Eligible for every role."""
+    DRAINING = "draining"
+    """Being taken out on purpose: no new role, its flows finish or move."""
+    DEAD = "dead"
+    """Declared failed: holds no role."""
+
+
+@dataclass
+class Instance:
+    """One instance of a service, reachable at `address` on the fabric."""
+
+    name: str
+    address: str = ""
+    state: InstanceState = InstanceState.ACTIVE
+    in_sync: bool = True
+    """False while it receives a bulk sync; then it is not a failover target
+    if an in-sync candidate exists (see `ServiceMap.secondary`)."""
+
+
+@dataclass
+class Chain:
+    """An ordered list of services that a tenant's matching traffic crosses."""
+
+    id: int
+    tenant: int
+    services: list[str]
+    match_dports: list[int] = field(default_factory=list)
+    """Select this chain for these server ports; empty means any (the default)."""
+
+
+@dataclass
+class Tenant:
+    """A subscriber: its client id, the client prefixes it owns, its chains."""
+
+    id: int
+    name: str
+    prefixes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BucketTable:
+    """Candidate lists of one service: `ranks[r][b]` indexes `names`."""
+
+    names: list[str]
+    ranks: list[array]
+
+    def candidates(self, bucket: int) -> list[str]:
+        return [self.names[r[bucket]] for r in self.ranks if r[bucket] != NO_INSTANCE]
+
+    def primary_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.names, 0)
+        for i in self.ranks[0]:
+            if i != NO_INSTANCE:
+                counts[self.names[i]] += 1
+        return counts
+
+
+class ServiceMap:
+    """Services, instances, tenants, chains and their bucket tables, at an epoch."""
+
+    def __init__(self, buckets: int = DEFAULT_BUCKETS, replicas: int = DEFAULT_REPLICAS) -> None:
+        if not 1 <= buckets <= 1 << 20:
+            raise MapError(f"buckets must be 1..{1 << 20}, got {buckets}")
+        if not 1 <= replicas <= 8:
+            raise MapError(f"replicas must be 1..8, got {replicas}")
+        self.buckets = buckets
+        self.replicas = replicas
+        self.epoch = 1
+        self.services: dict[str, dict[str, Instance]] = {}
+        self.tenants: dict[int, Tenant] = {}
+        self.chains: dict[int, Chain] = {}
+        self._tables: dict[str, BucketTable] = {}
+        self._where: dict[str, str] = {}
+        """instance name -> its service"""
+
+    # -- changes (each bumps the epoch) --------------------------------------
+
+    def add_service(self, service: str, instances: list[Instance] | list[str] = ()) -> None:
+        if service in self.services:
+            raise MapError(f"service {service!r} already exists")
+        self.services[service] = {}
+        for inst in instances:
+            self.add_instance(service, inst if isinstance(inst, Instance) else Instance(inst))
+        self._changed(service)
+
+    def add_instance(self, service: str, inst: Instance) -> None:
+        if self.service_of(inst.name) is not None:
+            raise MapError(f"instance {inst.name!r} already exists")
+        self._service(service)[inst.name] = inst
+        self._where[inst.name] = service
+        self._changed(service)
+
+    def set_state(self, name: str, state: InstanceState, in_sync: bool | None = None) -> None:
+        """Change an instance's state (e.g. DEAD when declared failed)."""
+        service = self.service_of(name)
+        if service is None:
+            raise MapError(f"no instance named {name!r}")
+        inst = self.services[service][name]
+        inst.state = state
+        if in_sync is not None:
+            inst.in_sync = in_sync
+        self._changed(service)
+
+    def add_tenant(self, tenant: Tenant) -> None:
+        self.tenants[tenant.id] = tenant
+        self._changed(None)
+
+    def add_chain(self, chain: Chain) -> None:
+        if chain.tenant not in self.tenants:
+            raise MapError(f"chain {chain.id}: unknown tenant {chain.tenant}")
+        for s in chain.services:
+            self._service(s)
+        if not chain.services:
+            raise MapError(f"chain {chain.id} has no services")
+        self.chains[chain.id] = chain
+        self._changed(None)
+
+    def _changed(self, service: str | None) -> None:
+        self.epoch += 1
+        if service is None:
+            return
+        self._tables.pop(service, None)
+
+    # -- lookups ---------------------------------------------------------------
+
+    def _service(self, service: str) -> dict[str, Instance]:
+        try:
+            return self.services[service]
+        except KeyError:
+            raise MapError(f"no service named {service!r}") from None
+
+    def service_of(self, instance: str) -> str | None:
+        return self._where.get(instance)
+
+    def instance(self, name: str) -> Instance:
+        service = self.service_of(name)
+        if service is None:
+            raise MapError(f"no instance named {name!r}")
+        return self.services[service][name]
+
+    def is_alive(self, name: str) -> bool:
+        """True unless the instance is unknown or DEAD (draining still serves)."""
+        service = self._where.get(name)
+        return service is not None and self.services[service][name].state != InstanceState.DEAD
+
+    def eligible(self, service: str) -> list[str]:
+        return sorted(n for n, i in self._service(service).items() if i.state == InstanceState.ACTIVE)
+
+    def table(self, service: str) -> BucketTable:
+        t = self._tables.get(service)
+        if t is None:
+            names = self.eligible(service)
+            t = BucketTable(names, rank(service, names, self.buckets, self.replicas))
+            self._tables[service] = t
+        return t
+
+    def bucket(self, code: int) -> int:
+        return code % self.buckets
+
+    def candidates(self, service: str, code: int) -> list[str]:
+        """Ordered candidates for a code: [primary, secondary, ...]."""
+        return self.table(service).candidates(code % self.buckets)
+
+    def primary(self, service: str, code: int) -> str | None:
+        t = self.table(service)
+        i = t.ranks[0][code % self.buckets]
+        return None if i == NO_INSTANCE else t.names[i]
+
+    def secondary(self, service: str, code: int, exclude: str | None = None) -> str | None:
+        """The instance that mirrors a code's state: the first candidate other
+        than `exclude` (default: the primary), preferring in-sync ones."""
+        cands = self.candidates(service, code)
+        owner = exclude if exclude is not None else (cands[0] if cands else None)
+        others = [c for c in cands if c != owner]
+        insts = self.services[service]
+        for c in others:
+            if insts[c].in_sync:
+                return c
+        return others[0] if others else None
+
+    def chain_for(self, tenant: int, dport: int) -> Chain | None:
+        """The tenant's chain for a server port: first with a matching port
+        list, else the tenant's lowest-id chain without one."""
+        mine = sorted((c for c in self.chains.values() if c.tenant == tenant), key=lambda c: c.id)
+        for c in mine:
+            if dport in c.match_dports:
+                return c
+        return next((c for c in mine if not c.match_dports), None)
+
+    # -- serialization ------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "buckets": self.buckets,
+            "replicas": self.replicas,
+            "services": {s: [{**asdict(i), "state": i.state.value} for i in insts.values()]
+                         for s, insts in self.services.items()},
+            "tenants": [asdict(t) for t in self.tenants.values()],
+            "chains": [asdict(c) for c in self.chains.values()],
+            "table_digests": {s: self.table_digest(s) for s in self.services},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ServiceMap:
+        try:
+            m = cls(int(doc["buckets"]), int(doc["replicas"]))
+            for s, insts in doc["services"].items():
+                m.services[s] = {i["name"]: Instance(i["name"], i.get("address", ""),
+                                                     InstanceState(i.get("state", "active")),
+                                                     bool(i.get("in_sync", True)))
+                                 for i in insts}
+                m._where.update(dict.fromkeys(m.services[s], s))
+            for t in doc.get("tenants", []):
+                m.tenants[int(t["id"])] = Tenant(int(t["id"]), str(t["name"]), list(t["prefixes"]))
+            for c in doc.get("chains", []):
+                m.chains[int(c["id"])] = Chain(int(c["id"]), int(c["tenant"]), list(c["services"]),
+                                               [int(p) for p in c.get("match_dports", [])])
+            m.epoch = int(doc["epoch"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MapError(f"not a service map document: {exc!r}") from None
+        for s, digest in doc.get("table_digests", {}).items():
+            if s in m.services and m.table_digest(s) != digest:
+                raise MapError(f"service {s}: bucket table does not match its digest")
+        return m
+
+    @classmethod
+    def from_json(cls, text: str) -> ServiceMap:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise MapError(f"not JSON: {exc}") from None
+
+    def table_digest(self, service: str) -> str:
+        t = self.table(service)
+        h = hashlib.sha256(json.dumps(t.names).encode())
+        for r in t.ranks:
+            h.update(r.tobytes())
+        return h.hexdigest()[:32]
+
+    def copy(self) -> ServiceMap:
+        return copy.deepcopy(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ServiceMap) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]

@@ -1,0 +1,88 @@
+-- Wireshark / tshark dissector for the affinity-mesh affinity header.
+--
+-- Load it with:   tshark -X lua_script:layers/affinity.lua -r capture.pcap
+-- or copy it into ~/.local/lib/wireshark/plugins/ (Wireshark loads plugins
+-- from there at start). tshark refuses Lua scripts when run as root: read
+-- captures as an ordinary user.
+--
+-- The layout is documented in layers/affinity.py; this file must agree with it.
+-- Registered on UDP port 6886 (change it in Preferences > Protocols > AFFINITY)
+-- and on EtherType 0x88B5. The payload goes to the IPv4, IPv6 or Ethernet
+-- dissector according to the next-protocol field.
+
+local affinity = Proto("affinity", "Affinity-mesh service header")
+
+local next_proto_names = { [1] = "IPv4", [2] = "IPv6", [3] = "Ethernet" }
+
+local f = affinity.fields
+f.version    = ProtoField.uint8("affinity.version", "Version", base.DEC, nil, 0xF0)
+f.flags      = ProtoField.uint8("affinity.flags", "Flags", base.HEX, nil, 0x0F)
+f.flag_oam   = ProtoField.bool("affinity.flags.oam", "OAM", 8, nil, 0x08)
+f.flag_rer   = ProtoField.bool("affinity.flags.rerouted", "Rerouted to secondary", 8, nil, 0x04)
+f.flag_rev   = ProtoField.bool("affinity.flags.reverse", "Reverse direction", 8, nil, 0x02)
+f.ttl        = ProtoField.uint8("affinity.ttl", "TTL", base.DEC)
+f.length     = ProtoField.uint8("affinity.length", "Length (4-byte words)", base.DEC)
+f.next_proto = ProtoField.uint8("affinity.next_proto", "Next protocol", base.DEC, next_proto_names)
+f.chain      = ProtoField.uint24("affinity.chain", "Service chain id", base.DEC)
+f.index      = ProtoField.uint8("affinity.index", "Service index", base.DEC)
+f.code       = ProtoField.uint32("affinity.code", "Stream affinity code", base.HEX)
+f.client     = ProtoField.uint32("affinity.client", "Client id", base.DEC)
+f.epoch      = ProtoField.uint32("affinity.epoch", "Map epoch", base.DEC)
+f.options    = ProtoField.bytes("affinity.options", "Options")
+
+local HEADER_LEN = 20
+affinity.prefs.udp_port = Pref.uint("UDP port", 6886, "UDP port of the affinity header")
+
+local payload_dissectors = {
+  [1] = Dissector.get("ip"),
+  [2] = Dissector.get("ipv6"),
+  [3] = Dissector.get("eth_withoutfcs"),
+}
+
+function affinity.dissector(tvb, pinfo, tree)
+  if tvb:len() < HEADER_LEN then
+    return 0
+  end
+  pinfo.cols.protocol = "AFFINITY"
+  local words = tvb(2, 1):uint()
+  local hdr_len = words * 4
+  if hdr_len < HEADER_LEN or hdr_len > tvb:len() then
+    hdr_len = HEADER_LEN
+  end
+  local t = tree:add(affinity, tvb(0, hdr_len))
+  t:add(f.version, tvb(0, 1))
+  local ft = t:add(f.flags, tvb(0, 1))
+  ft:add(f.flag_oam, tvb(0, 1))
+  ft:add(f.flag_rer, tvb(0, 1))
+  ft:add(f.flag_rev, tvb(0, 1))
+  t:add(f.ttl, tvb(1, 1))
+  t:add(f.length, tvb(2, 1))
+  t:add(f.next_proto, tvb(3, 1))
+  t:add(f.chain, tvb(4, 3))
+  t:add(f.index, tvb(7, 1))
+  t:add(f.code, tvb(8, 4))
+  t:add(f.client, tvb(12, 4))
+  t:add(f.epoch, tvb(16, 4))
+  if hdr_len > HEADER_LEN then
+    t:add(f.options, tvb(HEADER_LEN, hdr_len - HEADER_LEN))
+  end
+  t:append_text(string.format(", Chain: %d, SI: %d, Code: 0x%08x, Client: %d, Epoch: %d",
+    tvb(4, 3):uint(), tvb(7, 1):uint(), tvb(8, 4):uint(), tvb(12, 4):uint(), tvb(16, 4):uint()))
+  local nxt = payload_dissectors[tvb(3, 1):uint()]
+  if nxt ~= nil and tvb:len() > hdr_len then
+    nxt:call(tvb(hdr_len):tvb(), pinfo, tree)
+  end
+  return tvb:len()
+end
+
+local registered_port = affinity.prefs.udp_port
+DissectorTable.get("udp.port"):add(registered_port, affinity)
+DissectorTable.get("ethertype"):add(0x88B5, affinity)
+
+function affinity.prefs_changed()
+  if registered_port ~= affinity.prefs.udp_port then
+    DissectorTable.get("udp.port"):remove(registered_port, affinity)
+    registered_port = affinity.prefs.udp_port
+    DissectorTable.get("udp.port"):add(registered_port, affinity)
+  end
+end
