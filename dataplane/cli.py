@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from dataplane import cli_map, cli_packets
+from dataplane import cli_demo, cli_map, cli_packets
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +17,7 @@ def main() -> None:
     """affinity-mesh: a failure-tolerant service-chain dataplane."""
 
 
-for command in (*cli_packets.COMMANDS, *cli_map.COMMANDS):
+for command in (*cli_demo.COMMANDS, *cli_packets.COMMANDS, *cli_map.COMMANDS):
     main.add_command(command)
 if __name__ == "__main__":
     main()

@@ -45,7 +45,8 @@ def diff(old: ServiceMap, new: ServiceMap) -> dict[str, ServiceDiff]:
     out = {}
     for service in old.services.keys() & new.services.keys():
         t0, t1 = old.table(service), new.table(service)
-        d = ServiceDiff(service, old.buckets, t0.primary_counts(), t1.primary_counts())
+        before = t0.primary_counts()
+        d = ServiceDiff(service, old.buckets, before, {**dict.fromkeys(before, 0), **t1.primary_counts()})
         n0, n1 = t0.names, t1.names
         p0, p1 = t0.ranks[0], t1.ranks[0]
         s0 = t0.ranks[1] if len(t0.ranks) > 1 else None

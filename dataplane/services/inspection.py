@@ -93,7 +93,7 @@ class Inspection:
             return (Verdict(Action.FORWARD, mirror=True, timeout=TIMEOUT) if new else FORWARD), st
         st.bytes += len(data)
         st.payload_packets += 1
-        changed = new or self._classify(st, data)
+        changed = self._classify(st, data) or new
         d = 0 if forward else 1
         if self.rules:
             window = st.tails[d] + data

@@ -1,0 +1,34 @@
+"""Shared helpers: inner packets crafted with Scapy, parsed by the dataplane."""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.packet import Raw
+
+from dataplane.packet import Inner, parse
+
+
+def tcp(src: str = "10.1.0.10", dst: str = "10.2.0.10", sport: int = 40000, dport: int = 80,
+        flags: str = "S", seq: int = 1000, ack: int = 0, payload: bytes = b"") -> bytes:
+    return bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq,
+                                            ack=ack) / Raw(payload))
+
+
+def udp(src: str = "10.1.0.10", dst: str = "10.2.0.10", sport: int = 5000, dport: int = 53,
+        payload: bytes = b"q") -> bytes:
+    return bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / Raw(payload))
+
+
+def inner(data: bytes) -> Inner:
+    return parse(data)
+
+
+@pytest.fixture
+def mk():
+    """Packet builders for tests: mk.tcp(...), mk.udp(...), mk.inner(bytes)."""
+    class Builders:
+        pass
+    b = Builders()
+    b.tcp, b.udp, b.inner = tcp, udp, inner
+    return b

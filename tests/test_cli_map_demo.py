@@ -1,0 +1,54 @@
+"""`amesh map plan` and `amesh demo` from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dataplane.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_plan_fail_json():
+    res = invoke("map", "plan", "--service", "B=ba,bb,bc,bd", "--service", "A=aa,ab", "--fail", "bb",
+                 "--buckets", "4096", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    b = out["B"]
+    assert b["moved"] == b["before"]["bb"] and b["collateral"] == 0 and b["to_secondary"] == b["moved"]
+    assert b["after"]["bb"] == 0 and out["A"]["moved"] == 0
+
+
+def test_plan_add_text():
+    res = invoke("map", "plan", "--service", "B=ba,bb,bc,bd", "--add", "be", "--buckets", "4096")
+    assert res.exit_code == 0
+    assert "be" in res.output and "moved" in res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--service", "B"], "SERVICE=inst1"),
+    (["--service", "B=ba,ba"], "named twice"),
+    (["--service", "B=ba", "--fail", "zz"], "no instance named 'zz'"),
+    (["--service", "B=ba", "--service", "A=aa", "--add", "x"], "say which service"),
+    (["--service", "B=ba", "--buckets", "0"], "--buckets"),
+])
+def test_plan_errors(args, needle):
+    res = invoke("map", "plan", *args)
+    assert res.exit_code == 2 and needle in res.output
+
+
+def test_demo_json():
+    res = invoke("demo", "--json", "--segments", "6", "--fail-after", "3")
+    assert res.exit_code == 0
+    runs = json.loads(res.output)
+    assert [r["survived"] for r in runs] == [True, False]
+
+
+def test_demo_rejects_bad_failure_point():
+    res = invoke("demo", "--segments", "4", "--fail-after", "4")
+    assert res.exit_code == 2

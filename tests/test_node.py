@@ -1,0 +1,214 @@
+"""The sans-I/O nodes: encapsulation, validation, pinning, mirroring, return path."""
+
+from __future__ import annotations
+
+import pytest
+
+from dataplane import header as wire
+from dataplane.affinity import AffinityHasher
+from dataplane.events import Deliver, Drop, Mirror, Send, TookOver
+from dataplane.node import EGRESS, INGRESS, EgressNode, IngressNode, ServiceNode
+from dataplane.servicemap import Chain, InstanceState, ServiceMap, Tenant
+from dataplane.services import create
+from tests.conftest import tcp, udp
+
+HASHER = AffinityHasher(b"node-tests")
+
+
+def lab_map() -> ServiceMap:
+    m = ServiceMap(buckets=1024)
+    m.add_service(INGRESS, [INGRESS])
+    m.add_service("A", ["aa", "ab"])
+    m.add_service("B", ["ba", "bb", "bc"])
+    m.add_service(EGRESS, [EGRESS])
+    m.add_tenant(Tenant(1, "t1", ["10.1.0.0/16"]))
+    m.add_chain(Chain(1, 1, ["A", "B"]))
+    return m
+
+
+class Mesh:
+    """All nodes of `lab_map`, wired in memory; records every hop."""
+
+    def __init__(self, sync: bool = True) -> None:
+        self.map = lab_map()
+        self.nodes = {INGRESS: IngressNode(INGRESS, self.map, HASHER), EGRESS: EgressNode(EGRESS, self.map)}
+        for n in ("aa", "ab"):
+            self.nodes[n] = ServiceNode(n, self.map, create("inspection"))
+        for n in ("ba", "bb", "bc"):
+            self.nodes[n] = ServiceNode(n, self.map, create("firewall"))
+        self.sync = sync
+        self.hops: list[tuple[str, str, wire.Header]] = []
+        self.delivered: dict[str, list[bytes]] = {INGRESS: [], EGRESS: []}
+        self.dead: set[str] = set()
+
+    def run(self, src, events, now=0.0):
+        for ev in events:
+            if isinstance(ev, Send):
+                assert ev.to not in self.dead, f"packet sent to dead {ev.to}"
+                self.hops.append((src, ev.to, wire.decode(ev.data)))
+                self.run(ev.to, self.nodes[ev.to].from_fabric(ev.data, src, now), now)
+            elif isinstance(ev, Deliver):
+                self.delivered[src].append(ev.data)
+            elif isinstance(ev, Mirror) and self.sync:
+                self.nodes[ev.to].apply_update(ev.update, now)
+
+    def client(self, data, now=0.0):
+        self.run(INGRESS, self.nodes[INGRESS].from_client(data, now), now)
+
+    def server(self, data, now=0.0):
+        self.run(EGRESS, self.nodes[EGRESS].from_server(data, now), now)
+
+    def kill(self, name):
+        self.dead.add(name)
+        new = self.map.copy()
+        new.set_state(name, InstanceState.DEAD)
+        for n, node in self.nodes.items():
+            if n not in self.dead:
+                node.update_map(new)
+        self.map = new
+
+
+def path(mesh, start=0):
+    return [(a, b) for a, b, _ in mesh.hops[start:]]
+
+
+def test_forward_and_return_cross_the_same_instances():
+    mesh = Mesh()
+    mesh.client(tcp(flags="S", seq=1))
+    fwd = path(mesh)
+    assert fwd[0][0] == INGRESS and fwd[-1][1] == EGRESS and len(fwd) == 3
+    a, b = fwd[0][1], fwd[1][1]
+    code = HASHER.code_of(1, "10.1.0.10", 40000, "10.2.0.10", 80, 6)
+    assert a == mesh.map.primary("A", code) and b == mesh.map.primary("B", code)
+    assert [h.index for _, _, h in mesh.hops] == [2, 1, 0]
+    assert all(h.code == code and h.client == 1 and h.chain == 1 for _, _, h in mesh.hops)
+    mesh.server(tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2))
+    back = path(mesh, 3)
+    assert back == [(EGRESS, b), (b, a), (a, INGRESS)]
+    assert all(h.flags & wire.Flags.REVERSE for _, _, h in mesh.hops[3:])
+    assert len(mesh.delivered[EGRESS]) == 1 and len(mesh.delivered[INGRESS]) == 1
+    assert mesh.delivered[EGRESS][0] == tcp(flags="S", seq=1)
+
+
+def test_secondary_holds_a_replica_and_takes_over_with_rerouted_flag():
+    mesh = Mesh()
+    mesh.client(tcp(flags="S", seq=1))
+    b = mesh.hops[1][1]
+    code = mesh.hops[0][2].code
+    sec = mesh.map.secondary("B", code)
+    replica = next(iter(mesh.nodes[sec].flows))
+    assert replica.replica and replica.version == 1
+    mesh.kill(b)
+    n = len(mesh.hops)
+    mesh.server(tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2))
+    first = mesh.hops[n]
+    assert first[1] == sec and first[2].flags & wire.Flags.REROUTED
+    assert mesh.nodes[sec].counters["took_over"] == 1
+    mesh.client(tcp(flags="A", seq=2, ack=10))     # A's pin was dead too: rerouted once
+    assert mesh.hops[-2][1] == sec and mesh.hops[-2][2].flags & wire.Flags.REROUTED
+    mesh.client(tcp(flags="PA", seq=2, ack=10, payload=b"data"))
+    assert mesh.hops[-2][1] == sec and not mesh.hops[-2][2].flags & wire.Flags.REROUTED
+    assert len(mesh.delivered[EGRESS]) == 3
+
+
+def test_without_sync_the_secondary_drops_as_misdelivery():
+    mesh = Mesh(sync=False)
+    mesh.client(tcp(flags="S", seq=1))
+    b = mesh.hops[1][1]
+    mesh.kill(b)
+    mesh.client(tcp(flags="A", seq=2, ack=10))
+    sec = mesh.map.primary("B", mesh.hops[0][2].code)
+    assert mesh.nodes[sec].drops["misdelivery"] == 1
+
+
+def test_updates_only_move_forward():
+    mesh = Mesh()
+    mesh.client(tcp(flags="S", seq=1))
+    code = mesh.hops[0][2].code
+    prim = mesh.nodes[mesh.map.primary("B", code)]
+    sec = mesh.nodes[mesh.map.secondary("B", code)]
+    entry = next(iter(prim.flows))
+    old = prim.update_of(entry)
+    mesh.client(tcp(flags="A", seq=2, ack=10))  # no SYN/ACK seen: no transition, nothing mirrored
+    mesh.server(tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2))
+    assert entry.version == 2
+    assert not sec.apply_update(old, 1.0)
+    assert sec.counters["stale_updates"] == 1
+    assert next(iter(sec.flows)).version == 2
+
+
+def test_expiry_mirrors_deletes():
+    mesh = Mesh()
+    mesh.client(tcp(flags="S", seq=1))
+    code = mesh.hops[0][2].code
+    prim = mesh.nodes[mesh.map.primary("B", code)]
+    events = prim.expire(now=10_000.0)
+    assert len(events) == 1 and isinstance(events[0], Mirror) and events[0].update.deleted
+    mesh.run(prim.name, events)
+    sec = mesh.nodes[mesh.map.secondary("B", code)]
+    assert len(sec.flows) == 0 and sec.flows.counters["deleted_by_peer"] == 1
+
+
+def fabric_packet(**overrides) -> bytes:
+    fields = dict(chain=1, index=1, code=5, client=1, epoch=1)
+    fields.update(overrides)
+    return wire.pack(**fields) + tcp(flags="S")
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"\x10\x3f", "truncated"),
+    (bytes([0x20]) + fabric_packet()[1:], "bad_version"),
+    (fabric_packet()[:2] + bytes([200]) + fabric_packet()[3:], "bad_length"),
+    (fabric_packet(ttl=0), "ttl_expired"),
+    (fabric_packet(chain=99), "unknown_chain"),
+    (fabric_packet(index=0), "bad_index"),
+    (fabric_packet(index=3), "bad_index"),
+    (fabric_packet(index=2), "wrong_service"),
+    (wire.pack(1, 1, 5, 1, 1) + b"\x45\x00", "inner_truncated"),
+])
+def test_malformed_fabric_packets_are_dropped_and_counted(data, reason):
+    node = Mesh().nodes["ba"]
+    events = node.from_fabric(data, "aa", 0.0)
+    assert len(events) == 1 and isinstance(events[0], Drop)
+    assert node.drops[reason] == 1
+
+
+def test_ingress_refusals():
+    mesh = Mesh()
+    ing = mesh.nodes[INGRESS]
+    assert isinstance(ing.from_client(tcp(src="192.0.2.1"), 0)[0], Drop)
+    assert ing.drops["unknown_tenant"] == 1
+    ing.from_client(udp(dport=wire.UDP_PORT, payload=wire.pack(1, 1, 5, 1, 1)), 0)
+    assert ing.drops["steering_attempt"] == 1
+    mesh.nodes[EGRESS].from_server(tcp("10.2.0.10", "10.1.0.10", 80, 1, "SA"), 0)
+    assert mesh.nodes[EGRESS].drops["no_flow_return"] == 1
+
+
+def test_older_epoch_is_served_and_counted():
+    mesh = Mesh()
+    mesh.client(tcp(flags="S", seq=1))
+    a_hop = mesh.hops[0]
+    b = mesh.hops[1][1]
+    newer = mesh.map.copy()
+    newer.add_tenant(Tenant(2, "t2", ["10.3.0.0/16"]))
+    mesh.nodes[a_hop[1]].update_map(newer)
+    node = mesh.nodes[b]
+    data = wire.pack(1, 1, a_hop[2].code, 1, 1) + tcp(flags="A", seq=2, ack=0)
+    node.update_map(newer)
+    events = node.from_fabric(data, a_hop[1], 0.0)
+    assert any(isinstance(e, Send) for e in events) and node.counters["older_epoch"] == 1
+    assert not node.update_map(mesh.map) and node.counters["stale_map"] == 1
+
+
+def test_took_over_event_once():
+    mesh = Mesh()
+    mesh.client(tcp(flags="S", seq=1))
+    code = mesh.hops[0][2].code
+    b = mesh.map.primary("B", code)
+    sec = mesh.map.secondary("B", code)
+    mesh.kill(b)
+    node = mesh.nodes[sec]
+    a = mesh.hops[0][1]
+    data = wire.pack(1, 1, code, 1, mesh.map.epoch) + tcp(flags="S", seq=1)
+    assert any(isinstance(e, TookOver) for e in node.from_fabric(data, a, 0.0))
+    assert not any(isinstance(e, TookOver) for e in node.from_fabric(data, a, 0.0))

@@ -1,0 +1,71 @@
+"""The struct-only inner packet parser."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
+from scapy.packet import Raw
+
+from dataplane.packet import TCP_ACK, TCP_PSH, PacketError, parse
+
+
+def test_tcp_fields():
+    p = parse(bytes(IP(src="1.2.3.4", dst="5.6.7.8") / TCP(sport=1, dport=2, seq=7, ack=9,
+                                                          flags="PA", window=77) / Raw(b"hey")))
+    assert (p.family, p.proto, p.sport, p.dport, p.seq, p.ack, p.window) == (4, 6, 1, 2, 7, 9, 77)
+    assert p.tcp_flags == TCP_PSH | TCP_ACK and bytes(p.payload) == b"hey"
+    assert p.src == bytes([1, 2, 3, 4])
+
+
+def test_udp_and_ipv6():
+    p = parse(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=5, dport=6) / Raw(b"x")))
+    assert (p.family, p.proto, p.sport, p.dport, bytes(p.payload)) == (6, 17, 5, 6, b"x")
+
+
+def test_icmp_echo_uses_id_on_both_sides():
+    p = parse(bytes(IP() / ICMP(type=8, id=4242)))
+    assert p.sport == p.dport == 4242
+    p6 = parse(bytes(IPv6() / ICMPv6EchoRequest(id=99)))
+    assert p6.sport == p6.dport == 99
+
+
+def test_icmp_error_carries_the_quoted_flow():
+    quoted = IP(src="10.2.0.10", dst="10.1.0.10") / TCP(sport=80, dport=40000)
+    p = parse(bytes(IP(src="10.9.9.9", dst="10.1.0.10") / ICMP(type=3, code=4)
+                    / IPerror(bytes(quoted)[:28])))
+    assert p.icmp_error is not None
+    assert (p.icmp_error.sport, p.icmp_error.dport, p.icmp_error.proto) == (80, 40000, 6)
+
+
+def test_fragments_have_no_ports():
+    p = parse(bytes(IP(flags="MF", frag=0) / UDP(sport=1, dport=2) / Raw(b"a" * 16)))
+    assert p.fragment and (p.sport, p.dport) == (0, 0)
+    p = parse(bytes(IP(frag=3, proto=17) / Raw(b"b" * 16)))
+    assert p.fragment and (p.sport, p.dport) == (0, 0)
+    p6 = parse(bytes(IPv6() / IPv6ExtHdrFragment(m=1) / UDP(sport=1, dport=2)))
+    assert p6.fragment and p6.proto == 17 and p6.sport == 0
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "inner_truncated"),
+    (b"\x45" + b"\x00" * 10, "inner_truncated"),
+    (b"\x75" + b"\x00" * 30, "inner_not_ip"),
+    (bytes(IP() / TCP())[:30], "inner_truncated"),
+    (bytes(IP(ihl=3) / UDP()), "inner_bad_ip_header"),
+    (bytes(IP() / TCP(dataofs=2)), "inner_bad_tcp_header"),
+])
+def test_refusals(data, reason):
+    with pytest.raises(PacketError) as err:
+        parse(data)
+    assert err.value.reason == reason
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80), st.sampled_from([b"\x45", b"\x60", b"\x46"]))
+def test_garbage_raises_only_packet_error(data, first):
+    try:
+        parse(first + data)
+    except PacketError:
+        pass
