@@ -140,6 +140,8 @@ class ServiceNode(Node):
             self.counters["took_over"] += 1
             events.append(TookOver(key))
         verdict, state = self.service.process(inner, not reverse, entry.state if entry else None, now)
+        if verdict.action == Action.REPLY:
+            return self._reply(h, n, pos, reverse, src, verdict.reason, verdict.reply)
         if entry is None and state is not None:
             entry = self.flows.insert(key, now, state)
         if entry is None:
@@ -168,6 +170,18 @@ class ServiceNode(Node):
         events.append(Send(hop, out))
         self.counters["forwarded"] += 1
         return events
+
+    def _reply(self, h: wire.Header, n: int, pos: int, reverse: bool, src: str | None,
+               reason: str, reply: bytes) -> list[Event]:
+        """Answer a packet in its sender's place: the reply travels back the
+        way the packet came, in the opposite direction."""
+        self.drops[reason] += 1
+        if src is None:
+            return [Drop(reason)]
+        index, flags = (n - pos - 1, 0) if reverse else (pos, Flags.REVERSE)
+        self.counters["replied"] += 1
+        hdr = wire.pack(h.chain, index, h.code, h.client, self.map.epoch, flags)
+        return [Drop(reason), Send(src, hdr + reply)]
 
     def _route(self, services: list[str], pos: int, reverse: bool, code: int,
                entry: FlowEntry) -> tuple[str | None, bool, bool]:

@@ -162,3 +162,34 @@ def _parse_l4(p: Inner, buf: bytes | memoryview, embedded: bool) -> None:
                     p.icmp_error = parse(seg, 8, embedded=True)
                 except PacketError:
                     p.icmp_error = None
+
+
+def tcp_reset(p: Inner) -> bytes:
+    """A TCP RST answering packet `p` (RFC 9293 section 3.10.7.1), checksums
+    computed: what a firewall sends to reject a connection attempt."""
+    payload_len = len(p.payload) + (1 if p.tcp_flags & (TCP_SYN | TCP_FIN) else 0)
+    if p.tcp_flags & TCP_ACK:
+        seq, ack, flags = p.ack, 0, TCP_RST
+    else:
+        seq, ack, flags = 0, (p.seq + payload_len) % (1 << 32), TCP_RST | TCP_ACK
+    seg = bytearray(_TCP.pack(p.dport, p.sport, seq, ack, 5 << 4, flags, 0) + b"\x00\x00\x00\x00")
+    if p.family == 4:
+        pseudo = p.dst + p.src + struct.pack("!BBH", 0, TCP, len(seg))
+    else:
+        pseudo = p.dst + p.src + struct.pack("!IxxxB", len(seg), TCP)
+    struct.pack_into("!H", seg, 16, _checksum(pseudo + seg))
+    if p.family == 4:
+        ip = bytearray(_V4.pack(0x45, 0, 20 + len(seg), 0, 0x4000, 64, TCP, 0, p.dst, p.src))
+        struct.pack_into("!H", ip, 10, _checksum(ip))
+    else:
+        ip = bytearray(struct.pack("!IHBB", 6 << 28, len(seg), TCP, 64) + p.dst + p.src)
+    return bytes(ip + seg)
+
+
+def _checksum(data: bytes | bytearray) -> int:
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF

@@ -212,3 +212,16 @@ def test_took_over_event_once():
     data = wire.pack(1, 1, code, 1, mesh.map.epoch) + tcp(flags="S", seq=1)
     assert any(isinstance(e, TookOver) for e in node.from_fabric(data, a, 0.0))
     assert not any(isinstance(e, TookOver) for e in node.from_fabric(data, a, 0.0))
+
+
+def test_rejected_connection_gets_a_reset_back_to_the_client():
+    mesh = Mesh()
+    for n in ("ba", "bb", "bc"):
+        mesh.nodes[n].service = create("firewall", reject_ports=[8080])
+    mesh.client(tcp(dport=8080, flags="S", seq=77))
+    assert mesh.delivered[EGRESS] == []
+    assert len(mesh.delivered[INGRESS]) == 1
+    from scapy.layers.inet import IP, TCP
+    rst = IP(mesh.delivered[INGRESS][0])
+    assert rst[TCP].flags == "RA" and rst[TCP].ack == 78 and rst[TCP].dport == 40000
+    assert rst.src == "10.2.0.10" and rst.dst == "10.1.0.10"

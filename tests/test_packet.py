@@ -69,3 +69,20 @@ def test_garbage_raises_only_packet_error(data, first):
         parse(first + data)
     except PacketError:
         pass
+
+
+@pytest.mark.parametrize("ip", [IP(src="10.1.0.1", dst="10.2.0.2"),
+                                IPv6(src="2001:db8::1", dst="2001:db8::2")])
+def test_tcp_reset_has_valid_checksums(ip):
+    from dataplane.packet import tcp_reset
+    cls = type(ip)
+    raw = tcp_reset(parse(bytes(ip / TCP(sport=1234, dport=23, flags="S", seq=99))))
+    pkt = cls(raw)
+    fresh = pkt.copy()
+    del fresh[TCP].chksum
+    if cls is IP:
+        del fresh.chksum
+    again = cls(bytes(fresh))                 # Scapy recomputes both checksums
+    assert again[TCP].chksum == pkt[TCP].chksum
+    assert cls is not IP or again.chksum == pkt.chksum
+    assert pkt[TCP].flags == "RA" and pkt[TCP].ack == 100 and pkt[TCP].sport == 23

@@ -31,7 +31,7 @@ from enum import IntEnum
 from typing import Any
 
 from dataplane.packet import (ICMP, ICMP_ECHO, ICMPV6, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-                              UDP, Inner)
+                              UDP, Inner, tcp_reset)
 from dataplane.services import FORWARD, Action, Verdict
 
 LIBERAL_WINDOW = 1 << 30
@@ -90,13 +90,16 @@ def _seq_le(a: int, b: int) -> bool:
 
 
 class Firewall:
-    """Stateful firewall service; `deny_ports` refuses new flows to those ports."""
+    """Stateful firewall service. New flows to `deny_ports` are dropped
+    silently; new TCP connections to `reject_ports` are answered with a RST."""
 
     name = "firewall"
     max_timeout = max(max(TCP_TIMEOUTS.values()), max(t for p in PSEUDO_TIMEOUTS.values() for t in p))
 
-    def __init__(self, deny_ports: list[int] | tuple[int, ...] = ()) -> None:
+    def __init__(self, deny_ports: list[int] | tuple[int, ...] = (),
+                 reject_ports: list[int] | tuple[int, ...] = ()) -> None:
         self.deny_ports = frozenset(deny_ports)
+        self.reject_ports = frozenset(reject_ports)
 
     def process(self, pkt: Inner, forward: bool, state: Any, now: float) -> tuple[Verdict, Any]:
         if pkt.proto == TCP and not pkt.fragment:
@@ -134,6 +137,8 @@ class Firewall:
                 return Verdict(Action.DROP, "misdelivery"), st
             if pkt.dport in self.deny_ports:
                 return Verdict(Action.DROP, "policy_denied"), st
+            if pkt.dport in self.reject_ports:
+                return Verdict(Action.REPLY, "policy_rejected", reply=tcp_reset(pkt)), st
             end = (pkt.seq + 1 + len(pkt.payload)) % MOD
             st = FlowState(Kind.TCP, TcpState.SYN_SENT, forward, 0, end, 0, end, 0)
             return self._moved(st), st
