@@ -1,0 +1,598 @@
+"""The state-sync protocol between two instances, without I/O.
+
+Theory of operation
+-------------------
+One `SyncChannel` joins two instances (each may be primary for some buckets
+and secondary for others, so a channel carries updates both ways). It is fed
+datagrams (`receive`) and clock ticks (`tick`), and is handed flow updates to
+mirror (`submit`) and bulk transfers to run (`start_bulk`). Every call returns
+events: `Transmit` datagrams for the shell to send, `Apply` updates for the
+node's flow table, and notices (peer restarted, acked, bulk progress, in sync,
+rejections).
+
+*Handshake.* Each side announces its incarnation (start time in
+microseconds) and the first sequence number it will use in HELLO, repeated
+every heartbeat interval until the peer's HELLO shows it knows ours. The
+states and transitions are the table `TRANSITIONS`. A *larger* incarnation
+from a known peer means it restarted: it lost its replicas, so our unacked
+records for its old self are dropped (counted) and `PeerRestarted` tells the
+node to bulk-sync it; a *smaller* one is refused (`stale_incarnation`).
+
+*Reliability* (in the spirit of conntrackd's FTFW, without its silent loss).
+Submitted updates wait in a pending set keyed by flow, so a newer update of
+a flow replaces an unsent older one (counted `coalesced`). The sender
+flushes them in batches (at `batch_records` or after `batch_delay`),
+numbering reliable records (flow upserts/deletes, bulk begin/end) with
+consecutive 64-bit sequence numbers, and keeps every sent record in a
+bounded resend queue until cumulatively ACKed; it resends on NACK ranges and
+after `rto` without progress. The resend queue is also the send window: when
+it is full nothing more is sent, so it never overflows and no sent record is
+ever abandoned. What overflows instead is the pending set: beyond
+`pending_limit` flows, an update is not kept but its flow is remembered
+(counted `resend_overflow`) and handed back in `ResyncFlows` as soon as the
+window has room, for the node to re-submit the flow's current state (versions
+make that safe). Nothing is lost silently. The receiver applies records
+strictly in order (a bounded reorder buffer absorbs reordering; duplicates
+are counted and ignored), ACKs cumulatively every `ack_every` records or
+`ack_delay`, and NACKs the gaps it sees.
+
+*Authentication.* Every datagram carries HMAC-SHA-256-128 under a key id
+(the keyring accepts two keys while rotating) and a 64-bit per-datagram
+counter checked against a sliding anti-replay window; refusals are counted
+by reason (`syncwire.SyncError`).
+
+*Bulk sync.* `start_bulk` streams a set of flows between BULK_BEGIN and
+BULK_END through the same reliable stream, paced (`bulk_rate` flows/s) and
+flow-controlled (never more than half the resend queue in flight), with
+progress events. The receiver reports `InSync` at BULK_END. An operator can
+force one at any time (`request_resync` asks the peer for one).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from itertools import islice
+
+from dataplane import syncwire as sw
+from dataplane.events import FlowUpdate
+from dataplane.flowtable import FlowKey
+from dataplane.syncwire import Record, RecordType, SyncError
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Timers and bounds of a channel (seconds, records)."""
+
+    heartbeat: float = 0.010
+    batch_records: int = 64
+    batch_delay: float = 0.001
+    rto: float = 0.030
+    ack_every: int = 32
+    ack_delay: float = 0.002
+    nack_interval: float = 0.005
+    resend_queue: int = 8192
+    pending_limit: int = 1 << 17
+    reorder_buffer: int = 16384
+    bulk_rate: float = 200_000.0
+    retransmit_burst: int = 256
+
+
+# -- events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Transmit:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    update: FlowUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    upto: int
+    """Every reliable record with seq < upto was received by the peer."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRestarted:
+    first_contact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncFlows:
+    keys: frozenset[FlowKey]
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequested:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BulkProgress:
+    bulk_id: int
+    sent: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class BulkDone:
+    bulk_id: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class InSync:
+    bulk_id: int
+    flows: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str
+
+
+SyncEvent = (Transmit | Apply | Acked | PeerRestarted | ResyncFlows | ResyncRequested
+             | BulkProgress | BulkDone | InSync | Rejected)
+
+
+# -- handshake states as data (h11 style) -------------------------------------------
+
+
+class State(Enum):
+    HELLO_SENT = "hello_sent"
+    """We announced ourselves and know nothing of the peer."""
+    KNOWN = "known"
+    """We know the peer's incarnation; it has not shown it knows ours."""
+    ESTABLISHED = "established"
+    """Both sides know each other: reliable records flow."""
+
+
+TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.HELLO_SENT, "hello"): State.KNOWN,
+    (State.HELLO_SENT, "hello_ack"): State.ESTABLISHED,
+    (State.KNOWN, "hello"): State.KNOWN,
+    (State.KNOWN, "hello_ack"): State.ESTABLISHED,
+    (State.ESTABLISHED, "hello"): State.KNOWN,
+    (State.ESTABLISHED, "hello_ack"): State.ESTABLISHED,
+}
+"""'hello': a HELLO that does not show our incarnation; 'hello_ack': one that does."""
+
+
+class _Bulk:
+    def __init__(self, bulk_id: int, updates: list[FlowUpdate]) -> None:
+        self.id = bulk_id
+        self.total = len(updates)
+        self.items: Iterator[FlowUpdate] = iter(updates)
+        self.sent = 0
+        self.fed = False
+        """BULK_END is queued: every flow of the bulk was submitted."""
+        self.end_seq: int | None = None
+        """seq of the BULK_END record once sent; the bulk is done when acked."""
+        self.credit = 0.0
+
+
+class SyncChannel:
+    """One side of the sync channel between `me` and `peer`."""
+
+    def __init__(self, me: str, peer: str, keyring: sw.Keyring, incarnation: int,
+                 config: SyncConfig | None = None) -> None:
+        self.me, self.peer = me, peer
+        self.my_id, self.peer_id = sw.node_id(me), sw.node_id(peer)
+        self.keyring = keyring
+        self.incarnation = incarnation
+        self.config = config or SyncConfig()
+        self.state = State.HELLO_SENT
+        self.stats: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self._counter = 0
+        # sending side
+        self.next_seq = 1
+        self._pending: OrderedDict[object, tuple[Record, FlowKey | None]] = OrderedDict()
+        """flow key (or a control token) -> record not yet sent"""
+        self._pending_since: float | None = None
+        self._tokens = 0
+        self._end_tokens: dict[object, _Bulk] = {}
+        self._key_seq: dict[FlowKey, int] = {}
+        """flow key -> seq of its latest sent, unacked record"""
+        self._unacked: OrderedDict[int, tuple[Record, FlowKey | None, float, float]] = OrderedDict()
+        """seq -> (record, flow key, first sent, last sent)"""
+        self._resync_keys: set[FlowKey] = set()
+        self.acked_upto = 1
+        self._bulks: list[_Bulk] = []
+        self._bulk_ids = 0
+        self._last_hello = -1.0
+        self._last_heartbeat = -1.0
+        self._last_tick: float | None = None
+        # receiving side
+        self.peer_incarnation = 0
+        self.expected = 1
+        self._buffer: dict[int, Record | None] = {}
+        self._window = sw.ReplayWindow()
+        self._unacked_in = 0
+        self._last_ack_sent = 0.0
+        self._last_nack = -1.0
+        self.peer_in_sync = False
+        """Receiver's view: a full bulk from the peer completed since it (re)started."""
+        self.last_heard = -1.0
+
+    # -- public API ------------------------------------------------------------------
+
+    def submit(self, update: FlowUpdate, now: float) -> None:
+        """Queue a flow update for the peer (replacing an unsent older one)."""
+        k = update.key
+        if k in self._pending:
+            self.stats["coalesced"] += 1
+        elif len(self._pending) >= self.config.pending_limit:
+            self.stats["resend_overflow"] += 1
+            self._resync_keys.add(k)
+            return
+        self._pending[k] = (sw.flow_record(update), k)
+        if self._pending_since is None:
+            self._pending_since = now
+
+    def settled(self, key: FlowKey) -> bool:
+        """True when the peer acknowledged every update of `key` submitted so
+        far (the `acked` policy releases a held packet on this)."""
+        return key not in self._pending and key not in self._key_seq and key not in self._resync_keys
+
+    def start_bulk(self, updates: Iterable[FlowUpdate], now: float) -> int:
+        """Stream `updates` as one bulk transfer; returns the bulk id."""
+        self._bulk_ids += 1
+        items = list(updates)
+        b = _Bulk(self._bulk_ids, items)
+        self._bulks.append(b)
+        self._control_record(sw.bulk(RecordType.BULK_BEGIN, b.id, b.total), now)
+        self.stats["bulk_started"] += 1
+        return b.id
+
+    def request_resync(self) -> list[SyncEvent]:
+        """Ask the peer for a full bulk transfer (operator-forced resync)."""
+        return [self._transmit(0, [Record(RecordType.RESYNC, b"")])]
+
+    def flush(self, now: float) -> list[SyncEvent]:
+        """Send everything pending now (the `ordered` policy calls this)."""
+        return self._flush(now, force=True)
+
+    def is_acked(self, seq: int) -> bool:
+        return seq < self.acked_upto
+
+    def in_sync(self, now: float) -> bool:
+        """Sender's view: the peer holds everything we mirrored (no bulk,
+        resync or overflow outstanding, nothing unacked for more than 2 RTOs)."""
+        if self.state != State.ESTABLISHED or self._bulks or self._resync_keys:
+            return False
+        return self.lag(now) < 2 * self.config.rto
+
+    def lag(self, now: float) -> float:
+        """Age of the oldest unacknowledged record (replication lag)."""
+        return self._oldest_age(now)
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """Per-peer observability, as `amesh stats` shows it."""
+        return {"peer": self.peer, "state": self.state.value, "in_sync": self.in_sync(now),
+                "peer_in_sync": self.peer_in_sync, "next_seq": self.next_seq,
+                "acked_upto": self.acked_upto, "resend_queue": len(self._unacked),
+                "pending": len(self._pending), "lag_ms": round(self.lag(now) * 1000, 3),
+                "unsynced_flows": len(self._resync_keys) + len(self._unacked),
+                "bulks": [{"id": b.id, "sent": b.sent, "total": b.total} for b in self._bulks],
+                "stats": dict(self.stats), "rejected": dict(self.rejected)}
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _control_record(self, rec: Record, now: float) -> tuple[str, int]:
+        self._tokens += 1
+        token = ("control", self._tokens)
+        self._pending[token] = (rec, None)
+        if self._pending_since is None:
+            self._pending_since = now
+        return token
+
+    def _transmit(self, seq: int, records: list[Record]) -> Transmit:
+        self._counter += 1
+        self.stats["datagrams_sent"] += 1
+        return Transmit(sw.encode(self.keyring, self.my_id, self.peer_id, self.incarnation,
+                                  self._counter, seq, records))
+
+    def _flush(self, now: float, force: bool = False) -> list[SyncEvent]:
+        if not self._pending or self.state != State.ESTABLISHED:
+            return []
+        due = (force or len(self._pending) >= self.config.batch_records
+               or now - (self._pending_since or now) >= self.config.batch_delay)
+        if not due:
+            return []
+        room = self.config.resend_queue - len(self._unacked)
+        if room <= 0:
+            self.stats["window_full"] += 1
+            return []
+        items = []
+        for _ in range(min(room, len(self._pending))):
+            token, (rec, key) = self._pending.popitem(last=False)
+            seq = self.next_seq
+            bulk = self._end_tokens.pop(token, None)
+            if bulk is not None:
+                bulk.end_seq = seq
+            self.next_seq += 1
+            self._unacked[seq] = (rec, key, now, now)
+            if key is not None:
+                self._key_seq[key] = seq
+            items.append((seq, rec))
+        self._pending_since = now if self._pending else None
+        self.stats["records_sent"] += len(items)
+        return self._send_runs(items)
+
+    def _send_runs(self, items: list[tuple[int, Record]]) -> list[SyncEvent]:
+        """Datagrams of consecutive records under the size limit."""
+        out: list[SyncEvent] = []
+        run: list[Record] = []
+        first = prev = 0
+        size = 0
+        for seq, rec in items:
+            rsize = 3 + len(rec.value)
+            if run and (seq != prev + 1 or size + rsize > sw.MAX_DATAGRAM - sw.HEADER_LEN - sw.TAG_LEN):
+                out.append(self._transmit(first, run))
+                run, size = [], 0
+            if not run:
+                first = seq
+            run.append(rec)
+            size += rsize
+            prev = seq
+        if run:
+            out.append(self._transmit(first, run))
+        return out
+
+    def _retransmit(self, seqs: Iterable[int], now: float) -> list[SyncEvent]:
+        items = []
+        for s in seqs:
+            if s in self._unacked:
+                rec, key, first, _last = self._unacked[s]
+                self._unacked[s] = (rec, key, first, now)
+                items.append((s, rec))
+        self.stats["retransmitted"] += len(items)
+        return self._send_runs(items)
+
+    def _on_ack(self, upto: int, now: float) -> list[SyncEvent]:
+        if upto <= self.acked_upto:
+            return []
+        upto = min(upto, self.next_seq)
+        while self._unacked and next(iter(self._unacked)) < upto:
+            seq, (_rec, key, _first, _last) = self._unacked.popitem(last=False)
+            if key is not None and self._key_seq.get(key) == seq:
+                del self._key_seq[key]
+        self.stats["acked"] += upto - self.acked_upto
+        self.acked_upto = upto
+        out: list[SyncEvent] = [Acked(upto)]
+        for b in list(self._bulks):
+            if b.end_seq is not None and b.end_seq < upto:
+                self._bulks.remove(b)
+                self.stats["bulk_done"] += 1
+                out.append(BulkDone(b.id, b.total))
+        return out
+
+    def _feed_bulks(self, now: float, dt: float) -> list[SyncEvent]:
+        out: list[SyncEvent] = []
+        for b in self._bulks:
+            if b.fed:
+                continue
+            b.credit = min(b.credit + dt * self.config.bulk_rate, self.config.batch_records * 16)
+            room = self.config.resend_queue // 2 - len(self._unacked) - len(self._pending)
+            n = int(min(b.credit, room))
+            if n <= 0:
+                continue
+            sent = 0
+            for u in islice(b.items, n):
+                self.submit(u, now)
+                sent += 1
+            b.sent += sent
+            b.credit -= sent
+            if sent < n or b.sent == b.total:
+                b.fed = True
+                token = self._control_record(sw.bulk(RecordType.BULK_END, b.id, b.total), now)
+                self._end_tokens[token] = b
+            out.append(BulkProgress(b.id, b.sent, b.total))
+        return out
+
+    def _oldest_age(self, now: float) -> float:
+        if not self._unacked:
+            return 0.0
+        _rec, _key, first, _last = next(iter(self._unacked.values()))
+        return max(0.0, now - first)
+
+    # -- time --------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[SyncEvent]:
+        """Timers: hello, heartbeat, batching, bulk pacing, acks, retransmission."""
+        out: list[SyncEvent] = []
+        cfg = self.config
+        if self.state != State.ESTABLISHED and now - self._last_hello >= cfg.heartbeat:
+            out.append(self._hello(now))
+        room = self.config.pending_limit - len(self._pending)
+        if self._resync_keys and self.state == State.ESTABLISHED and room > 0:
+            keys = frozenset(islice(self._resync_keys, room))
+            self._resync_keys -= keys
+            self.stats["resync_flows"] += len(keys)
+            out.append(ResyncFlows(keys))
+        dt = now - self._last_tick if self._last_tick is not None else cfg.heartbeat
+        self._last_tick = now
+        if self.state == State.ESTABLISHED:
+            out.extend(self._feed_bulks(now, max(dt, 0.0)))
+        out.extend(self._flush(now))
+        records: list[Record] = []
+        if self._unacked_in and now - self._last_ack_sent >= cfg.ack_delay:
+            records.append(self._ack(now))
+        if self._buffer and now - self._last_nack >= cfg.nack_interval:
+            nack = self._nack(now)
+            if nack is not None:
+                records.append(nack)
+        if now - self._last_heartbeat >= cfg.heartbeat:
+            self._last_heartbeat = now
+            records.append(Record(RecordType.HEARTBEAT, sw.u64(int(now * 1e6))))
+            if self.peer_incarnation and not any(r.type == RecordType.ACK for r in records):
+                records.append(self._ack(now))
+        if records:
+            out.append(self._transmit(0, records))
+        if self._unacked and self.state == State.ESTABLISHED:
+            seq0 = next(iter(self._unacked))
+            _rec, _key, _first, last = self._unacked[seq0]
+            if now - last >= cfg.rto:
+                self.stats["timeouts"] += 1
+                out.extend(self._retransmit(list(islice(self._unacked, cfg.retransmit_burst)), now))
+        return out
+
+    def _hello(self, now: float) -> Transmit:
+        self._last_hello = now
+        base = next(iter(self._unacked)) if self._unacked else self.next_seq
+        return self._transmit(0, [sw.hello(self.peer_incarnation, base,
+                                           answer_me=self.state != State.ESTABLISHED)])
+
+    def _ack(self, now: float) -> Record:
+        self._unacked_in = 0
+        self._last_ack_sent = now
+        self.stats["acks_sent"] += 1
+        return Record(RecordType.ACK, sw.u64(self.expected))
+
+    def _nack(self, now: float) -> Record | None:
+        top = max(self._buffer)
+        missing = [s for s in range(self.expected, top) if s not in self._buffer]
+        if not missing:
+            return None
+        self._last_nack = now
+        self.stats["nacks_sent"] += 1
+        return sw.ranges(RecordType.NACK, _spans(missing)[:64])
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float) -> list[SyncEvent]:
+        """A datagram from the peer (already routed here by sender id)."""
+        try:
+            dg = sw.decode(self.keyring, data, self.my_id)
+        except SyncError as exc:
+            return self._reject(exc.reason)
+        if dg.sender != self.peer_id:
+            return self._reject("wrong_sender")
+        if dg.incarnation < self.peer_incarnation:
+            return self._reject("stale_incarnation")
+        hello_rec = next((r for r in dg.records if r.type == RecordType.HELLO), None)
+        out: list[SyncEvent] = []
+        new_peer = dg.incarnation > self.peer_incarnation
+        if new_peer:
+            if hello_rec is None:
+                self.stats["unknown_incarnation"] += 1
+                return [self._hello(now)]
+            try:
+                out.extend(self._new_peer(dg.incarnation, sw.read_hello(hello_rec.value)[1]))
+            except SyncError as exc:
+                return self._reject(exc.reason)
+        if not self._window.check_and_set(dg.counter):
+            return self._reject("replay")
+        self.last_heard = now
+        self.stats["datagrams_received"] += 1
+        try:
+            seq = dg.seq
+            for rec in dg.records:
+                if rec.type in sw.RELIABLE:
+                    out.extend(self._reliable(seq, rec, now))
+                    seq += 1
+                else:
+                    out.extend(self._control(rec, now, new_peer))
+        except SyncError as exc:
+            out.extend(self._reject(exc.reason))
+        if self._unacked_in >= self.config.ack_every:
+            out.append(self._transmit(0, [self._ack(now)]))
+        return out
+
+    def _reject(self, reason: str) -> list[SyncEvent]:
+        self.rejected[reason] += 1
+        return [Rejected(reason)]
+
+    def _new_peer(self, incarnation: int, base: int) -> list[SyncEvent]:
+        first = self.peer_incarnation == 0
+        self.peer_incarnation = incarnation
+        self.expected = base
+        self._buffer.clear()
+        self._window = sw.ReplayWindow()
+        self.peer_in_sync = False
+        self.stats["peer_restarts" if not first else "peer_contacts"] += 1
+        if not first:
+            dropped = len(self._unacked) + len(self._pending)
+            self.stats["dropped_on_peer_restart"] += dropped
+            self._unacked.clear()
+            self._pending.clear()
+            self._pending_since = None
+            self._key_seq.clear()
+            self._resync_keys.clear()
+            self._bulks.clear()
+            self._end_tokens.clear()
+            self.acked_upto = self.next_seq
+        return [PeerRestarted(first)]
+
+    def _control(self, rec: Record, now: float, new_peer: bool) -> list[SyncEvent]:
+        t = rec.type
+        if t == RecordType.HELLO:
+            seen, _base, answer_me = sw.read_hello(rec.value)
+            kind = "hello_ack" if seen == self.incarnation else "hello"
+            self.state = TRANSITIONS[(self.state, kind)]
+            # answer a peer that does not know us yet, that we just met, or
+            # that is not established (it needs to see that we know it)
+            reply = kind == "hello" or new_peer or answer_me
+            out: list[SyncEvent] = [self._hello(now)] if reply else []
+            return out + self._flush(now, force=True)
+        if t == RecordType.ACK:
+            return self._on_ack(sw.read_u64(rec.value), now)
+        if t == RecordType.NACK:
+            spans = sw.read_ranges(rec.value)
+            self.stats["nacks_received"] += 1
+            seqs = [s for a, b in spans for s in range(max(a, self.acked_upto), min(b, self.next_seq - 1) + 1)]
+            return self._retransmit(seqs[: self.config.retransmit_burst * 4], now)
+        if t == RecordType.RESYNC:
+            self.stats["resync_requests"] += 1
+            return [ResyncRequested()]
+        return []  # HEARTBEAT: being heard is all it says
+
+    def _reliable(self, seq: int, rec: Record, now: float) -> list[SyncEvent]:
+        if seq < self.expected or seq in self._buffer:
+            self.stats["duplicates"] += 1
+            return []
+        if seq >= self.expected + self.config.reorder_buffer:
+            self.stats["beyond_buffer"] += 1
+            return []
+        self._buffer[seq] = rec
+        if seq != self.expected:
+            self.stats["reordered"] += 1
+        return self._drain(now)
+
+    def _drain(self, now: float) -> list[SyncEvent]:
+        out: list[SyncEvent] = []
+        while self.expected in self._buffer:
+            rec = self._buffer.pop(self.expected)
+            self.expected += 1
+            self._unacked_in += 1
+            if rec is None:
+                continue
+            self.stats["records_received"] += 1
+            if rec.type in (RecordType.FLOW_UPSERT, RecordType.FLOW_DELETE):
+                out.append(Apply(sw.read_flow(rec)))
+            elif rec.type == RecordType.BULK_BEGIN:
+                self.stats["bulk_begin_received"] += 1
+            elif rec.type == RecordType.BULK_END:
+                bulk_id, flows = sw.read_bulk(rec.value)
+                self.peer_in_sync = True
+                out.append(InSync(bulk_id, flows))
+        return out
+
+
+def _spans(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted sequence numbers as inclusive (first, last) ranges."""
+    out: list[tuple[int, int]] = []
+    for s in seqs:
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out

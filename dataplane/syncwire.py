@@ -1,0 +1,348 @@
+"""The state-sync wire format: datagrams of records, authenticated.
+
+Every datagram (UDP, default port 6887) is a 40-byte header, a body of
+records, and a 16-byte HMAC-SHA-256-128 tag (RFC 4868 truncation) over
+everything before it::
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +---------------+---------------+---------------+---------------+
+    |  Version (1)  |    Flags      |    Key id     |   Reserved    |
+    +---------------+---------------+---------------+---------------+
+    |                     Sender node id (32)                       |
+    +---------------------------------------------------------------+
+    |                    Receiver node id (32)                      |
+    +---------------------------------------------------------------+
+    |              Sender incarnation (64, microseconds)            |
+    +---------------------------------------------------------------+
+    |          Datagram counter (64, anti-replay, +1 per datagram)  |
+    +---------------------------------------------------------------+
+    |     Sequence (64): seq of the first reliable record in body   |
+    +-------------------------------+-------------------------------+
+    |        Body length (16)       |        Record count (16)      |
+    +-------------------------------+-------------------------------+
+    |  Records: Type (8) | Length (16) | Value (Length bytes) ...   |
+    +---------------------------------------------------------------+
+    |                 HMAC-SHA-256-128 tag (16 bytes)               |
+    +---------------------------------------------------------------+
+
+Node ids are the first 4 bytes of BLAKE2b(name); a datagram for another
+receiver is refused, so one captured datagram cannot be replayed to a third
+node. The incarnation is the sender's start time in microseconds: a restart
+shows as a larger incarnation, and an older one is refused.
+
+Records. *Reliable* records (UPSERT, DELETE, BULK_BEGIN, BULK_END) are
+numbered consecutively from the header's sequence number; the others ride
+along unnumbered:
+
+=========== ==== ===========================================================
+type        code value
+=========== ==== ===========================================================
+HELLO        1   peer incarnation seen (u64, 0 = none); next seq (u64);
+                 flags (u8, 1 = "answer me": the sender is not established)
+HEARTBEAT    2   sender's clock (u64 us)
+ACK          3   cumulative: every reliable seq below this was received (u64)
+NACK         4   n x (first u64, last u64) ranges missing
+FLOW_UPSERT  6   flow key, version u64, timeout ms u32, 3 hops, state
+FLOW_DELETE  7   flow key, version u64
+BULK_BEGIN   8   bulk id u32, flows u64
+BULK_END     9   bulk id u32, flows u64
+RESYNC      10   (empty) ask the peer for a full bulk transfer
+=========== ==== ===========================================================
+
+Flow key: chain u32, code u32, proto u8, family u8 (4|6), lo ip, lo port
+u16, hi ip, hi port u16. Hop: u8 length + name (0 = none). State: u16
+length + service bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from dataplane.events import FlowUpdate
+from dataplane.flowtable import FlowKey
+
+VERSION = 1
+SYNC_PORT = 6887
+TAG_LEN = 16
+MAX_DATAGRAM = 1400
+"""Datagrams are kept under a typical fabric MTU so they are never fragmented."""
+
+_HDR = struct.Struct("!BBBBIIQQQHH")
+HEADER_LEN = _HDR.size
+_REC = struct.Struct("!BH")
+_U64 = struct.Struct("!Q")
+_KEY_HEAD = struct.Struct("!IIBB")
+_UPSERT = struct.Struct("!QI")
+_BULK = struct.Struct("!IQ")
+
+
+class RecordType(IntEnum):
+    HELLO = 1
+    HEARTBEAT = 2
+    ACK = 3
+    NACK = 4
+    FLOW_UPSERT = 6
+    FLOW_DELETE = 7
+    BULK_BEGIN = 8
+    BULK_END = 9
+    RESYNC = 10
+
+
+RELIABLE = frozenset({RecordType.FLOW_UPSERT, RecordType.FLOW_DELETE, RecordType.BULK_BEGIN,
+                      RecordType.BULK_END})
+
+
+class SyncError(ValueError):
+    """A datagram or record refused; `reason` is the rejection counter's name."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def node_id(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    type: RecordType
+    value: bytes
+
+
+@dataclass(slots=True)
+class Datagram:
+    """A decoded datagram (after its tag was checked)."""
+
+    key_id: int
+    sender: int
+    receiver: int
+    incarnation: int
+    counter: int
+    seq: int
+    records: list[Record] = field(default_factory=list)
+
+
+class Keyring:
+    """HMAC keys by id: sends with `current`, accepts every key it holds, so
+    two keys are accepted during a rotation."""
+
+    def __init__(self, keys: dict[int, bytes], current: int) -> None:
+        if current not in keys:
+            raise ValueError(f"current key id {current} not in keyring")
+        for kid, key in keys.items():
+            if not 0 <= kid <= 255 or len(key) < 16:
+                raise ValueError(f"key {kid}: ids are 0-255 and keys at least 16 bytes")
+        self.keys = dict(keys)
+        self.current = current
+
+    def add(self, kid: int, key: bytes) -> None:
+        self.keys[kid] = key
+
+    def use(self, kid: int) -> None:
+        if kid not in self.keys:
+            raise ValueError(f"no key {kid}")
+        self.current = kid
+
+    def retire(self, kid: int) -> None:
+        if kid == self.current:
+            raise ValueError("cannot retire the key in use")
+        self.keys.pop(kid, None)
+
+
+def tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()[:TAG_LEN]
+
+
+def encode(keyring: Keyring, sender: int, receiver: int, incarnation: int, counter: int,
+           seq: int, records: list[Record]) -> bytes:
+    body = b"".join(_REC.pack(r.type, len(r.value)) + r.value for r in records)
+    head = _HDR.pack(VERSION, 0, keyring.current, 0, sender, receiver, incarnation, counter, seq,
+                     len(body), len(records))
+    data = head + body
+    return data + tag(keyring.keys[keyring.current], data)
+
+
+def decode(keyring: Keyring, data: bytes, me: int) -> Datagram:
+    """Check and parse a datagram; raise SyncError(reason) if refused.
+
+    The tag is checked before any body field is believed."""
+    if len(data) < HEADER_LEN + TAG_LEN:
+        raise SyncError("truncated")
+    (version, _flags, kid, _res, sender, receiver, inc, counter, seq,
+     body_len, count) = _HDR.unpack_from(data)
+    if version != VERSION:
+        raise SyncError("bad_version")
+    if len(data) != HEADER_LEN + body_len + TAG_LEN:
+        raise SyncError("truncated" if len(data) < HEADER_LEN + body_len + TAG_LEN else "bad_length")
+    key = keyring.keys.get(kid)
+    if key is None:
+        raise SyncError("unknown_key", f"key id {kid}")
+    if not hmac.compare_digest(tag(key, data[:-TAG_LEN]), data[-TAG_LEN:]):
+        raise SyncError("bad_mac")
+    if receiver != me:
+        raise SyncError("wrong_receiver")
+    records = []
+    pos, end = HEADER_LEN, HEADER_LEN + body_len
+    for _ in range(count):
+        if pos + _REC.size > end:
+            raise SyncError("malformed", "record header past body")
+        rtype, rlen = _REC.unpack_from(data, pos)
+        pos += _REC.size
+        if pos + rlen > end:
+            raise SyncError("malformed", "record past body")
+        try:
+            rt = RecordType(rtype)
+        except ValueError:
+            raise SyncError("malformed", f"record type {rtype}") from None
+        records.append(Record(rt, data[pos:pos + rlen]))
+        pos += rlen
+    if pos != end:
+        raise SyncError("malformed", "trailing bytes in body")
+    return Datagram(kid, sender, receiver, inc, counter, seq, records)
+
+
+class ReplayWindow:
+    """RFC 4303-style sliding window over 64-bit datagram counters."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.top = 0
+        self.bits = 0
+
+    def check_and_set(self, counter: int) -> bool:
+        """True if `counter` is new (and records it), False for a replay."""
+        if counter > self.top:
+            shift = counter - self.top
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self.top = counter
+            return True
+        offset = self.top - counter
+        if offset >= self.size or self.bits >> offset & 1:
+            return False
+        self.bits |= 1 << offset
+        return True
+
+
+# -- record bodies -------------------------------------------------------------------
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def read_u64(value: bytes, offset: int = 0) -> int:
+    if len(value) < offset + 8:
+        raise SyncError("malformed", "short u64")
+    return _U64.unpack_from(value, offset)[0]
+
+
+HELLO_ANSWER_ME = 1
+
+
+def hello(peer_incarnation: int, next_seq: int, answer_me: bool = True) -> Record:
+    return Record(RecordType.HELLO, u64(peer_incarnation) + u64(next_seq)
+                  + bytes([HELLO_ANSWER_ME if answer_me else 0]))
+
+
+def read_hello(value: bytes) -> tuple[int, int, bool]:
+    """(peer incarnation seen, next seq, answer me)."""
+    if len(value) != 17:
+        raise SyncError("malformed", "hello record")
+    return read_u64(value), read_u64(value, 8), bool(value[16] & HELLO_ANSWER_ME)
+
+
+def ranges(kind: RecordType, spans: list[tuple[int, int]]) -> Record:
+    return Record(kind, b"".join(u64(a) + u64(b) for a, b in spans))
+
+
+def read_ranges(value: bytes) -> list[tuple[int, int]]:
+    if len(value) % 16:
+        raise SyncError("malformed", "range list")
+    return [(read_u64(value, i), read_u64(value, i + 8)) for i in range(0, len(value), 16)]
+
+
+def bulk(kind: RecordType, bulk_id: int, flows: int) -> Record:
+    return Record(kind, _BULK.pack(bulk_id, flows))
+
+
+def read_bulk(value: bytes) -> tuple[int, int]:
+    if len(value) != _BULK.size:
+        raise SyncError("malformed", "bulk record")
+    return _BULK.unpack(value)
+
+
+def _key_bytes(key: FlowKey) -> bytes:
+    chain, code, proto, lo_ip, lo_port, hi_ip, hi_port = key
+    family = 4 if len(lo_ip) == 4 else 6
+    return (_KEY_HEAD.pack(chain, code, proto, family) + lo_ip + lo_port.to_bytes(2, "big")
+            + hi_ip + hi_port.to_bytes(2, "big"))
+
+
+def _read_key(value: bytes, pos: int) -> tuple[FlowKey, int]:
+    if len(value) < pos + _KEY_HEAD.size:
+        raise SyncError("malformed", "flow key")
+    chain, code, proto, family = _KEY_HEAD.unpack_from(value, pos)
+    if family not in (4, 6):
+        raise SyncError("malformed", "flow key family")
+    n = 4 if family == 4 else 16
+    pos += _KEY_HEAD.size
+    if len(value) < pos + 2 * (n + 2):
+        raise SyncError("malformed", "flow key")
+    lo = value[pos:pos + n]
+    lo_port = int.from_bytes(value[pos + n:pos + n + 2], "big")
+    pos += n + 2
+    hi = value[pos:pos + n]
+    hi_port = int.from_bytes(value[pos + n:pos + n + 2], "big")
+    return (chain, code, proto, bytes(lo), lo_port, bytes(hi), hi_port), pos + n + 2
+
+
+def _hop(name: str | None) -> bytes:
+    raw = (name or "").encode()
+    return bytes([len(raw)]) + raw
+
+
+def _read_hop(value: bytes, pos: int) -> tuple[str | None, int]:
+    if len(value) <= pos:
+        raise SyncError("malformed", "hop")
+    n = value[pos]
+    if len(value) < pos + 1 + n:
+        raise SyncError("malformed", "hop")
+    name = value[pos + 1:pos + 1 + n].decode(errors="replace")
+    return (name or None), pos + 1 + n
+
+
+def flow_record(u: FlowUpdate) -> Record:
+    if u.deleted:
+        return Record(RecordType.FLOW_DELETE, _key_bytes(u.key) + u64(u.version))
+    return Record(RecordType.FLOW_UPSERT,
+                  _key_bytes(u.key) + _UPSERT.pack(u.version, int(u.timeout * 1000))
+                  + _hop(u.fwd_hop) + _hop(u.rev_hop) + _hop(u.prev_hop)
+                  + len(u.state).to_bytes(2, "big") + u.state)
+
+
+def read_flow(rec: Record) -> FlowUpdate:
+    key, pos = _read_key(rec.value, 0)
+    if rec.type == RecordType.FLOW_DELETE:
+        if len(rec.value) != pos + 8:
+            raise SyncError("malformed", "delete record")
+        return FlowUpdate(key, read_u64(rec.value, pos), deleted=True)
+    if len(rec.value) < pos + _UPSERT.size:
+        raise SyncError("malformed", "upsert record")
+    version, timeout_ms = _UPSERT.unpack_from(rec.value, pos)
+    pos += _UPSERT.size
+    fwd, pos = _read_hop(rec.value, pos)
+    rev, pos = _read_hop(rec.value, pos)
+    prev, pos = _read_hop(rec.value, pos)
+    if len(rec.value) < pos + 2:
+        raise SyncError("malformed", "state length")
+    n = int.from_bytes(rec.value[pos:pos + 2], "big")
+    if len(rec.value) != pos + 2 + n:
+        raise SyncError("malformed", "state")
+    return FlowUpdate(key, version, bytes(rec.value[pos + 2:]), False, fwd, rev, prev,
+                      timeout_ms / 1000)

@@ -1,0 +1,307 @@
+"""The sync channel over a simulated lossy link: convergence, restarts, bulk, auth."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from dataplane import syncwire as sw
+from dataplane.events import FlowUpdate
+from dataplane.simlink import Faults, SimLink
+from dataplane.syncchannel import (Apply, BulkDone, BulkProgress, InSync, PeerRestarted,
+                                   Rejected, ResyncFlows, State, SyncChannel, SyncConfig, Transmit)
+
+KEYS = sw.Keyring({1: b"k" * 32}, current=1)
+
+
+def key(i: int):
+    return (1, i, 6, b"\x0a\x01\x00\x0a", 1000 + i % 60000, b"\x0a\x02\x00\x0a", 80)
+
+
+class Side:
+    """A channel plus the flow store behind it (versions only grow)."""
+
+    def __init__(self, name, peer, incarnation, config=None, keyring=KEYS):
+        self.ch = SyncChannel(name, peer, keyring, incarnation, config)
+        self.truth: dict = {}      # flows this side leads: key -> (version, state)
+        self.replica: dict = {}    # flows mirrored from the peer
+        self.events: list = []
+
+    def update(self, i, now, delete=False):
+        k = key(i)
+        version = self.truth.get(k, (0, b""))[0] + 1
+        state = b"" if delete else hashlib.sha256(f"{i}:{version}".encode()).digest()[:12]
+        self.truth[k] = (version, None if delete else state)
+        self.ch.submit(FlowUpdate(k, version, state, deleted=delete), now)
+
+    def current(self, k):
+        version, state = self.truth[k]
+        return FlowUpdate(k, version, state or b"", deleted=state is None)
+
+    def handle(self, events, now):
+        for ev in events:
+            self.events.append(ev)
+            if isinstance(ev, Apply):
+                u = ev.update
+                have = self.replica.get(u.key)
+                if have is not None and have[0] >= u.version:
+                    continue
+                self.replica[u.key] = (u.version, None if u.deleted else u.state)
+            elif isinstance(ev, ResyncFlows):
+                for k in ev.keys:
+                    self.ch.submit(self.current(k), now)
+            elif isinstance(ev, PeerRestarted):
+                self.ch.start_bulk([self.current(k) for k in sorted(self.truth)], now)
+
+
+def live(store):
+    return {k: v for k, v in store.items() if v[1] is not None}
+
+
+class World:
+    def __init__(self, seed=1, faults=None, config=None):
+        self.link = SimLink(seed, faults)
+        self.now = 0.0
+        self.a = Side("ba", "bb", 1_000, config)
+        self.b = Side("bb", "ba", 2_000, config)
+
+    def side(self, name):
+        return self.a if name == "ba" else self.b
+
+    def step(self, dt=0.001):
+        self.now += dt
+        for to, data in self.link.due(self.now):
+            s = self.side(to)
+            s.handle(self.route(s, s.ch.receive(data, self.now)), self.now)
+        for s in (self.a, self.b):
+            s.handle(self.route(s, s.ch.tick(self.now)), self.now)
+
+    def route(self, s, events):
+        out = []
+        for ev in events:
+            if isinstance(ev, Transmit):
+                self.link.send(self.now, s.ch.peer, ev.data)
+            else:
+                out.append(ev)
+        return out
+
+    def run(self, seconds, dt=0.001):
+        for _ in range(int(seconds / dt)):
+            self.step(dt)
+
+    def converged(self):
+        return live(self.b.replica) == live(self.a.truth) and live(self.a.replica) == live(self.b.truth)
+
+
+@pytest.mark.parametrize("loss", [0.01, 0.10])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_converges_after_faults_stop(loss, seed):
+    faults = Faults(loss=loss, duplicate=0.05, corrupt=0.02, jitter=0.004)
+    w = World(seed, faults)
+    rng = random.Random(seed)
+    for _ in range(400):
+        for _ in range(5):
+            i = rng.randrange(300)
+            side = w.a if rng.random() < 0.8 else w.b
+            side.update(i, w.now, delete=rng.random() < 0.1)
+        w.step()
+    w.link.faults = Faults()
+    for beats in range(1, 31):        # bounded: at most 30 heartbeat intervals
+        w.run(0.010)
+        if w.converged():
+            break
+    assert w.converged(), (len(live(w.b.replica)), len(live(w.a.truth)))
+    print(f"\nloss {loss} seed {seed}: converged within {beats} heartbeat intervals; "
+          f"{w.a.ch.stats['retransmitted']} retransmitted, rejected {dict(w.b.ch.rejected)}")
+    assert w.a.ch.stats["retransmitted"] > 0
+    if faults.corrupt:
+        assert sum(w.a.ch.rejected.values()) + sum(w.b.ch.rejected.values()) > 0
+
+
+def test_resend_queue_overflow_is_counted_and_resynced():
+    cfg = SyncConfig(resend_queue=64, pending_limit=100)
+    w = World(7, Faults(loss=0.5), cfg)
+    for i in range(2000):
+        w.a.update(i % 500, w.now)
+        if i % 10 == 0:
+            w.step()
+    assert w.a.ch.stats["resend_overflow"] > 0
+    w.link.faults = Faults()
+    w.run(1.0)
+    assert w.converged()
+    assert w.a.ch.stats["resync_flows"] > 0
+    assert w.a.ch.in_sync(w.now)
+
+
+def test_secondary_restart_mid_stream_gets_a_bulk():
+    w = World(3, Faults(loss=0.02))
+    for i in range(500):
+        w.a.update(i, w.now)
+        w.step()
+    w.b = Side("bb", "ba", 5_000)        # restarted: new incarnation, empty
+    for i in range(500, 600):
+        w.a.update(i, w.now)
+        w.step()
+    w.link.faults = Faults()
+    w.run(0.5)
+    assert w.converged()
+    assert w.a.ch.stats["peer_restarts"] == 1
+    assert any(isinstance(e, BulkDone) for e in w.a.events)
+    assert any(isinstance(e, InSync) for e in w.b.events) and w.b.ch.peer_in_sync
+
+
+def test_primary_restart_keeps_replicas_and_accepts_the_new_stream():
+    w = World(4)
+    for i in range(100):
+        w.a.update(i, w.now)
+        w.step()
+    w.run(0.05)
+    assert live(w.b.replica) == live(w.a.truth)
+    old = dict(w.b.replica)
+    w.a = Side("ba", "bb", 9_000)        # primary restarted, empty table
+    for i in range(100, 150):
+        w.a.update(i, w.now)
+        w.step()
+    w.run(0.1)
+    assert w.b.ch.stats["peer_restarts"] == 1
+    for k, v in old.items():
+        assert w.b.replica[k] == v       # nothing lost on the secondary
+    for i in range(100, 150):
+        assert w.b.replica[key(i)] == w.a.truth[key(i)]
+
+
+def test_stale_versions_are_never_applied():
+    w = World(5, Faults(duplicate=0.5, jitter=0.01))
+    for _ in range(20):
+        for i in range(10):
+            w.a.update(i, w.now)
+        w.step()
+    w.link.faults = Faults()
+    w.run(0.2)
+    assert live(w.b.replica) == live(w.a.truth)
+    assert w.b.ch.stats["duplicates"] > 0
+
+
+def test_bulk_of_100k_flows_with_progress():
+    w = World(6)
+    n = 100_000
+    w.run(0.02)
+    assert w.a.ch.state == State.ESTABLISHED
+    for i in range(n):
+        w.a.truth[key(i)] = (1, i.to_bytes(8, "big"))
+    bulk_id = w.a.ch.start_bulk([w.a.current(key(i)) for i in range(n)], w.now)
+    t0 = w.now
+    while not any(isinstance(e, BulkDone) and e.bulk_id == bulk_id for e in w.a.events) \
+            and w.now - t0 < 5:
+        w.step()
+    progress = [e.sent for e in w.a.events if isinstance(e, BulkProgress) and e.bulk_id == bulk_id]
+    assert progress == sorted(progress) and progress[-1] == n
+    assert len(w.b.replica) == n and live(w.b.replica) == live(w.a.truth)
+    print(f"\nbulk of {n} flows: {w.now - t0:.3f} s simulated at bulk_rate "
+          f"{w.a.ch.config.bulk_rate:.0f}/s, {len(progress)} progress events")
+
+
+def test_forced_resync():
+    w = World(8)
+    w.run(0.02)
+    for i in range(10):
+        w.a.update(i, w.now)
+    w.run(0.02)
+    w.b.replica.clear()                       # pretend the replica was damaged
+    w.b.handle(w.route(w.b, w.b.ch.request_resync()), w.now)
+    requested = []
+    for _ in range(20):
+        w.step()
+        requested += [e for e in w.a.events if type(e).__name__ == "ResyncRequested"]
+        if requested:
+            break
+    assert requested
+    w.a.ch.start_bulk([w.a.current(k) for k in w.a.truth], w.now)
+    w.run(0.05)
+    assert live(w.b.replica) == live(w.a.truth)
+
+
+# -- authentication ------------------------------------------------------------------
+
+
+def good_datagram(counter=5, incarnation=1_000, keyring=KEYS, receiver="bb"):
+    return sw.encode(keyring, sw.node_id("ba"), sw.node_id(receiver), incarnation, counter, 0,
+                     [sw.hello(0, 1)])
+
+
+def reasons(ch, data):
+    return [e.reason for e in ch.receive(data, 0.0) if isinstance(e, Rejected)]
+
+
+@pytest.mark.parametrize("mangle,reason", [
+    (lambda d: d[:30], "truncated"),
+    (lambda d: d[:-1], "truncated"),
+    (lambda d: d + b"x", "bad_length"),
+    (lambda d: bytes([2]) + d[1:], "bad_version"),
+    (lambda d: d[:2] + bytes([9]) + d[3:], "unknown_key"),
+    (lambda d: d[:45] + bytes([d[45] ^ 1]) + d[46:], "bad_mac"),
+    (lambda d: d[:-16] + bytes(16), "bad_mac"),
+])
+def test_rejections(mangle, reason):
+    ch = SyncChannel("bb", "ba", KEYS, 2_000)
+    assert reasons(ch, mangle(good_datagram())) == [reason]
+    assert ch.rejected[reason] == 1
+
+
+def test_forged_wrong_receiver_replay_stale_malformed():
+    ch = SyncChannel("bb", "ba", KEYS, 2_000)
+    forged = good_datagram(keyring=sw.Keyring({1: b"x" * 32}, 1))
+    assert reasons(ch, forged) == ["bad_mac"]
+    assert reasons(ch, good_datagram(receiver="bc")) == ["wrong_receiver"]
+    d = good_datagram(counter=5)
+    assert reasons(ch, d) == []
+    assert reasons(ch, d) == ["replay"]
+    assert reasons(ch, good_datagram(counter=6, incarnation=999)) == ["stale_incarnation"]
+    bad_body = sw.encode(KEYS, sw.node_id("ba"), sw.node_id("bb"), 1_000, 7, 1,
+                         [sw.Record(sw.RecordType.FLOW_UPSERT, b"\x00\x01")])
+    assert reasons(ch, bad_body) == ["malformed"]
+    wrong_sender = sw.encode(KEYS, sw.node_id("bc"), sw.node_id("bb"), 1_000, 8, 0, [])
+    assert reasons(ch, wrong_sender) == ["wrong_sender"]
+
+
+def test_key_rotation_under_traffic_has_zero_failures():
+    ring_a = sw.Keyring({1: b"a" * 32}, 1)
+    ring_b = sw.Keyring({1: b"a" * 32}, 1)
+    w = World(9)
+    w.a.ch.keyring, w.b.ch.keyring = ring_a, ring_b
+    for step in range(600):
+        w.a.update(step % 50, w.now)
+        w.step()
+        if step == 100:
+            ring_a.add(2, b"b" * 32)
+            ring_b.add(2, b"b" * 32)
+        if step == 200:
+            ring_a.use(2)
+        if step == 300:
+            ring_b.use(2)
+        if step == 400:
+            ring_a.retire(1)
+            ring_b.retire(1)
+    w.run(0.05)
+    assert not w.a.ch.rejected and not w.b.ch.rejected
+    assert live(w.b.replica) == live(w.a.truth)
+
+
+def test_replay_window():
+    win = sw.ReplayWindow(size=8)
+    assert win.check_and_set(10) and not win.check_and_set(10)
+    assert win.check_and_set(5) and not win.check_and_set(5)
+    assert not win.check_and_set(2)        # fell out of the window
+    assert win.check_and_set(100) and win.check_and_set(99) and not win.check_and_set(92)
+
+
+def test_snapshot_reports_the_observability_fields():
+    w = World(10)
+    w.a.update(1, w.now)
+    w.run(0.05)
+    snap = w.a.ch.snapshot(w.now)
+    for field in ("in_sync", "resend_queue", "lag_ms", "unsynced_flows", "stats", "rejected"):
+        assert field in snap
+    assert snap["in_sync"] and snap["stats"]["acked"] >= 1
