@@ -260,8 +260,9 @@ class SyncChannel:
         """Send everything pending now (the `ordered` policy calls this)."""
         return self._flush(now, force=True)
 
-    def is_acked(self, seq: int) -> bool:
-        return seq < self.acked_upto
+    def flush_due(self, now: float) -> list[SyncEvent]:
+        """Send pending updates if a batch is full or old enough (`async`)."""
+        return self._flush(now)
 
     def in_sync(self, now: float) -> bool:
         """Sender's view: the peer holds everything we mirrored (no bulk,

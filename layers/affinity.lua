@@ -86,3 +86,58 @@ function affinity.prefs_changed()
     DissectorTable.get("udp.port"):add(registered_port, affinity)
   end
 end
+
+-- State-sync datagrams (dataplane/syncwire.py): header, records, HMAC tag.
+
+local sync = Proto("affinity_sync", "Affinity-mesh state sync")
+local record_names = { [1] = "HELLO", [2] = "HEARTBEAT", [3] = "ACK", [4] = "NACK",
+  [6] = "FLOW_UPSERT", [7] = "FLOW_DELETE", [8] = "BULK_BEGIN", [9] = "BULK_END",
+  [10] = "RESYNC" }
+local s = sync.fields
+s.version     = ProtoField.uint8("affinity_sync.version", "Version", base.DEC)
+s.key_id      = ProtoField.uint8("affinity_sync.key_id", "Key id", base.DEC)
+s.sender      = ProtoField.uint32("affinity_sync.sender", "Sender node id", base.HEX)
+s.receiver    = ProtoField.uint32("affinity_sync.receiver", "Receiver node id", base.HEX)
+s.incarnation = ProtoField.uint64("affinity_sync.incarnation", "Sender incarnation", base.DEC)
+s.counter     = ProtoField.uint64("affinity_sync.counter", "Datagram counter", base.DEC)
+s.seq         = ProtoField.uint64("affinity_sync.seq", "First reliable seq", base.DEC)
+s.body_len    = ProtoField.uint16("affinity_sync.body_len", "Body length", base.DEC)
+s.count       = ProtoField.uint16("affinity_sync.count", "Records", base.DEC)
+s.rtype       = ProtoField.uint8("affinity_sync.record.type", "Record type", base.DEC, record_names)
+s.rlen        = ProtoField.uint16("affinity_sync.record.length", "Record length", base.DEC)
+s.rvalue      = ProtoField.bytes("affinity_sync.record.value", "Record value")
+s.tag         = ProtoField.bytes("affinity_sync.tag", "HMAC-SHA-256-128 tag")
+
+local SYNC_HEADER, SYNC_TAG = 40, 16
+
+function sync.dissector(tvb, pinfo, tree)
+  if tvb:len() < SYNC_HEADER + SYNC_TAG then
+    return 0
+  end
+  pinfo.cols.protocol = "AMESH-SYNC"
+  local t = tree:add(sync, tvb())
+  t:add(s.version, tvb(0, 1))
+  t:add(s.key_id, tvb(2, 1))
+  t:add(s.sender, tvb(4, 4))
+  t:add(s.receiver, tvb(8, 4))
+  t:add(s.incarnation, tvb(12, 8))
+  t:add(s.counter, tvb(20, 8))
+  t:add(s.seq, tvb(28, 8))
+  t:add(s.body_len, tvb(36, 2))
+  t:add(s.count, tvb(38, 2))
+  local pos, stop = SYNC_HEADER, math.min(SYNC_HEADER + tvb(36, 2):uint(), tvb:len() - SYNC_TAG)
+  while pos + 3 <= stop do
+    local rlen = tvb(pos + 1, 2):uint()
+    if pos + 3 + rlen > stop then break end
+    local r = t:add(tvb(pos, 3 + rlen), "Record")
+    r:add(s.rtype, tvb(pos, 1))
+    r:add(s.rlen, tvb(pos + 1, 2))
+    if rlen > 0 then r:add(s.rvalue, tvb(pos + 3, rlen)) end
+    r:append_text(": " .. (record_names[tvb(pos, 1):uint()] or "?"))
+    pos = pos + 3 + rlen
+  end
+  t:add(s.tag, tvb(tvb:len() - SYNC_TAG, SYNC_TAG))
+  return tvb:len()
+end
+
+DissectorTable.get("udp.port"):add(6887, sync)

@@ -15,9 +15,13 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from layers.affinity import FLAG_BITS, Affinity
+from layers.sync import RECORD_TYPES, AffinitySync
 
 HEADER_FIELDS = ("version", "flags", "ttl", "length", "next_proto", "chain", "index",
                  "code", "client", "epoch")
+
+
+SYNC_FIELDS = ("version", "key_id", "sender", "receiver", "incarnation", "counter", "seq", "count")
 
 
 def dissect(data: bytes, linktype: int) -> Packet:
@@ -29,6 +33,11 @@ def dissect(data: bytes, linktype: int) -> Packet:
 def describe(pkt: Packet) -> dict[str, Any]:
     """The outer addressing, the affinity header (or None) and the inner flow."""
     out: dict[str, Any] = {"outer": _endpoints(pkt), "affinity": None, "inner": None}
+    sync = pkt.getlayer(AffinitySync)
+    if sync is not None:
+        out["sync"] = {name: sync.getfieldval(name) for name in SYNC_FIELDS}
+        out["sync"]["records"] = [RECORD_TYPES.get(r.type, str(r.type)) for r in sync.records]
+        return out
     hdr = pkt.getlayer(Affinity)
     if hdr is None:
         out["inner"] = out["outer"]
@@ -69,7 +78,12 @@ def one_line(n: int, d: dict[str, Any]) -> str:
     if d["outer"]:
         parts.append(_fmt_ep(d["outer"]))
     a = d["affinity"]
-    if a is None:
+    if d.get("sync"):
+        s = d["sync"]
+        parts.append(f"| sync key={s['key_id']} {s['sender']:08x}>{s['receiver']:08x} "
+                     f"inc={s['incarnation']} ctr={s['counter']} seq={s['seq']} "
+                     f"[{','.join(s['records'])}] |")
+    elif a is None:
         parts.append("(no affinity header)")
     else:
         flags = "+".join(a["flags"]) or "-"

@@ -119,7 +119,7 @@ def test_set_udp_port_moves_the_binding():
 @given(st.binary(max_size=120))
 def test_garbage_never_raises(data):
     Affinity(data)
-    IP(bytes(IP() / UDP(dport=wire.UDP_PORT)) [:28] + data)
+    IP(bytes(IP() / UDP(dport=wire.UDP_PORT) / Raw(data)))
     Ether(bytes(Ether(type=wire.ETHERTYPE))[:14] + data)
 
 

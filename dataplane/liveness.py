@@ -1,0 +1,86 @@
+"""Failure detection from heartbeats: dead after `misses` silent intervals.
+
+The detector is fed "heard from X at t" and clock ticks, and returns
+`Declared` events. Defaults: 10 ms interval x 5 misses = declared dead 50 ms
+after the last heartbeat. A peer declared dead is not declared alive again
+until it has been heard steadily for `holddown` (default 1 s): a flapping
+instance (a hang that comes and goes, a lossy link) would otherwise move its
+buckets back and forth, and every move costs a failover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Health(str, Enum):
+    UNKNOWN = "unknown"
+    ALIVE = "alive"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """`peer` was declared `health` at `at` (last heard at `last_heard`)."""
+
+    peer: str
+    health: Health
+    at: float
+    last_heard: float
+
+
+@dataclass
+class _Peer:
+    health: Health = Health.UNKNOWN
+    last_heard: float = -1.0
+    heard_since: float = -1.0
+    """Start of the current unbroken run of heartbeats."""
+
+
+class FailureDetector:
+    """Heartbeat-miss failure detector with hold-down."""
+
+    def __init__(self, interval: float = 0.010, misses: int = 5, holddown: float = 1.0) -> None:
+        if interval <= 0 or misses < 1 or holddown < 0:
+            raise ValueError("interval > 0, misses >= 1 and holddown >= 0 are required")
+        self.interval = interval
+        self.misses = misses
+        self.holddown = holddown
+        self.peers: dict[str, _Peer] = {}
+
+    @property
+    def timeout(self) -> float:
+        return self.interval * self.misses
+
+    def watch(self, peer: str, now: float) -> None:
+        """Start watching `peer` as if just heard (so silence from now counts)."""
+        self.peers.setdefault(peer, _Peer(Health.ALIVE, now, now))
+
+    def forget(self, peer: str) -> None:
+        self.peers.pop(peer, None)
+
+    def heard(self, peer: str, now: float) -> list[Declared]:
+        p = self.peers.setdefault(peer, _Peer())
+        if p.last_heard < 0 or now - p.last_heard > self.timeout:
+            p.heard_since = now
+        p.last_heard = now
+        if p.health == Health.UNKNOWN:
+            p.health = Health.ALIVE
+            return [Declared(peer, Health.ALIVE, now, now)]
+        if p.health == Health.DEAD and now - p.heard_since >= self.holddown:
+            p.health = Health.ALIVE
+            return [Declared(peer, Health.ALIVE, now, now)]
+        return []
+
+    def tick(self, now: float) -> list[Declared]:
+        out = []
+        for name, p in self.peers.items():
+            if p.health == Health.ALIVE and now - p.last_heard > self.timeout:
+                p.health = Health.DEAD
+                out.append(Declared(name, Health.DEAD, now, p.last_heard))
+        return out
+
+    def health(self, peer: str) -> Health:
+        p = self.peers.get(peer)
+        return p.health if p else Health.UNKNOWN

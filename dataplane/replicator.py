@@ -1,0 +1,218 @@
+"""Ties a service node to its sync channels: policy, bulk sync, liveness.
+
+Still without I/O: the forwarder shell hands it the node's events, sync
+datagrams and clock ticks, and carries out what it returns (`Send` on the
+fabric, `SyncSend` on the sync socket, `Deliver`, `Drop`) in the order given.
+That order *is* the sync policy:
+
+========== =================================================================
+off        mirrors are discarded (the control runs)
+async      the packet goes first; updates follow in the next batch
+ordered    updates of this packet are flushed before the packet is released
+acked      as ordered, and the packet that opened a flow (version 1) is held
+           until the secondary acknowledged its state (pfsync's `defer`);
+           after `hold_timeout` it is released anyway and counted
+========== =================================================================
+
+It also answers the channel's requests: a peer that (re)started or asked for
+a resync gets a bulk of every flow this node leads and that peer mirrors; a
+`ResyncFlows` gets the current state of those flows. Heartbeats heard on the
+channels feed a failure detector whose verdicts come out as `Declared`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+
+from dataplane import syncwire as sw
+from dataplane.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send
+from dataplane.flowtable import FlowKey
+from dataplane.liveness import Declared, FailureDetector
+from dataplane.node import ServiceNode
+from dataplane.syncchannel import (Apply, PeerRestarted, ResyncFlows, ResyncRequested, SyncChannel,
+                                   SyncConfig, SyncEvent, Transmit)
+
+
+class Policy(str, Enum):
+    OFF = "off"
+    ASYNC = "async"
+    ORDERED = "ordered"
+    ACKED = "acked"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSend:
+    """A sync datagram for peer `peer`."""
+
+    peer: str
+    data: bytes
+
+
+Out = Send | Deliver | Drop | SyncSend | Declared
+
+
+@dataclass
+class _Held:
+    deadline: float
+    key: FlowKey
+    peer: str
+    send: Send
+
+
+class Replicator:
+    """The sync side of one service instance."""
+
+    def __init__(self, node: ServiceNode, keyring: sw.Keyring, incarnation: int,
+                 policy: Policy = Policy.ASYNC, config: SyncConfig | None = None,
+                 detector: FailureDetector | None = None, hold_timeout: float = 0.050) -> None:
+        self.node = node
+        self.keyring = keyring
+        self.incarnation = incarnation
+        self.policy = policy
+        self.config = config or SyncConfig()
+        self.detector = detector or FailureDetector(interval=self.config.heartbeat)
+        self.hold_timeout = hold_timeout
+        self.channels: dict[str, SyncChannel] = {}
+        self.counters: Counter[str] = Counter()
+        self._held: list[_Held] = []
+        self._ids: dict[int, str] = {}
+        self._epoch = -1
+        self._open_channels()
+
+    def _open_channels(self) -> None:
+        """A channel to every other live instance of the service, so the
+        handshake is done before the first update needs it."""
+        m = self.node.map
+        if m.epoch == self._epoch:
+            return
+        self._epoch = m.epoch
+        for name in m.services[self.node.service_name]:
+            if name != self.node.name and m.is_alive(name):
+                self.channel(name)
+
+    # -- node side ---------------------------------------------------------------------
+
+    def channel(self, peer: str) -> SyncChannel:
+        ch = self.channels.get(peer)
+        if ch is None:
+            ch = SyncChannel(self.node.name, peer, self.keyring, self.incarnation, self.config)
+            self.channels[peer] = ch
+        return ch
+
+    def process(self, events: list[Event], now: float) -> list[Out]:
+        """Order a node's events for output according to the policy."""
+        mirrors = [e for e in events if isinstance(e, Mirror)]
+        others: list[Out] = [e for e in events if isinstance(e, (Send, Deliver, Drop))]
+        if self.policy == Policy.OFF or not mirrors:
+            return others
+        touched = {}
+        for m in mirrors:
+            ch = self.channel(m.to)
+            ch.submit(m.update, now)
+            touched[m.to] = m.update
+        if self.policy == Policy.ASYNC:
+            return others + self._datagrams_due(touched, now, force=False)
+        out: list[Out] = self._datagrams_due(touched, now, force=True)
+        if self.policy == Policy.ACKED:
+            first = {peer: u for peer, u in touched.items() if u.version == 1 and not u.deleted}
+            for ev in others:
+                if isinstance(ev, Send) and first:
+                    peer, u = next(iter(first.items()))
+                    if not self.channels[peer].settled(u.key):
+                        self._held.append(_Held(now + self.hold_timeout, u.key, peer, ev))
+                        self.counters["held"] += 1
+                        continue
+                out.append(ev)
+            return out
+        return out + others
+
+    def _datagrams_due(self, peers: dict[str, FlowUpdate], now: float, force: bool) -> list[Out]:
+        out: list[Out] = []
+        for peer in peers:
+            ch = self.channels[peer]
+            out.extend(self._handle(peer, ch.flush(now) if force else ch.flush_due(now), now))
+        return out
+
+    # -- sync side ----------------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float) -> list[Out]:
+        """A sync datagram from some peer: routed by its sender id."""
+        peer = self._peer_of(data)
+        if peer is None:
+            self.counters["unknown_sender"] += 1
+            return []
+        return self._handle(peer, self.channel(peer).receive(data, now), now) + self._release(now)
+
+    def tick(self, now: float) -> list[Out]:
+        self._open_channels()
+        out: list[Out] = []
+        for peer, ch in list(self.channels.items()):
+            out.extend(self._handle(peer, ch.tick(now), now))
+        out.extend(self.detector.tick(now))
+        out.extend(self._release(now))
+        return out
+
+    def resync(self, peer: str, now: float) -> int:
+        """Operator-forced full resync of `peer` (a bulk of what it mirrors)."""
+        self.counters["forced_resync"] += 1
+        return self.channel(peer).start_bulk(self._mirrored_by(peer), now)
+
+    def _peer_of(self, data: bytes) -> str | None:
+        if len(data) < 8:
+            return None
+        sender = int.from_bytes(data[4:8], "big")
+        if sender not in self._ids:
+            self._ids = {sw.node_id(n): n for insts in self.node.map.services.values() for n in insts}
+        return self._ids.get(sender)
+
+    def _handle(self, peer: str, events: list[SyncEvent], now: float) -> list[Out]:
+        out: list[Out] = []
+        ch = self.channels[peer]
+        for ev in events:
+            if isinstance(ev, Transmit):
+                out.append(SyncSend(peer, ev.data))
+            elif isinstance(ev, Apply):
+                self.node.apply_update(ev.update, now)
+            elif isinstance(ev, (PeerRestarted, ResyncRequested)):
+                ch.start_bulk(self._mirrored_by(peer), now)
+            elif isinstance(ev, ResyncFlows):
+                for key in ev.keys:
+                    entry = self.node.flows.get(key)
+                    if entry is not None and not entry.replica:
+                        ch.submit(self.node.update_of(entry), now)
+                    else:
+                        self.counters["resync_gone"] += 1
+        if ch.last_heard >= 0:
+            out.extend(self.detector.heard(peer, ch.last_heard))
+        return out
+
+    def _mirrored_by(self, peer: str) -> list[FlowUpdate]:
+        node = self.node
+        return [node.update_of(e) for e in node.flows
+                if not e.replica and node.map.secondary(node.service_name, e.key[1],
+                                                        exclude=node.name) == peer]
+
+    def _release(self, now: float) -> list[Out]:
+        if not self._held:
+            return []
+        out: list[Out] = []
+        keep = []
+        for h in self._held:
+            ch = self.channels.get(h.peer)
+            if ch is not None and ch.settled(h.key):
+                out.append(h.send)
+            elif now >= h.deadline:
+                self.counters["hold_timeout"] += 1
+                out.append(h.send)
+            else:
+                keep.append(h)
+        self._held = keep
+        return out
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        return {"policy": self.policy.value, "held": len(self._held),
+                "counters": dict(self.counters),
+                "peers": {p: ch.snapshot(now) for p, ch in sorted(self.channels.items())},
+                "health": {p: self.detector.health(p).value for p in sorted(self.detector.peers)}}

@@ -1,0 +1,48 @@
+"""Failure detection: 10 ms x 5 by default, hold-down against flapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from dataplane.liveness import FailureDetector, Health
+
+
+def test_declared_dead_after_misses_and_not_before():
+    fd = FailureDetector()
+    assert fd.heard("ba", 0.0)[0].health == Health.ALIVE
+    for t in range(1, 10):
+        fd.heard("ba", t * 0.010)
+    assert fd.tick(0.090 + 0.049) == []
+    dead = fd.tick(0.090 + 0.051)
+    assert len(dead) == 1 and dead[0].health == Health.DEAD and dead[0].last_heard == pytest.approx(0.09)
+    assert fd.tick(0.5) == []                     # declared once
+
+
+def test_holddown_keeps_a_flapping_peer_dead():
+    fd = FailureDetector(holddown=1.0)
+    fd.heard("ba", 0.0)
+    fd.tick(0.1)
+    assert fd.health("ba") == Health.DEAD
+    t = 0.2
+    while t < 1.19:                               # heard steadily, but less than the hold-down
+        assert fd.heard("ba", t) == []
+        t += 0.010
+    assert fd.health("ba") == Health.DEAD
+    fd.tick(1.3)                                  # a gap restarts the steady run
+    t = 1.5
+    revived = []
+    while t < 2.6 and not revived:
+        revived = fd.heard("ba", t)
+        t += 0.010
+    assert revived and revived[0].health == Health.ALIVE and revived[0].at >= 2.5
+
+
+def test_watch_counts_silence_from_now():
+    fd = FailureDetector(interval=0.01, misses=3)
+    fd.watch("bb", 1.0)
+    assert fd.tick(1.02) == [] and fd.tick(1.031)[0].peer == "bb"
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError):
+        FailureDetector(interval=0)

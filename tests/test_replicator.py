@@ -1,0 +1,162 @@
+"""The replicator: sync policies, bulk on restart, forced resync, liveness events."""
+
+from __future__ import annotations
+
+import pytest
+
+from dataplane import header as wire
+from dataplane import syncwire as sw
+from dataplane.events import Send
+from dataplane.liveness import Declared, Health
+from dataplane.node import ServiceNode
+from dataplane.replicator import Policy, Replicator, SyncSend
+from dataplane.services import create
+from dataplane.simlink import SimLink
+from tests.conftest import tcp
+from tests.test_node import lab_map
+
+KEYS = sw.Keyring({1: b"r" * 32}, 1)
+
+
+class Pair:
+    """ba and bb, each a firewall node with a replicator, over a sim link."""
+
+    def __init__(self, policy=Policy.ASYNC):
+        self.map = lab_map()
+        self.now = 0.0
+        self.link = SimLink(1)
+        self.reps = {n: Replicator(ServiceNode(n, self.map, create("firewall")), KEYS,
+                                   1000 + i, policy) for i, n in enumerate(("ba", "bb", "bc"))}
+        self.fabric: list[tuple[str, Send]] = []
+        self.order: list[str] = []
+        self.declared: list[tuple[str, Declared]] = []
+
+    def out(self, src, outs):
+        for o in outs:
+            if isinstance(o, SyncSend):
+                self.order.append("sync")
+                self.link.send(self.now, o.peer, o.data)
+            elif isinstance(o, Send):
+                self.order.append("send")
+                self.fabric.append((src, o))
+            elif isinstance(o, Declared):
+                self.declared.append((src, o))
+
+    def step(self, dt=0.001):
+        self.now += dt
+        for to, data in self.link.due(self.now):
+            if to in self.reps:
+                self.out(to, self.reps[to].receive(data, self.now))
+        for n, r in self.reps.items():
+            self.out(n, r.tick(self.now))
+
+    def run(self, seconds):
+        for _ in range(int(seconds / 0.001)):
+            self.step()
+
+    def code_led_by(self, name):
+        return next(c for c in range(10_000) if self.map.primary("B", c) == name)
+
+    def packet(self, name, sport, flags="S", seq=1, code=None):
+        code = self.code_led_by(name) if code is None else code
+        data = wire.pack(1, 1, code, 1, self.map.epoch) + tcp(sport=sport, flags=flags, seq=seq)
+        rep = self.reps[name]
+        self.out(name, rep.process(rep.node.from_fabric(data, "aa", self.now), self.now))
+        return code
+
+
+def replicas(rep):
+    return {e.key: e.version for e in rep.node.flows if e.replica}
+
+
+def leads(rep):
+    return {e.key: e.version for e in rep.node.flows if not e.replica}
+
+
+def test_async_mirrors_to_the_secondary():
+    p = Pair()
+    p.run(0.05)
+    codes = [p.packet("ba", 40000 + i) for i in range(50)]
+    p.run(0.05)
+    sec = p.map.secondary("B", codes[0], exclude="ba")
+    assert replicas(p.reps[sec]) == {k: v for k, v in leads(p.reps["ba"]).items()
+                                     if p.map.secondary("B", k[1], exclude="ba") == sec}
+    assert p.reps["ba"].channels[sec].in_sync(p.now)
+
+
+@pytest.mark.parametrize("policy,first", [(Policy.ASYNC, "send"), (Policy.ORDERED, "sync")])
+def test_order_of_update_and_packet(policy, first):
+    p = Pair(policy)
+    p.run(0.05)
+    p.order.clear()
+    p.packet("ba", 40001)
+    assert p.order[0] == first and "send" in p.order
+
+
+def test_acked_holds_the_first_packet_until_the_secondary_has_the_state():
+    p = Pair(Policy.ACKED)
+    p.run(0.05)
+    p.fabric.clear()
+    code = p.packet("ba", 40002)
+    assert p.fabric == [] and p.reps["ba"].counters["held"] == 1
+    for _ in range(20):
+        p.step()
+        if p.fabric:
+            break
+    assert len(p.fabric) == 1 and p.reps["ba"].counters["hold_timeout"] == 0
+    sec = p.map.secondary("B", code, exclude="ba")
+    assert len(replicas(p.reps[sec])) == 1
+    p.fabric.clear()
+    p.packet("ba", 40002, flags="A", seq=2, code=code)   # not a first packet: not held
+    assert len(p.fabric) == 1
+
+
+def test_acked_releases_after_hold_timeout_when_the_secondary_is_silent():
+    p = Pair(Policy.ACKED)
+    p.run(0.05)
+    code = p.code_led_by("ba")
+    sec = p.map.secondary("B", code, exclude="ba")
+    del p.reps[sec]                                 # the secondary is gone
+    p.fabric.clear()
+    p.packet("ba", 40003, code=code)
+    p.run(0.06)
+    assert len(p.fabric) == 1 and p.reps["ba"].counters["hold_timeout"] == 1
+
+
+def test_off_sends_no_sync():
+    p = Pair(Policy.OFF)
+    p.packet("ba", 40004)
+    assert "sync" not in p.order
+
+
+def test_restarted_secondary_gets_a_bulk_of_what_it_mirrors():
+    p = Pair()
+    p.run(0.05)
+    codes = [p.packet("ba", 41000 + i) for i in range(30)]
+    p.run(0.05)
+    sec = p.map.secondary("B", codes[0], exclude="ba")
+    fresh = Replicator(ServiceNode(sec, p.map, create("firewall")), KEYS, 99_999)
+    p.reps[sec] = fresh
+    p.run(0.1)
+    expected = {k: v for k, v in leads(p.reps["ba"]).items()
+                if p.map.secondary("B", k[1], exclude="ba") == sec}
+    assert replicas(fresh) == expected and expected
+    assert p.reps["ba"].channels[sec].stats["peer_restarts"] == 1
+
+
+def test_forced_resync_and_liveness_events():
+    p = Pair()
+    p.run(0.05)
+    code = p.packet("ba", 42000)
+    p.run(0.02)
+    sec = p.map.secondary("B", code, exclude="ba")
+    p.reps[sec].node.flows.delete(next(iter(p.reps[sec].node.flows)).key)
+    p.reps["ba"].resync(sec, p.now)
+    p.run(0.05)
+    assert len(replicas(p.reps[sec])) == 1
+    p.declared.clear()
+    silent = p.reps.pop(sec)
+    p.run(0.1)
+    seen_by_ba = [(d.peer, d.health) for src, d in p.declared if src == "ba"]
+    assert seen_by_ba == [(sec, Health.DEAD)]
+    assert silent.snapshot(p.now)["policy"] == "async"

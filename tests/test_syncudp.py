@@ -1,0 +1,75 @@
+"""A real UDP sync channel between two processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+from dataplane import header as wire
+from dataplane import syncwire as sw
+from dataplane.node import EGRESS, INGRESS, ServiceNode
+from dataplane.replicator import Replicator
+from dataplane.servicemap import Chain, ServiceMap, Tenant
+from dataplane.services import create
+from dataplane.syncudp import UdpSync, digest
+from tests.conftest import tcp
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_two_processes_on_loopback(tmp_path):
+    m = ServiceMap(buckets=1024)
+    m.add_service(INGRESS, [INGRESS])
+    m.add_service("B", ["ba", "bb"])
+    m.add_service(EGRESS, [EGRESS])
+    m.add_tenant(Tenant(1, "t", ["10.1.0.0/16"]))
+    m.add_chain(Chain(1, 1, ["B"]))
+    (tmp_path / "map.json").write_text(m.to_json())
+    pa, pb = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dataplane.syncudp", "--map", str(tmp_path / "map.json"),
+                             "--me", "bb", "--listen", f"127.0.0.1:{pb}", "--peer", f"ba=127.0.0.1:{pa}",
+                             "--key", KEY, "--idle", "0.5", "--max-seconds", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["ready"]
+        node = ServiceNode("ba", m, create("firewall"))
+        rep = Replicator(node, sw.Keyring({1: KEY.encode()}, 1), time.time_ns() // 1000)
+        shell = UdpSync(rep, ("127.0.0.1", pa), {"bb": ("127.0.0.1", pb)})
+        codes = [c for c in range(20_000) if m.primary("B", c) == "ba"][:2000]
+        deadline = time.monotonic() + 20
+        sent = 0
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            for c in codes[sent:sent + 100]:
+                data = wire.pack(1, 1, c, 1, m.epoch) + tcp(sport=1024 + c % 60000, flags="S")
+                shell.emit(rep.process(node.from_fabric(data, INGRESS, now), now))
+            sent = min(sent + 100, len(codes))
+            shell.emit(shell.drain(now))
+            shell.emit(rep.tick(now))
+            ch = rep.channels.get("bb")
+            if sent == len(codes) and ch is not None and ch.in_sync(now) and not ch._pending:
+                break
+            time.sleep(0.002)
+        assert rep.channels["bb"].in_sync(time.monotonic())
+        out, err = proc.communicate(timeout=30)
+        result = json.loads(out.strip().splitlines()[-1])
+        mine = [node.update_of(e) for e in node.flows if not e.replica]
+        assert result["flows"] == len(codes) == len(mine)
+        assert result["digest"] == digest(mine)
+        assert result["rejected"] == {"ba": {}}
+        shell.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
