@@ -3,12 +3,11 @@
 Each step is timed with `timeit` (best of 5 repeats) and printed in
 microseconds and as a multiple of the baseline: one `struct.unpack_from` of
 the 20-byte header, the least work any forwarder does per packet. Run with
-`python -m benchmarks` (writes benchmarks/out/core.json).
+`python -m benchmarks` (writes benchmarks/out/results.json).
 """
 
 from __future__ import annotations
 
-import json
 import timeit
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def measure(number: int = 20000) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def main() -> dict[str, float]:
     costs = measure()
     base = costs["baseline: struct-unpack header"]
     print(f"{'step':<36}{'us/packet':>10}{'x baseline':>12}")
@@ -83,8 +82,7 @@ def main() -> None:
         print(f"{name:<36}{us:>10.3f}{us / base:>12.1f}")
     whole = costs["service node, whole packet"]
     print(f"\nservice node alone: {1e6 / whole:,.0f} packets/s on one core (no I/O)")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "core.json").write_text(json.dumps({"us_per_packet": costs}, indent=1))
+    return costs
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class FlowEntry:
     """One flow's state on one instance."""
 
     __slots__ = ("key", "version", "state", "fwd_hop", "rev_hop", "prev_hop", "packets",
-                 "bytes", "created", "last_seen", "timeout", "replica")
+                 "bytes", "created", "last_seen", "timeout", "replica", "promoted")
 
     def __init__(self, key: FlowKey, now: float, state: Any = None) -> None:
         self.key = key
@@ -54,6 +54,9 @@ class FlowEntry:
         self.timeout = DEFAULT_TIMEOUT
         self.replica = False
         """True while this instance holds the entry only as a mirror."""
+        self.promoted = False
+        """Was a replica, and a new map made this instance its primary; the
+        first packet served from it completes the failover of this flow."""
 
     def expires_at(self) -> float:
         return self.last_seen + self.timeout

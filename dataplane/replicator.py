@@ -31,6 +31,7 @@ from dataplane.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send
 from dataplane.flowtable import FlowKey
 from dataplane.liveness import Declared, FailureDetector
 from dataplane.node import ServiceNode
+from dataplane.servicemap import ServiceMap
 from dataplane.syncchannel import (Apply, PeerRestarted, ResyncFlows, ResyncRequested, SyncChannel,
                                    SyncConfig, SyncEvent, Transmit)
 
@@ -154,6 +155,28 @@ class Replicator:
         out.extend(self._release(now))
         return out
 
+    def update_map(self, smap: ServiceMap, now: float) -> int:
+        """Install a newer map in the node; every flow this node leads whose
+        secondary changed (a failure, a rejoin, a scale-out) is bulk-synced
+        to its new secondary, promoted replicas included."""
+        node = self.node
+        old = node.map
+        if not node.update_map(smap) or self.policy == Policy.OFF:
+            return 0
+        moved: dict[str, list[FlowUpdate]] = {}
+        svc, me = node.service_name, node.name
+        for e in node.flows:
+            if e.replica:
+                continue
+            new_sec = smap.secondary(svc, e.key[1], exclude=me)
+            if new_sec is not None and (e.promoted or new_sec != old.secondary(svc, e.key[1], exclude=me)):
+                moved.setdefault(new_sec, []).append(node.update_of(e))
+        self._open_channels()
+        for peer, updates in moved.items():
+            self.channel(peer).start_bulk(updates, now)
+            self.counters["bulk_on_map_change"] += 1
+        return len(moved)
+
     def resync(self, peer: str, now: float) -> int:
         """Operator-forced full resync of `peer` (a bulk of what it mirrors)."""
         self.counters["forced_resync"] += 1
@@ -175,7 +198,7 @@ class Replicator:
                 out.append(SyncSend(peer, ev.data))
             elif isinstance(ev, Apply):
                 self.node.apply_update(ev.update, now)
-            elif isinstance(ev, (PeerRestarted, ResyncRequested)):
+            elif isinstance(ev, (PeerRestarted, ResyncRequested)) and self.policy != Policy.OFF:
                 ch.start_bulk(self._mirrored_by(peer), now)
             elif isinstance(ev, ResyncFlows):
                 for key in ev.keys:
@@ -214,5 +237,6 @@ class Replicator:
     def snapshot(self, now: float) -> dict[str, object]:
         return {"policy": self.policy.value, "held": len(self._held),
                 "counters": dict(self.counters),
+                "stale_updates_ignored": self.node.counters["stale_updates"],
                 "peers": {p: ch.snapshot(now) for p, ch in sorted(self.channels.items())},
                 "health": {p: self.detector.health(p).value for p in sorted(self.detector.peers)}}

@@ -297,9 +297,11 @@ class SyncChannel:
 
     def _transmit(self, seq: int, records: list[Record]) -> Transmit:
         self._counter += 1
+        data = sw.encode(self.keyring, self.my_id, self.peer_id, self.incarnation,
+                         self._counter, seq, records)
         self.stats["datagrams_sent"] += 1
-        return Transmit(sw.encode(self.keyring, self.my_id, self.peer_id, self.incarnation,
-                                  self._counter, seq, records))
+        self.stats["bytes_sent"] += len(data)
+        return Transmit(data)
 
     def _flush(self, now: float, force: bool = False) -> list[SyncEvent]:
         if not self._pending or self.state != State.ESTABLISHED:

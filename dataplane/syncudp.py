@@ -79,6 +79,13 @@ def digest(updates: Iterable[FlowUpdate]) -> str:
     return h.hexdigest()
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port free right now on `host` (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def parse_addr(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host, int(port)

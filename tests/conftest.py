@@ -6,7 +6,9 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
+from dataplane.node import EGRESS, INGRESS
 from dataplane.packet import Inner, parse
+from dataplane.servicemap import Chain, ServiceMap, Tenant
 
 
 def tcp(src: str = "10.1.0.10", dst: str = "10.2.0.10", sport: int = 40000, dport: int = 80,
@@ -32,3 +34,14 @@ def mk():
     b = Builders()
     b.tcp, b.udp, b.inner = tcp, udp, inner
     return b
+
+
+def pair_map(buckets: int = 1024) -> ServiceMap:
+    """ingress -> B (ba, bb) -> egress for tenant 1 on 10.1.0.0/16."""
+    m = ServiceMap(buckets=buckets)
+    m.add_service(INGRESS, [INGRESS])
+    m.add_service("B", ["ba", "bb"])
+    m.add_service(EGRESS, [EGRESS])
+    m.add_tenant(Tenant(1, "t", ["10.1.0.0/16"]))
+    m.add_chain(Chain(1, 1, ["B"]))
+    return m

@@ -160,3 +160,49 @@ def test_forced_resync_and_liveness_events():
     seen_by_ba = [(d.peer, d.health) for src, d in p.declared if src == "ba"]
     assert seen_by_ba == [(sec, Health.DEAD)]
     assert silent.snapshot(p.now)["policy"] == "async"
+
+
+@pytest.mark.parametrize("policy", [Policy.ASYNC, Policy.OFF])
+def test_secondary_dies_then_the_primary_flows_survive_both(policy):
+    """bb (secondary) dies: ba bulk-syncs bc, the new secondary. Then ba dies:
+    bc is promoted with that state and serves mid-stream packets. Control:
+    with sync off, bc drops them all as misdelivery."""
+    from dataplane.events import TookOver
+    from dataplane.servicemap import InstanceState
+
+    p = Pair(policy)
+    p.run(0.05)
+    codes = [c for c in range(20_000) if p.map.candidates("B", c) == ["ba", "bb"]][:40]
+    for i, c in enumerate(codes):
+        p.packet("ba", 43000 + i, code=c)
+    p.run(0.05)
+    synced = policy != Policy.OFF
+    assert len(replicas(p.reps["bb"])) == (len(codes) if synced else 0)
+
+    def kill(name):
+        p.reps.pop(name)
+        new = p.map.copy()
+        new.set_state(name, InstanceState.DEAD)
+        p.map = new
+        return sum(r.update_map(new, p.now) for r in p.reps.values())
+
+    assert kill("bb") == (1 if synced else 0)
+    p.run(0.1)
+    assert all(p.map.secondary("B", c, exclude="ba") == "bc" for c in codes)
+    assert len(replicas(p.reps["bc"])) == (len(codes) if synced else 0)
+    kill("ba")
+    bc = p.reps["bc"]
+    if not synced:
+        for i, c in enumerate(codes):
+            data = wire.pack(1, 1, c, 1, p.map.epoch) + tcp(sport=43000 + i, flags="A", seq=2)
+            bc.node.from_fabric(data, "aa", p.now)
+        assert bc.node.drops["misdelivery"] == len(codes)
+        return
+    assert bc.node.counters["promoted"] == len(codes)
+    took = 0
+    for i, c in enumerate(codes):
+        data = wire.pack(1, 1, c, 1, p.map.epoch) + tcp(sport=43000 + i, flags="A", seq=2)
+        events = bc.node.from_fabric(data, "aa", p.now)
+        took += sum(isinstance(e, TookOver) for e in events)
+        assert any(isinstance(e, Send) for e in events), events
+    assert took == len(codes) and bc.node.drops["misdelivery"] == 0

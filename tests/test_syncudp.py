@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
 from dataplane import header as wire
 from dataplane import syncwire as sw
-from dataplane.node import EGRESS, INGRESS, ServiceNode
+from dataplane.node import INGRESS, ServiceNode
 from dataplane.replicator import Replicator
-from dataplane.servicemap import Chain, ServiceMap, Tenant
 from dataplane.services import create
-from dataplane.syncudp import UdpSync, digest
-from tests.conftest import tcp
+from dataplane.syncudp import UdpSync, digest, free_udp_port
+from tests.conftest import pair_map, tcp
 
 KEY = "0123456789abcdef0123456789abcdef"
 
 
-def free_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_two_processes_on_loopback(tmp_path):
-    m = ServiceMap(buckets=1024)
-    m.add_service(INGRESS, [INGRESS])
-    m.add_service("B", ["ba", "bb"])
-    m.add_service(EGRESS, [EGRESS])
-    m.add_tenant(Tenant(1, "t", ["10.1.0.0/16"]))
-    m.add_chain(Chain(1, 1, ["B"]))
+    m = pair_map()
     (tmp_path / "map.json").write_text(m.to_json())
-    pa, pb = free_port(), free_port()
+    pa, pb = free_udp_port(), free_udp_port()
     proc = subprocess.Popen([sys.executable, "-m", "dataplane.syncudp", "--map", str(tmp_path / "map.json"),
                              "--me", "bb", "--listen", f"127.0.0.1:{pb}", "--peer", f"ba=127.0.0.1:{pa}",
                              "--key", KEY, "--idle", "0.5", "--max-seconds", "30"],

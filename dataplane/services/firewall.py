@@ -210,7 +210,7 @@ class Firewall:
     def _moved(st: FlowState) -> Verdict:
         """A change worth mirroring: remember what the replica will know."""
         st.synced0, st.synced1 = st.end0, st.end1
-        return Verdict(Action.FORWARD, mirror=True, timeout=TCP_TIMEOUTS[TcpState(st.state)])
+        return Verdict(Action.FORWARD, mirror=True, timeout=TCP_TIMEOUTS[st.state])
 
     # -- state on the wire -------------------------------------------------------------
 
