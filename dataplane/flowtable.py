@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT = 60.0
 class FlowEntry:
     """One flow's state on one instance."""
 
-    __slots__ = ("key", "version", "state", "fwd_hop", "rev_hop", "prev_hop", "packets",
+    __slots__ = ("key", "version", "state", "fwd_hop", "rev_hop", "prev_hop", "packets", "rev_packets",
                  "bytes", "created", "last_seen", "timeout", "replica", "promoted")
 
     def __init__(self, key: FlowKey, now: float, state: Any = None) -> None:
@@ -48,6 +48,8 @@ class FlowEntry:
         self.prev_hop: str | None = None
         """Where forward packets came from (the way back for replies)."""
         self.packets = 0
+        self.rev_packets = 0
+        """Of `packets`, those in the server-to-client direction."""
         self.bytes = 0
         self.created = now
         self.last_seen = now

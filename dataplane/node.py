@@ -162,6 +162,7 @@ class ServiceNode(Node):
             return self._drop(verdict.reason or "no_state", events)
         entry.state = state
         entry.packets += 1
+        entry.rev_packets += reverse
         entry.bytes += inner.length
         if verdict.timeout is not None:
             entry.timeout = verdict.timeout
@@ -311,7 +312,7 @@ class IngressNode(Node):
         hdr = wire.pack(chain_id, n, code, client, self.map.epoch,
                         _REROUTED if rerouted else 0)
         self.counters["encapsulated"] += 1
-        return [Send(hop, hdr + data)]
+        return [Send(hop, hdr + data[:inner.length])]
 
     def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
         h = self._decode(data)
@@ -367,4 +368,4 @@ class EgressNode(Node):
         flags = _REVERSE | (_REROUTED if rerouted else 0)
         hdr = wire.pack(chain_id, len(chain.services), code, client, self.map.epoch, flags)
         self.counters["encapsulated"] += 1
-        return [Send(hop, hdr + data)]
+        return [Send(hop, hdr + data[:inner.length])]

@@ -48,7 +48,14 @@ FLOW_DELETE  7   flow key, version u64
 BULK_BEGIN   8   bulk id u32, flows u64
 BULK_END     9   bulk id u32, flows u64
 RESYNC      10   (empty) ask the peer for a full bulk transfer
+MAP         11   control channel: zlib-compressed service map JSON
+STATUS      12   control channel: instance to controller, u32 map epoch held,
+                 u8 flags (1 = declared dead: it stopped serving)
 =========== ==== ===========================================================
+
+The control channel between the controller and every forwarder (UDP 6888)
+uses the same datagram format, keys and anti-replay rules: HEARTBEAT and
+STATUS from forwarders, MAP pushes from the controller.
 
 Flow key: chain u32, code u32, proto u8, family u8 (4|6), lo ip, lo port
 u16, hi ip, hi port u16. Hop: u8 length + name (0 = none). State: u16
@@ -68,6 +75,7 @@ from dataplane.flowtable import FlowKey
 
 VERSION = 1
 SYNC_PORT = 6887
+CONTROL_PORT = 6888
 TAG_LEN = 16
 MAX_DATAGRAM = 1400
 """Datagrams are kept under a typical fabric MTU so they are never fragmented."""
@@ -91,6 +99,8 @@ class RecordType(IntEnum):
     BULK_BEGIN = 8
     BULK_END = 9
     RESYNC = 10
+    MAP = 11
+    STATUS = 12
 
 
 RELIABLE = frozenset({RecordType.FLOW_UPSERT, RecordType.FLOW_DELETE, RecordType.BULK_BEGIN,

@@ -92,7 +92,7 @@ end
 local sync = Proto("affinity_sync", "Affinity-mesh state sync")
 local record_names = { [1] = "HELLO", [2] = "HEARTBEAT", [3] = "ACK", [4] = "NACK",
   [6] = "FLOW_UPSERT", [7] = "FLOW_DELETE", [8] = "BULK_BEGIN", [9] = "BULK_END",
-  [10] = "RESYNC" }
+  [10] = "RESYNC", [11] = "MAP", [12] = "STATUS" }
 local s = sync.fields
 s.version     = ProtoField.uint8("affinity_sync.version", "Version", base.DEC)
 s.key_id      = ProtoField.uint8("affinity_sync.key_id", "Key id", base.DEC)
@@ -141,3 +141,4 @@ function sync.dissector(tvb, pinfo, tree)
 end
 
 DissectorTable.get("udp.port"):add(6887, sync)
+DissectorTable.get("udp.port"):add(6888, sync)

@@ -78,3 +78,6 @@ def signed(pkt: AffinitySync, key: bytes) -> bytes:
 
 bind_layers(UDP, AffinitySync, dport=sw.SYNC_PORT)
 bind_bottom_up(UDP, AffinitySync, sport=sw.SYNC_PORT)
+# control datagrams (same format) dissect too; building defaults to the sync port
+bind_bottom_up(UDP, AffinitySync, dport=sw.CONTROL_PORT)
+bind_bottom_up(UDP, AffinitySync, sport=sw.CONTROL_PORT)

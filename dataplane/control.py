@@ -1,0 +1,205 @@
+"""The control channel, without I/O: the controller and its clients.
+
+The controller owns the service map. Every forwarder sends it a HEARTBEAT
+every interval (and a STATUS saying which epoch it holds); the controller's
+failure detector declares an instance dead after `misses` silent intervals
+and publishes a new epoch in which the dead instance holds no role (its
+buckets led by their former secondaries). Every change is pushed at once to
+every forwarder, and the current map is re-pushed every `refresh` seconds,
+so a lost push or a restarted forwarder catches up without a request.
+
+Messages are sync-wire datagrams (`dataplane.syncwire`) with the same HMAC
+and a per-sender anti-replay window; the map rides zlib-compressed.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+from dataplane import syncwire as sw
+from dataplane.liveness import Declared, FailureDetector, Health
+from dataplane.servicemap import InstanceState, MapError, ServiceMap
+
+STATUS_DECLARED_DEAD = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ControlSend:
+    to: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MapPublished:
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MapReceived:
+    smap: ServiceMap
+
+
+class Endpoint:
+    """Signs outgoing control datagrams and checks incoming ones."""
+
+    def __init__(self, me: str, names: list[str], keyring: sw.Keyring, incarnation: int) -> None:
+        self.me = me
+        self.my_id = sw.node_id(me)
+        self.keyring = keyring
+        self.incarnation = incarnation
+        self.ids = {sw.node_id(n): n for n in names}
+        self._counter = 0
+        self._windows: dict[str, tuple[int, sw.ReplayWindow]] = {}
+        self.rejected: Counter[str] = Counter()
+
+    def encode(self, to: str, records: list[sw.Record]) -> bytes:
+        self._counter += 1
+        return sw.encode(self.keyring, self.my_id, sw.node_id(to), self.incarnation,
+                         self._counter, 0, records)
+
+    def decode(self, data: bytes) -> tuple[str, sw.Datagram] | None:
+        try:
+            dg = sw.decode(self.keyring, data, self.my_id)
+        except sw.SyncError as exc:
+            self.rejected[exc.reason] += 1
+            return None
+        name = self.ids.get(dg.sender)
+        if name is None:
+            self.rejected["unknown_sender"] += 1
+            return None
+        inc, window = self._windows.get(name, (0, sw.ReplayWindow()))
+        if dg.incarnation < inc:
+            self.rejected["stale_incarnation"] += 1
+            return None
+        if dg.incarnation > inc:
+            inc, window = dg.incarnation, sw.ReplayWindow()
+        if not window.check_and_set(dg.counter):
+            self.rejected["replay"] += 1
+            return None
+        self._windows[name] = (inc, window)
+        return name, dg
+
+
+def map_record(smap: ServiceMap) -> sw.Record:
+    return sw.Record(sw.RecordType.MAP, zlib.compress(smap.to_json().encode()))
+
+
+class Controller:
+    """The embedded map store: detection, map epochs, pushes."""
+
+    def __init__(self, name: str, smap: ServiceMap, keyring: sw.Keyring, incarnation: int,
+                 detector: FailureDetector, refresh: float = 0.100) -> None:
+        self.map = smap
+        self.members = [n for insts in smap.services.values() for n in insts]
+        self.endpoint = Endpoint(name, self.members, keyring, incarnation)
+        self.detector = detector
+        self.refresh = refresh
+        self._last_push = -1.0
+        self._dirty = True
+        self.held: dict[str, int] = {}
+        """Epoch each member last reported holding."""
+        self.history: list[tuple[float, int, str]] = []
+        self.counters: Counter[str] = Counter()
+
+    def start(self, now: float) -> None:
+        for n in self.members:
+            self.detector.watch(n, now)
+
+    def receive(self, data: bytes, now: float) -> list[object]:
+        got = self.endpoint.decode(data)
+        if got is None:
+            return []
+        name, dg = got
+        out: list[object] = []
+        for rec in dg.records:
+            if rec.type == sw.RecordType.HEARTBEAT:
+                out.extend(self._declared(self.detector.heard(name, now), now))
+            elif rec.type == sw.RecordType.STATUS and len(rec.value) == 5:
+                self.held[name] = int.from_bytes(rec.value[:4], "big")
+        return out
+
+    def tick(self, now: float) -> list[object]:
+        out: list[object] = self._declared(self.detector.tick(now), now)
+        if self._dirty or now - self._last_push >= self.refresh:
+            out.extend(self.push(now))
+        return out
+
+    def push(self, now: float) -> list[ControlSend]:
+        self._dirty = False
+        self._last_push = now
+        rec = map_record(self.map)
+        return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members
+                if self.map.is_alive(n) or self.detector.health(n) == Health.ALIVE]
+
+    def set_state(self, name: str, state: InstanceState, reason: str, now: float,
+                  in_sync: bool | None = None) -> MapPublished:
+        """Publish a new epoch with `name` in `state` (operator or detector)."""
+        new = self.map.copy()
+        new.set_state(name, state, in_sync)
+        self.map = new
+        self._dirty = True
+        self.history.append((now, new.epoch, reason))
+        self.counters["epochs"] += 1
+        return MapPublished(new.epoch, reason)
+
+    def _declared(self, events: list[Declared], now: float) -> list[object]:
+        out: list[object] = []
+        for d in events:
+            out.append(d)
+            inst = self.map.instance(d.peer)
+            if d.health == Health.DEAD and inst.state != InstanceState.DEAD:
+                out.append(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
+                out.extend(self.push(now))
+            elif d.health == Health.ALIVE and inst.state == InstanceState.DEAD:
+                out.append(self.set_state(d.peer, InstanceState.ACTIVE, f"{d.peer} is back", now))
+                out.extend(self.push(now))
+        return out
+
+
+class ControlClient:
+    """A forwarder's side: heartbeats out, newer maps in."""
+
+    def __init__(self, me: str, controller: str, smap: ServiceMap, keyring: sw.Keyring,
+                 incarnation: int, interval: float = 0.010) -> None:
+        self.controller = controller
+        self.endpoint = Endpoint(me, [controller], keyring, incarnation)
+        self.epoch = smap.epoch
+        self.interval = interval
+        self._last = -1.0
+        self.declared_dead = False
+        self.counters: Counter[str] = Counter()
+
+    def tick(self, now: float) -> list[ControlSend]:
+        if now - self._last < self.interval:
+            return []
+        self._last = now
+        status = self.epoch.to_bytes(4, "big", signed=False)[-4:] + \
+            bytes([STATUS_DECLARED_DEAD if self.declared_dead else 0])
+        recs = [sw.Record(sw.RecordType.HEARTBEAT, sw.u64(int(now * 1e6))),
+                sw.Record(sw.RecordType.STATUS, status)]
+        return [ControlSend(self.controller, self.endpoint.encode(self.controller, recs))]
+
+    def receive(self, data: bytes) -> list[MapReceived]:
+        got = self.endpoint.decode(data)
+        if got is None:
+            return []
+        out = []
+        for rec in got[1].records:
+            if rec.type != sw.RecordType.MAP:
+                continue
+            try:
+                doc = json.loads(zlib.decompress(rec.value))
+                if int(doc.get("epoch", 0)) <= self.epoch:
+                    continue  # the periodic re-push of a map we hold
+                smap = ServiceMap.from_dict(doc)
+            except (zlib.error, ValueError, TypeError, AttributeError, MapError):
+                self.counters["bad_map"] += 1
+                continue
+            self.epoch = smap.epoch
+            self.counters["maps"] += 1
+            out.append(MapReceived(smap))
+        return out

@@ -1,0 +1,66 @@
+"""Run things inside a named network namespace without `ip netns exec`.
+
+A child process enters the namespace with setns(2) between fork and exec
+(`spawn`/`run`), so programs start *inside* it: Scapy, which caches
+interfaces at import, and the forwarders see only the lab's interfaces.
+`/run/netns/NAME` is where pyroute2 and iproute2 keep namespace handles.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def enter(name: str) -> None:
+    """Move the calling process into namespace `name` (it must exist)."""
+    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def spawn(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    """Start `argv` inside namespace `name` (the parent stays where it is)."""
+    if not exists(name):
+        raise FileNotFoundError(f"no network namespace {name!r}")
+    return subprocess.Popen(list(argv), preexec_fn=lambda: enter(name), **kwargs)
+
+
+def run(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run `argv` to completion inside namespace `name`."""
+    if not exists(name):
+        raise FileNotFoundError(f"no network namespace {name!r}")
+    return subprocess.run(list(argv), preexec_fn=lambda: enter(name), **kwargs)
+
+
+def sysctl(name: str, key: str, value: str) -> None:
+    """Write a net sysctl inside namespace `name` (/proc/sys is per namespace)."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            enter(name)
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"sysctl {key}={value} failed in {name}")

@@ -1,0 +1,323 @@
+"""Lab topology files (TOML): parse, validate, and derive the service map.
+
+Every error names the file, the key and what is wrong, e.g.
+``labs/x.toml: services.B.instances[1]: name 'Bad_Name' must match [a-z][a-z0-9-]*``.
+See `labs/default.toml` for a commented example of every section.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataplane.node import EGRESS, INGRESS
+from dataplane.servicemap import Chain, Instance, ServiceMap, Tenant
+from dataplane.services import create
+
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
+PREFIX = re.compile(r"^[a-z][a-z0-9]{0,3}$")
+POLICIES = ("off", "async", "ordered", "acked")
+FIRST_INSTANCE_HOST = 10
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be used; the message says where and why."""
+
+
+@dataclass
+class Host:
+    name: str
+    address: ipaddress.IPv4Interface
+    attach: str
+    gateway: ipaddress.IPv4Address
+
+
+@dataclass
+class Edge:
+    name: str
+    address: ipaddress.IPv4Interface
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    kind: str
+    instances: list[str]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Timers:
+    heartbeat: float = 0.010
+    misses: int = 5
+    holddown: float = 1.0
+    map_refresh: float = 0.100
+
+
+@dataclass
+class Topology:
+    path: str
+    name: str
+    prefix: str
+    buckets: int
+    secret: bytes
+    sync_key: bytes
+    policy: str
+    timers: Timers
+    subnet: ipaddress.IPv4Network
+    mtu: int
+    controller: str
+    ingress: Edge
+    egress: Edge
+    hosts: dict[str, Host]
+    services: dict[str, ServiceSpec]
+    tenants: list[dict[str, Any]]
+
+    # -- derived ------------------------------------------------------------------
+
+    def forwarders(self) -> list[str]:
+        """Nodes that run a forwarder process on the fabric, in address order."""
+        return [self.controller, self.ingress.name, self.egress.name,
+                *(i for s in self.services.values() for i in s.instances)]
+
+    def fabric_ip(self, node: str) -> str:
+        order = self.forwarders()
+        host = 2 + order.index(node) if order.index(node) < 3 else \
+            FIRST_INSTANCE_HOST + order.index(node) - 3
+        return str(self.subnet.network_address + host)
+
+    def netns(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    @property
+    def fabric_ns(self) -> str:
+        return f"{self.prefix}-fabric"
+
+    def role(self, node: str) -> str:
+        if node == self.controller:
+            return "controller"
+        if node == self.ingress.name:
+            return "ingress"
+        if node == self.egress.name:
+            return "egress"
+        if node in self.hosts:
+            return "host"
+        return "instance"
+
+    def service_of(self, node: str) -> ServiceSpec | None:
+        return next((s for s in self.services.values() if node in s.instances), None)
+
+    def all_nodes(self) -> list[str]:
+        return [*self.hosts, *self.forwarders()]
+
+    def build_map(self) -> ServiceMap:
+        """The initial service map: every instance active and in sync."""
+        m = ServiceMap(buckets=self.buckets)
+        m.add_service(INGRESS, [Instance(self.ingress.name, self.fabric_ip(self.ingress.name))])
+        for s in self.services.values():
+            m.add_service(s.name, [Instance(i, self.fabric_ip(i)) for i in s.instances])
+        m.add_service(EGRESS, [Instance(self.egress.name, self.fabric_ip(self.egress.name))])
+        for t in self.tenants:
+            m.add_tenant(Tenant(t["id"], t["name"], t["prefixes"]))
+            for c in t["chains"]:
+                m.add_chain(Chain(c["id"], t["id"], c["services"], c.get("match_dports", [])))
+        return m
+
+
+def load(path: str | Path) -> Topology:
+    """Read and validate a topology file; raise TopologyError on any problem."""
+    p = str(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise TopologyError(f"{p}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"{p}: not valid TOML: {exc}") from None
+    return _Validator(p, doc).topology()
+
+
+class _Validator:
+    def __init__(self, path: str, doc: dict[str, Any]) -> None:
+        self.path = path
+        self.doc = doc
+        self.names: dict[str, str] = {}
+
+    def fail(self, key: str, what: str) -> TopologyError:
+        return TopologyError(f"{self.path}: {key}: {what}")
+
+    def get(self, table: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...],
+            default: Any = ...) -> Any:
+        if key not in table:
+            if default is ...:
+                raise self.fail(f"{where}.{key}" if where else key, "missing")
+            return default
+        value = table[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(f"{where}.{key}" if where else key,
+                            f"expected {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def table(self, key: str, required: bool = True) -> dict[str, Any]:
+        return self.get(self.doc, key, "", dict, ... if required else {})
+
+    def name(self, value: Any, key: str, role: str) -> str:
+        if not isinstance(value, str) or not NAME.match(value):
+            raise self.fail(key, f"name {value!r} must match [a-z][a-z0-9-]* (at most 10 characters)")
+        if value in self.names:
+            raise self.fail(key, f"name {value!r} already used by the {self.names[value]}")
+        self.names[value] = role
+        return value
+
+    def iface(self, value: Any, key: str) -> ipaddress.IPv4Interface:
+        try:
+            iface = ipaddress.IPv4Interface(value)
+        except (ValueError, TypeError):
+            raise self.fail(key, f"{value!r} is not an IPv4 address with prefix, like 10.1.0.1/24") from None
+        if iface.network.prefixlen == 32:
+            raise self.fail(key, "needs a prefix length below 32")
+        return iface
+
+    def topology(self) -> Topology:
+        unknown = set(self.doc) - {"lab", "timers", "fabric", "controller", "ingress", "egress",
+                                   "hosts", "services", "tenants"}
+        if unknown:
+            raise self.fail(sorted(unknown)[0], "unknown section")
+        lab = self.table("lab")
+        name = self.get(lab, "name", "lab", str)
+        prefix = self.get(lab, "prefix", "lab", str, "am")
+        if not PREFIX.match(prefix):
+            raise self.fail("lab.prefix", f"{prefix!r} must be 1-4 lowercase letters/digits")
+        buckets = self.get(lab, "buckets", "lab", int, 4096)
+        if not 1 <= buckets <= 1 << 20:
+            raise self.fail("lab.buckets", "must be between 1 and 1048576")
+        secret = self.get(lab, "secret", "lab", str).encode()
+        if not 1 <= len(secret) <= 64:
+            raise self.fail("lab.secret", "must be 1 to 64 bytes")
+        sync_key = self.get(lab, "sync_key", "lab", str).encode()
+        if len(sync_key) < 16:
+            raise self.fail("lab.sync_key", "must be at least 16 bytes")
+        policy = self.get(lab, "policy", "lab", str, "async")
+        if policy not in POLICIES:
+            raise self.fail("lab.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
+        timers = self.timers(self.table("timers", required=False))
+        fabric = self.table("fabric")
+        try:
+            subnet = ipaddress.IPv4Network(self.get(fabric, "subnet", "fabric", str))
+        except ValueError as exc:
+            raise self.fail("fabric.subnet", str(exc)) from None
+        mtu = self.get(fabric, "mtu", "fabric", int, 1600)
+        if not 1548 <= mtu <= 9000:
+            raise self.fail("fabric.mtu", "must be 1548-9000 (1500 + 48 bytes of encapsulation)")
+        ctl = self.name(self.get(self.table("controller"), "name", "controller", str),
+                        "controller.name", "controller")
+        store = self.get(self.table("controller"), "store", "controller", str, "embedded")
+        if store != "embedded":
+            raise self.fail("controller.store", f"{store!r}: only 'embedded' is supported")
+        edges = {}
+        for role in ("ingress", "egress"):
+            t = self.table(role)
+            edges[role] = Edge(self.name(self.get(t, "name", role, str), f"{role}.name", role),
+                               self.iface(self.get(t, "address", role, str), f"{role}.address"))
+        hosts = self.hosts(edges)
+        services = self.services()
+        tenants = self.tenants(services)
+        n_fabric = 3 + sum(len(s.instances) for s in services.values())
+        if FIRST_INSTANCE_HOST + n_fabric > subnet.num_addresses - 1:
+            raise self.fail("fabric.subnet", f"too small for {n_fabric} fabric nodes")
+        return Topology(self.path, name, prefix, buckets, secret, sync_key, policy, timers, subnet,
+                        mtu, ctl, edges["ingress"], edges["egress"], hosts, services, tenants)
+
+    def timers(self, t: dict[str, Any]) -> Timers:
+        hb = self.get(t, "heartbeat_ms", "timers", (int, float), 10)
+        misses = self.get(t, "misses", "timers", int, 5)
+        hold = self.get(t, "holddown_ms", "timers", (int, float), 1000)
+        refresh = self.get(t, "map_refresh_ms", "timers", (int, float), 100)
+        for key, v in (("heartbeat_ms", hb), ("misses", misses), ("map_refresh_ms", refresh)):
+            if v <= 0:
+                raise self.fail(f"timers.{key}", "must be positive")
+        if hold < 0:
+            raise self.fail("timers.holddown_ms", "must not be negative")
+        return Timers(hb / 1000, misses, hold / 1000, refresh / 1000)
+
+    def hosts(self, edges: dict[str, Edge]) -> dict[str, Host]:
+        out = {}
+        table = self.table("hosts")
+        if not table:
+            raise self.fail("hosts", "at least one host is needed")
+        for hname, h in table.items():
+            where = f"hosts.{hname}"
+            if not isinstance(h, dict):
+                raise self.fail(where, "expected a table")
+            self.name(hname, where, "host")
+            attach = self.get(h, "attach", where, str)
+            edge = next((e for e in edges.values() if e.name == attach), None)
+            if edge is None:
+                raise self.fail(f"{where}.attach", f"{attach!r} is neither the ingress nor the egress")
+            addr = self.iface(self.get(h, "address", where, str), f"{where}.address")
+            if addr.network != edge.address.network or addr.ip == edge.address.ip:
+                raise self.fail(f"{where}.address",
+                                f"{addr} must be another address in {edge.name}'s subnet {edge.address.network}")
+            gw = self.get(h, "gateway", where, str, str(edge.address.ip))
+            out[hname] = Host(hname, addr, attach, ipaddress.IPv4Address(gw))
+        return out
+
+    def services(self) -> dict[str, ServiceSpec]:
+        out = {}
+        table = self.table("services")
+        if not table:
+            raise self.fail("services", "at least one service is needed")
+        for sname, s in table.items():
+            where = f"services.{sname}"
+            if not isinstance(s, dict):
+                raise self.fail(where, "expected a table")
+            kind = self.get(s, "kind", where, str)
+            insts = self.get(s, "instances", where, list)
+            if not insts:
+                raise self.fail(f"{where}.instances", "at least one instance is needed")
+            for i, inst in enumerate(insts):
+                self.name(inst, f"{where}.instances[{i}]", f"instance of service {sname}")
+            options = self.get(s, "options", where, dict, {})
+            try:
+                create(kind, **options)
+            except (TypeError, ValueError) as exc:
+                raise self.fail(where, f"service kind {kind!r} with these options: {exc}") from None
+            out[sname] = ServiceSpec(sname, kind, list(insts), options)
+        return out
+
+    def tenants(self, services: dict[str, ServiceSpec]) -> list[dict[str, Any]]:
+        tenants = self.get(self.doc, "tenants", "", list)
+        ids: set[int] = set()
+        chain_ids: set[int] = set()
+        for n, t in enumerate(tenants):
+            where = f"tenants[{n}]"
+            if not isinstance(t, dict):
+                raise self.fail(where, "expected a table")
+            tid = self.get(t, "id", where, int)
+            if tid in ids or not 0 <= tid < 2**32:
+                raise self.fail(f"{where}.id", f"{tid} is a duplicate or outside 0..2^32-1")
+            ids.add(tid)
+            self.get(t, "name", where, str)
+            for i, pfx in enumerate(self.get(t, "prefixes", where, list)):
+                try:
+                    ipaddress.ip_network(pfx)
+                except (ValueError, TypeError):
+                    raise self.fail(f"{where}.prefixes[{i}]", f"{pfx!r} is not a network") from None
+            chains = self.get(t, "chains", where, list)
+            if not chains:
+                raise self.fail(f"{where}.chains", "at least one chain is needed")
+            for i, c in enumerate(chains):
+                cw = f"{where}.chains[{i}]"
+                cid = self.get(c, "id", cw, int)
+                if cid in chain_ids or not 0 <= cid < 2**24:
+                    raise self.fail(f"{cw}.id", f"{cid} is a duplicate or outside 0..2^24-1")
+                chain_ids.add(cid)
+                for j, s in enumerate(self.get(c, "services", cw, list)):
+                    if s not in services:
+                        raise self.fail(f"{cw}.services[{j}]", f"unknown service {s!r}")
+        return tenants
