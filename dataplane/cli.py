@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from dataplane import cli_demo, cli_map, cli_packets
+from dataplane import cli_demo, cli_lab, cli_map, cli_packets
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +17,8 @@ def main() -> None:
     """affinity-mesh: a failure-tolerant service-chain dataplane."""
 
 
-for command in (*cli_demo.COMMANDS, *cli_packets.COMMANDS, *cli_map.COMMANDS):
+for command in (*cli_demo.COMMANDS, *cli_packets.COMMANDS, *cli_map.COMMANDS, *cli_lab.COMMANDS):
     main.add_command(command)
+cli_map.map_group.add_command(cli_lab.map_show)
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 """The control channel, without I/O: the controller and its clients.
 
 The controller owns the service map. Every forwarder sends it a HEARTBEAT
-every interval (and a STATUS saying which epoch it holds); the controller's
-failure detector declares an instance dead after `misses` silent intervals
+every interval (and a STATUS saying which epoch it holds); from its first
+heartbeat on, the controller's failure detector declares an instance dead
+after `misses` silent intervals
 and publishes a new epoch in which the dead instance holds no role (its
 buckets led by their former secondaries). Every change is pushed at once to
 every forwarder, and the current map is re-pushed every `refresh` seconds,
@@ -104,10 +105,6 @@ class Controller:
         """Epoch each member last reported holding."""
         self.history: list[tuple[float, int, str]] = []
         self.counters: Counter[str] = Counter()
-
-    def start(self, now: float) -> None:
-        for n in self.members:
-            self.detector.watch(n, now)
 
     def receive(self, data: bytes, now: float) -> list[object]:
         got = self.endpoint.decode(data)

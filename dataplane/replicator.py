@@ -79,6 +79,7 @@ class Replicator:
         self.counters: Counter[str] = Counter()
         self._held: list[_Held] = []
         self._ids: dict[int, str] = {}
+        self._heard: dict[str, float] = {}
         self._epoch = -1
         self._open_channels()
 
@@ -207,7 +208,8 @@ class Replicator:
                         ch.submit(self.node.update_of(entry), now)
                     else:
                         self.counters["resync_gone"] += 1
-        if ch.last_heard >= 0:
+        if ch.last_heard > self._heard.get(peer, -1.0):
+            self._heard[peer] = ch.last_heard
             out.extend(self.detector.heard(peer, ch.last_heard))
         return out
 

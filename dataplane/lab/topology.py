@@ -108,6 +108,16 @@ class Topology:
             return "host"
         return "instance"
 
+    def mac_of(self, node: str) -> str:
+        """Fixed, locally administered MACs for host links and the edges'
+        host bridges, so forwarders know them without ARP."""
+        if node == self.ingress.name:
+            return "02:a2:00:00:00:01"
+        if node == self.egress.name:
+            return "02:a2:00:00:00:02"
+        i = list(self.hosts).index(node) + 1
+        return f"02:a1:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
+
     def service_of(self, node: str) -> ServiceSpec | None:
         return next((s for s in self.services.values() if node in s.instances), None)
 

@@ -1,0 +1,316 @@
+"""`amesh lab ...`, `amesh flows`, `amesh map show`: the namespace lab.
+
+Lab commands find the lab from `--lab NAME`, else the only lab that is up,
+else "default". Exit codes: 0 ok, 1 the operation failed (message on
+stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+DEFAULT_LAB = Path(__file__).resolve().parents[1] / "labs" / "default.toml"
+
+
+def _progress(msg: str) -> None:
+    click.echo(f"[lab] {msg}", err=True)
+
+
+def _fail(msg: str) -> NoReturn:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+def _topology(path: str | None) -> Any:
+    from dataplane.lab.topology import TopologyError, load
+
+    try:
+        return load(path or DEFAULT_LAB)
+    except TopologyError as exc:
+        _fail(str(exc))
+
+
+def _lab_name(lab: str | None) -> str:
+    from dataplane.lab.state import labs
+
+    if lab:
+        return lab
+    up = labs()
+    return up[0] if len(up) == 1 else "default"
+
+
+def _state(lab: str | None) -> Any:
+    from dataplane.lab.state import LabState
+
+    name = _lab_name(lab)
+    try:
+        state = LabState.load(name)
+    except ValueError as exc:
+        _fail(str(exc))
+    if state is None:
+        _fail(f"lab {name!r} is not up (no state file)")
+    return state
+
+
+def _loaded(lab: str | None) -> tuple[Any, Any]:
+    from dataplane.lab.topology import TopologyError, load
+
+    state = _state(lab)
+    try:
+        return state, load(state.topology)
+    except TopologyError as exc:
+        _fail(f"the lab's topology changed or vanished: {exc}")
+
+
+def _node(topo: Any, node: str) -> None:
+    if node not in topo.all_nodes():
+        raise click.BadParameter(f"no node {node!r}; nodes: {', '.join(topo.all_nodes())}",
+                                 param_hint="NODE")
+
+
+def _ask(lab: str, node: str, req: dict[str, Any]) -> dict[str, Any]:
+    from dataplane.lab.query import QueryError, ask
+
+    try:
+        reply = ask(lab, node, req)
+    except QueryError as exc:
+        _fail(str(exc))
+    if "error" in reply:
+        _fail(f"{node}: {reply['error']}")
+    return reply
+
+
+lab_option = click.option("--lab", default=None, help="lab name (default: the one that is up)")
+
+
+@click.group()
+def lab() -> None:
+    """Namespace labs: bring up, inspect, break and clean up."""
+
+
+@lab.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def validate(file: str) -> None:
+    """Check a topology file; errors name the file, the key and the problem."""
+    topo = _topology(file)
+    click.echo(f"{file}: ok: lab {topo.name}, {len(topo.all_nodes())} nodes, "
+               f"services {', '.join(f'{s.name}({len(s.instances)})' for s in topo.services.values())}")
+
+
+@lab.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+def up(file: str | None) -> None:
+    """Create the lab of FILE (default: labs/default.toml); idempotent."""
+    from dataplane.lab.build import LabError, up as build_up
+
+    topo = _topology(file)
+    try:
+        build_up(topo, _progress)
+    except LabError as exc:
+        _fail(str(exc))
+
+
+@lab.command()
+@lab_option
+def down(lab: str | None) -> None:
+    """Stop the lab's processes and remove its namespaces and links."""
+    from dataplane.lab.build import down as build_down
+
+    build_down(_state(lab), _progress)
+
+
+@lab.command()
+@lab_option
+@click.option("--dry-run", is_flag=True, help="list what would be removed")
+def cleanup(lab: str | None, dry_run: bool) -> None:
+    """Remove exactly what the lab's state file records (after a crash too)."""
+    from dataplane.lab.build import down as build_down
+
+    done = build_down(_state(lab), _progress, dry_run=dry_run)
+    if not done:
+        _progress("nothing to remove")
+
+
+@lab.command()
+@lab_option
+@click.option("--json", "as_json", is_flag=True)
+def status(lab: str | None, as_json: bool) -> None:
+    """Nodes, namespaces, addresses, PIDs, health and map epoch."""
+    from dataplane.lab import netns
+    from dataplane.lab.query import QueryError, ask
+    from dataplane.lab.state import alive
+
+    state, topo = _loaded(lab)
+    nodes = []
+    for node in topo.all_nodes():
+        proc = state.processes.get(node)
+        row: dict[str, Any] = {"node": node, "role": topo.role(node), "netns": topo.netns(node),
+                               "netns_exists": netns.exists(topo.netns(node))}
+        if node in topo.hosts:
+            row["address"] = str(topo.hosts[node].address)
+        else:
+            row["fabric_address"] = topo.fabric_ip(node)
+        if proc is not None:
+            row["pid"] = proc.pid
+            row["running"] = alive(proc)
+            try:
+                st = ask(state.lab, node, {"cmd": "status"}, timeout=0.5)
+                row.update(epoch=st.get("epoch"), serving=st.get("serving"),
+                           flows=st.get("flow_table", {}).get("flows"))
+                if "health" in st:
+                    row["health"] = st["health"]
+            except QueryError:
+                row["responding"] = False
+        nodes.append(row)
+    doc = {"lab": state.lab, "topology": state.topology, "namespaces": state.namespaces,
+           "nodes": nodes}
+    if as_json:
+        click.echo(json.dumps(doc, indent=1))
+        return
+    click.echo(f"lab {state.lab} ({state.topology})")
+    for r in nodes:
+        where = r.get("address") or r.get("fabric_address")
+        proc = "" if "pid" not in r else \
+            f" pid {r['pid']} {'running' if r['running'] else 'DEAD'}" + \
+            ("" if r.get("responding", True) else " NOT RESPONDING") + \
+            (f" epoch {r['epoch']} flows {r['flows']}" if r.get("epoch") is not None and r.get("flows") is not None
+             else f" epoch {r['epoch']}" if r.get("epoch") is not None else "")
+        click.echo(f"  {r['node']:<8} {r['role']:<10} {where:<16} ns {r['netns']}{proc}")
+        if "health" in r:
+            click.echo("           health: " + ", ".join(f"{k} {v}" for k, v in r["health"].items()))
+
+
+@lab.command(name="exec", context_settings={"ignore_unknown_options": True})
+@lab_option
+@click.argument("node")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(lab: str | None, node: str, cmd: tuple[str, ...]) -> None:
+    """Run CMD inside NODE's namespace: amesh lab exec client -- curl ..."""
+    from dataplane.lab import netns
+
+    _state_, topo = _loaded(lab)
+    _node(topo, node)
+    try:
+        sys.exit(netns.run(topo.netns(node), list(cmd)).returncode)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+
+
+@lab.command()
+@lab_option
+@click.argument("node")
+def shell(lab: str | None, node: str) -> None:
+    """An interactive shell inside NODE's namespace."""
+    from dataplane.lab import netns
+
+    _state_, topo = _loaded(lab)
+    _node(topo, node)
+    sh = os.environ.get("SHELL", "/bin/bash")
+    sys.exit(netns.run(topo.netns(node), [sh], env={**os.environ, "PS1": f"[{node}] \\w# "}).returncode)
+
+
+@lab.command()
+@lab_option
+@click.argument("node")
+@click.argument("iface")
+@click.option("-w", "--write", "out", required=True, type=click.Path(dir_okay=False), help="pcap file")
+@click.option("-c", "--count", type=click.IntRange(1), default=None, help="stop after N packets")
+@click.option("--seconds", type=click.FloatRange(0.1), default=None, help="stop after S seconds")
+@click.option("--filter", "bpf", default="", help="tcpdump capture filter")
+def capture(lab: str | None, node: str, iface: str, out: str, count: int | None,
+            seconds: float | None, bpf: str) -> None:
+    """Capture IFACE of NODE into a pcap (tcpdump inside the namespace)."""
+    import shutil
+    import subprocess
+
+    from dataplane.lab import netns
+
+    _state_, topo = _loaded(lab)
+    _node(topo, node)
+    if shutil.which("tcpdump") is None:
+        _fail("tcpdump is not installed (apt-get install tcpdump)")
+    cmd = ["tcpdump", "-i", iface, "-w", os.path.abspath(out), "-U", "-s", "0"]
+    if count:
+        cmd += ["-c", str(count)]
+    cmd += bpf.split()
+    proc = netns.spawn(topo.netns(node), cmd, stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode not in (0, -15) and "packets captured" not in err:
+        _fail(err.strip() or f"tcpdump exited with {proc.returncode}")
+    click.echo(err.strip(), err=True)
+
+
+@lab.command()
+@lab_option
+@click.argument("node")
+@click.option("-n", "--lines", type=click.IntRange(1), default=50)
+def logs(lab: str | None, node: str, lines: int) -> None:
+    """The last lines of NODE's forwarder log."""
+    from dataplane.lab.state import run_dir
+
+    state, topo = _loaded(lab)
+    _node(topo, node)
+    path = run_dir(state.lab) / f"{node}.log"
+    if not path.exists():
+        _fail(f"no log for {node} (hosts run no forwarder)")
+    click.echo("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+
+
+@click.command()
+@lab_option
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True)
+def flows(lab: str | None, node: str, as_json: bool) -> None:
+    """NODE's flow table: state, role, version, pinned next hops."""
+    state, topo = _loaded(lab)
+    _node(topo, node)
+    reply = _ask(state.lab, node, {"cmd": "flows"})
+    if as_json:
+        click.echo(json.dumps(reply["flows"], indent=1))
+        return
+    click.echo(f"{len(reply['flows'])} flows at {node}")
+    for f in reply["flows"]:
+        st = f["state"]
+        summary = st if not isinstance(st, dict) else \
+            " ".join(f"{k}={v}" for k, v in st.items() if k in ("kind", "state", "action", "app", "matched"))
+        click.echo(f"  chain {f['chain']} code {f['code']} proto {f['proto']} {f['lo']} <> {f['hi']} "
+                   f"{f['role']} v{f['version']} pkts {f['packets']} (rev {f['rev_packets']}) "
+                   f"next {f['fwd_hop']} back {f['prev_hop'] or f['rev_hop']} {summary}")
+
+
+@click.command(name="show")
+@lab_option
+@click.option("--json", "as_json", is_flag=True)
+def map_show(lab: str | None, as_json: bool) -> None:
+    """The lab's current map from the controller: epoch, roles, buckets per instance."""
+    state, topo = _loaded(lab)
+    reply = _ask(state.lab, topo.controller, {"cmd": "map"})
+    if as_json:
+        click.echo(json.dumps(reply, indent=1))
+        return
+    m = reply["map"]
+    click.echo(f"epoch {m['epoch']}, {m['buckets']} buckets per service, {m['replicas']} candidates")
+    for svc, insts in m["services"].items():
+        counts = reply["primaries"].get(svc, {})
+        parts = [f"{i['name']} {i['state']}{'' if i['in_sync'] else ' (syncing)'} "
+                 f"{counts.get(i['name'], 0)} primary buckets" for i in insts]
+        click.echo(f"  {svc}: " + "; ".join(parts))
+    for t, epoch, reason in reply.get("history", [])[-10:]:
+        click.echo(f"  epoch {epoch}: {reason}")
+
+
+COMMANDS = (lab, flows)

@@ -1,0 +1,230 @@
+"""Bring a lab up and down with pyroute2: namespaces, veths, bridges, processes.
+
+Layout of a lab (prefix ``am``)::
+
+    am-client  eth0 ──── h-client ┐                      ┌ h-server ──── eth0  am-server
+                           am-ingress: hbr0 (gateway)     am-egress: hbr0 (gateway)
+                           fab0 ┐                              ┌ fab0
+    am-fabric:  br0 ── p-ingress, p-egress, p-ctl, p-aa, p-ab, p-ba, p-bb, p-bc
+                             └ fab0 in am-ctl, am-aa, ... (one per forwarder)
+
+Every link is created directly between two lab namespaces (never in the
+caller's namespace), so deleting the namespaces deletes every link; the
+state file records each namespace before it is created and each process
+after it starts. Offloads (checksums, TSO, GSO, GRO) are turned off on every
+lab link: frames captured on a veth with offloads on carry partial checksums
+and super-frames that cannot be re-injected.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from dataplane.lab import netns
+from dataplane.lab.state import LabState, Proc, alive, run_dir, start_time, stop
+from dataplane.lab.topology import Topology
+
+Progress = Callable[[str], None]
+OFFLOADS = ["rx", "off", "tx", "off", "tso", "off", "gso", "off", "gro", "off"]
+REQUIRED_TOOLS = ("ethtool",)
+READY_TIMEOUT = 30.0
+
+
+class LabError(RuntimeError):
+    """A lab operation that cannot be done; the message says why."""
+
+
+def check_environment() -> None:
+    if os.geteuid() != 0:
+        raise LabError("lab commands need root (network namespaces): run with sudo")
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise LabError(f"missing tools: {', '.join(missing)} (make demo/test installs them; "
+                       f"or apt-get install {' '.join(missing)})")
+
+
+def health(state: LabState) -> dict[str, list[str]]:
+    """What of a recorded lab is missing: namespaces and dead processes."""
+    return {"missing_namespaces": [n for n in state.namespaces if not netns.exists(n)],
+            "dead_processes": [n for n, p in state.processes.items() if not alive(p)]}
+
+
+def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> LabState:
+    """Create the lab; idempotent: an intact lab is left as it is, a broken
+    one (a crash half-way, a killed forwarder) is torn down and rebuilt."""
+    check_environment()
+    old = LabState.load(topo.name)
+    if old is not None:
+        problems = health(old)
+        if not any(problems.values()) and old.topology == os.path.abspath(topo.path):
+            progress(f"lab {topo.name} is already up ({len(old.processes)} processes)")
+            return old
+        progress(f"lab {topo.name} is partly up ({problems}); rebuilding")
+        down(old, progress)
+    taken = [ns for ns in _all_namespaces(topo) if netns.exists(ns)]
+    if taken:
+        raise LabError(f"namespaces {', '.join(taken)} exist but no lab state records them: "
+                       f"another lab uses prefix {topo.prefix!r}? change [lab].prefix")
+    state = LabState(topo.name, os.path.abspath(topo.path))
+    rd = run_dir(topo.name)
+    rd.mkdir(parents=True, exist_ok=True)
+    try:
+        for ns in _all_namespaces(topo):
+            state.namespaces.append(ns)
+            state.save()
+            pr_netns.create(ns)
+        progress(f"created {len(state.namespaces)} namespaces")
+        _build_fabric(topo)
+        progress(f"fabric bridge with {len(topo.forwarders())} ports, {topo.subnet}")
+        _build_edges(topo)
+        progress(f"hosts {', '.join(topo.hosts)} attached")
+        for ns in state.namespaces:
+            netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
+            netns.sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+        _offloads_off(topo)
+        progress("offloads off on every lab link")
+        if start_forwarders:
+            for node in topo.forwarders():
+                start_node(topo, state, node)
+            progress(f"started {len(state.processes)} forwarders; waiting for them")
+            wait_ready(topo, state)
+        progress(f"lab {topo.name} is up")
+        return state
+    except BaseException:
+        progress("set-up failed; removing what was created")
+        down(state, progress)
+        raise
+
+
+def _all_namespaces(topo: Topology) -> list[str]:
+    return [topo.fabric_ns, *(topo.netns(n) for n in topo.all_nodes())]
+
+
+def _up(ip: IPRoute, ifname: str, **attrs: object) -> int:
+    idx = ip.link_lookup(ifname=ifname)[0]
+    ip.link("set", index=idx, state="up", **attrs)
+    return idx
+
+
+def _build_fabric(topo: Topology) -> None:
+    with IPRoute(netns=topo.fabric_ns, flags=0) as fab:
+        fab.link("add", ifname="br0", kind="bridge")
+        br = _up(fab, "br0", mtu=topo.mtu)
+        _up(fab, "lo")
+    for node in topo.forwarders():
+        with IPRoute(netns=topo.netns(node), flags=0) as ip:
+            ip.link("add", ifname="fab0", kind="veth",
+                    peer={"ifname": f"p-{node}", "net_ns_fd": topo.fabric_ns})
+            idx = _up(ip, "fab0", mtu=topo.mtu)
+            ip.addr("add", index=idx, address=topo.fabric_ip(node), prefixlen=topo.subnet.prefixlen)
+            _up(ip, "lo")
+        with IPRoute(netns=topo.fabric_ns, flags=0) as fab:
+            _up(fab, f"p-{node}", mtu=topo.mtu, master=br)
+
+
+def _build_edges(topo: Topology) -> None:
+    for edge in (topo.ingress, topo.egress):
+        with IPRoute(netns=topo.netns(edge.name), flags=0) as ip:
+            ip.link("add", ifname="hbr0", kind="bridge", address=topo.mac_of(edge.name))
+            br = _up(ip, "hbr0")
+            ip.addr("add", index=br, address=str(edge.address.ip), prefixlen=edge.address.network.prefixlen)
+        for host in (h for h in topo.hosts.values() if h.attach == edge.name):
+            with IPRoute(netns=topo.netns(host.name), flags=0) as ip:
+                ip.link("add", ifname="eth0", kind="veth",
+                        peer={"ifname": f"h-{host.name}", "net_ns_fd": topo.netns(edge.name)})
+                idx = _up(ip, "eth0", address=topo.mac_of(host.name))
+                ip.addr("add", index=idx, address=str(host.address.ip),
+                        prefixlen=host.address.network.prefixlen)
+                _up(ip, "lo")
+                ip.route("add", dst="0.0.0.0/0", gateway=str(host.gateway))
+            with IPRoute(netns=topo.netns(edge.name), flags=0) as ip:
+                _up(ip, f"h-{host.name}", master=br)
+
+
+def _offloads_off(topo: Topology) -> None:
+    links = [(topo.netns(n), "fab0") for n in topo.forwarders()]
+    links += [(topo.fabric_ns, f"p-{n}") for n in topo.forwarders()]
+    for h in topo.hosts.values():
+        links += [(topo.netns(h.name), "eth0"), (topo.netns(h.attach), f"h-{h.name}")]
+    for ns, ifname in links:
+        res = netns.run(ns, ["ethtool", "-K", ifname, *OFFLOADS], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise LabError(f"ethtool -K {ifname} in {ns} failed: {res.stderr.strip()}")
+
+
+def start_node(topo: Topology, state: LabState, node: str) -> Proc:
+    """Start (or restart) a node's forwarder inside its namespace."""
+    rd = run_dir(topo.name)
+    argv = [sys.executable, "-m", "dataplane.lab.forwarder", "--topology", os.path.abspath(topo.path),
+            "--node", node, "--run-dir", str(rd)]
+    logf = open(rd / f"{node}.log", "ab")
+    try:
+        p = netns.spawn(topo.netns(node), argv, stdout=logf, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, start_new_session=True,
+                        env={**os.environ, "PYTHONPATH": _project_root()})
+    finally:
+        logf.close()
+    t0 = time.monotonic()
+    start = start_time(p.pid)
+    while start is None and time.monotonic() - t0 < 1:
+        time.sleep(0.01)
+        start = start_time(p.pid)
+    proc = Proc(p.pid, start or "", argv)
+    state.processes[node] = proc
+    state.save()
+    return proc
+
+
+def _project_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def wait_ready(topo: Topology, state: LabState, nodes: list[str] | None = None) -> None:
+    from dataplane.lab.query import QueryError, ask
+
+    deadline = time.monotonic() + READY_TIMEOUT
+    for node in nodes or list(state.processes):
+        while True:
+            try:
+                if ask(topo.name, node, {"cmd": "status"}, timeout=0.5).get("ready"):
+                    break
+            except QueryError:
+                pass
+            if not alive(state.processes[node]):
+                log = (run_dir(topo.name) / f"{node}.log").read_text()[-2000:]
+                raise LabError(f"forwarder {node} died at start:\n{log}")
+            if time.monotonic() > deadline:
+                raise LabError(f"forwarder {node} not ready after {READY_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+
+
+def down(state: LabState, progress: Progress, dry_run: bool = False) -> list[str]:
+    """Remove exactly what `state` records; returns what was (or would be) removed."""
+    done = []
+    for node, proc in reversed(list(state.processes.items())):
+        if alive(proc):
+            done.append(f"process {node} pid {proc.pid}")
+            if not dry_run:
+                stop(proc)
+    for ns in reversed(state.namespaces):
+        if netns.exists(ns):
+            done.append(f"namespace {ns} (and its links)")
+            if not dry_run:
+                pr_netns.remove(ns)
+    rd = run_dir(state.lab)
+    if rd.exists():
+        done.append(f"run directory {rd}")
+        if not dry_run:
+            shutil.rmtree(rd, ignore_errors=True)
+    for line in done:
+        progress(("would remove " if dry_run else "removed ") + line)
+    return done

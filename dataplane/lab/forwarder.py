@@ -1,0 +1,448 @@
+"""One lab node's process: the I/O shell around the sans-I/O core.
+
+Started inside the node's namespace by `amesh lab up`
+(``python -m dataplane.lab.forwarder --topology FILE --node NAME --run-dir DIR``).
+By role:
+
+* **controller**: `dataplane.control.Controller` on the control socket;
+* **ingress**: an AF_PACKET socket on the hosts bridge (kernel BPF: IPv4
+  only; forwarding is off in the namespace, so the kernel does not route
+  these packets itself) feeding `IngressNode`; replies from the fabric are
+  written back as Ethernet frames to the client's MAC;
+* **egress**: the same on the server side with `EgressNode`;
+* **instance**: `ServiceNode` + `Replicator` (sync socket) on the fabric.
+
+Fabric packets are UDP datagrams to port 6886 of the next hop's fabric
+address: the kernel builds the outer IP/UDP, so captures show
+IP/UDP/Affinity/IP/... on every hop. Every forwarder heartbeats the
+controller on the control socket and installs the maps it pushes.
+
+A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
+(status, flows, map, resync) for `amesh lab status`, `amesh flows`, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from dataplane import syncwire as sw
+from dataplane.affinity import AffinityHasher
+from dataplane.control import ControlClient, Controller, ControlSend, MapPublished, MapReceived
+from dataplane.events import Deliver, Send, TookOver
+from dataplane.header import UDP_PORT
+from dataplane.lab.topology import Topology, load
+from dataplane.liveness import Declared, FailureDetector
+from dataplane.node import EgressNode, IngressNode, ServiceNode
+from dataplane.replicator import Policy, Replicator, SyncSend
+from dataplane.servicemap import InstanceState, ServiceMap
+from dataplane.services import create
+from dataplane.syncchannel import SyncConfig
+from dataplane.syncudp import UdpSync
+
+ETH_P_ALL, ETH_P_IP = 0x0003, 0x0800
+PACKET_OUTGOING = 4
+SO_ATTACH_FILTER = 26
+BPF_IPV4 = [(0x28, 0, 0, 12), (0x15, 0, 1, ETH_P_IP), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
+"""ldh [12]; jeq #0x800; ret #262144; ret #0: IPv4 frames only."""
+TICK = 0.001
+EXPIRE_EVERY = 1.0
+HOSTS_BRIDGE = "hbr0"
+
+
+def log(node: str, msg: str) -> None:
+    t = time.time()
+    print(f"{time.strftime('%H:%M:%S', time.localtime(t))}.{int(t * 1000) % 1000:03d} {node}: {msg}",
+          file=sys.stderr, flush=True)
+
+
+def attach_bpf(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    import ctypes
+
+    code = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buf = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def plain(value: Any) -> Any:
+    """A service state as JSON-friendly data."""
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+class Forwarder:
+    """The event loop of one node."""
+
+    def __init__(self, topo: Topology, node: str, run_dir: Path) -> None:
+        self.topo, self.name, self.run_dir = topo, node, run_dir
+        self.role = topo.role(node)
+        self.map: ServiceMap = topo.build_map()
+        self.keyring = sw.Keyring({1: topo.sync_key}, 1)
+        self.incarnation = time.time_ns() // 1000
+        self.ip = topo.fabric_ip(node)
+        self.sel = selectors.DefaultSelector()
+        self.running = True
+        self.started = time.time()
+        self.events_log: list[dict[str, Any]] = []
+        self._addr_cache: tuple[int, dict[str, str], dict[str, str]] = (-1, {}, {})
+        self.control = self._udp(sw.CONTROL_PORT, self._on_control)
+        self.node: Any = None
+        self.rep: Replicator | None = None
+        self.sync: UdpSync | None = None
+        self.packet: socket.socket | None = None
+        self.fabric: socket.socket | None = None
+        self.serving = True
+        self._last_expire = 0.0
+        timers = topo.timers
+        if self.role == "controller":
+            self.ctl = Controller(node, self.map, self.keyring, self.incarnation,
+                                  FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
+                                  timers.map_refresh)
+        else:
+            self.client = ControlClient(node, topo.controller, self.map, self.keyring,
+                                        self.incarnation, timers.heartbeat)
+            self.fabric = self._udp(UDP_PORT, self._on_fabric)
+            self._setup_role()
+        self.query = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path = run_dir / f"{node}.sock"
+        path.unlink(missing_ok=True)
+        self.query.bind(str(path))
+        self.query.listen(8)
+        self.query.setblocking(False)
+        self.sel.register(self.query, selectors.EVENT_READ, self._on_query)
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def _udp(self, port: int, handler: Callable[[socket.socket, float], None]) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.bind((self.ip, port))
+        s.setblocking(False)
+        self.sel.register(s, selectors.EVENT_READ, handler)
+        return s
+
+    def _setup_role(self) -> None:
+        topo = self.topo
+        if self.role == "instance":
+            spec = topo.service_of(self.name)
+            assert spec is not None
+            self.node = ServiceNode(self.name, self.map, create(spec.kind, **spec.options),
+                                    mirroring=topo.policy != "off")
+            self._new_replicator()
+            return
+        edge = topo.ingress if self.role == "ingress" else topo.egress
+        if self.role == "ingress":
+            self.node = IngressNode(self.name, self.map, AffinityHasher(topo.secret))
+        else:
+            self.node = EgressNode(self.name, self.map)
+        self.edge_ip = edge.address.ip.packed
+        self.edge_mac = bytes.fromhex(topo.mac_of(self.name).replace(":", ""))
+        self.host_macs = {h.address.ip.packed: bytes.fromhex(topo.mac_of(h.name).replace(":", ""))
+                          for h in topo.hosts.values() if h.attach == self.name}
+        self.broadcast = edge.address.network.broadcast_address.packed
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        attach_bpf(s, BPF_IPV4)
+        s.bind((HOSTS_BRIDGE, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setblocking(False)
+        self.packet = s
+        self.sel.register(s, selectors.EVENT_READ, self._on_host)
+
+    def _new_replicator(self) -> None:
+        topo = self.topo
+        if self.sync is not None:
+            self.sel.unregister(self.sync.sock)
+            self.sync.close()
+        self.rep = Replicator(self.node, self.keyring, self.incarnation,
+                              Policy(topo.policy), SyncConfig(heartbeat=topo.timers.heartbeat),
+                              FailureDetector(topo.timers.heartbeat, topo.timers.misses,
+                                              topo.timers.holddown))
+        spec = topo.service_of(self.name)
+        assert spec is not None
+        peers = {i: (topo.fabric_ip(i), sw.SYNC_PORT) for i in spec.instances if i != self.name}
+        self.sync = UdpSync(self.rep, (self.ip, sw.SYNC_PORT), peers)
+        self.sel.register(self.sync.sock, selectors.EVENT_READ, self._on_sync)
+
+    # -- addressing ------------------------------------------------------------------------
+
+    def _addresses(self) -> tuple[dict[str, str], dict[str, str]]:
+        epoch, by_name, by_ip = self._addr_cache
+        if epoch != self.map.epoch:
+            by_name = {n: i.address for insts in self.map.services.values() for n, i in insts.items()}
+            by_name[self.topo.controller] = self.topo.fabric_ip(self.topo.controller)
+            by_ip = {a: n for n, a in by_name.items()}
+            self._addr_cache = (self.map.epoch, by_name, by_ip)
+        return by_name, by_ip
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _on_fabric(self, sock: socket.socket, now: float) -> None:
+        _, by_ip = self._addresses()
+        for _ in range(256):
+            try:
+                data, (src_ip, _port) = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            if not self.serving:
+                self.node.drops["declared_dead"] += 1
+                continue
+            self._emit(self.node.from_fabric(data, by_ip.get(src_ip), now), now)
+
+    def _on_host(self, sock: socket.socket, now: float) -> None:
+        handler = self.node.from_client if self.role == "ingress" else self.node.from_server
+        for _ in range(256):
+            try:
+                frame, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            if addr[2] == PACKET_OUTGOING or len(frame) < 34:
+                continue
+            dst = frame[30:34]
+            if dst == self.edge_ip or dst == self.broadcast or dst[0] >= 224:
+                continue  # for the namespace's own stack (ARP'd gateway, broadcast)
+            self._emit(handler(frame[14:], now), now)
+
+    def _on_sync(self, sock: socket.socket, now: float) -> None:
+        assert self.sync is not None
+        self._out(self.sync.emit(self.sync.drain(now)), now)
+
+    def _on_control(self, sock: socket.socket, now: float) -> None:
+        for _ in range(64):
+            try:
+                data = sock.recv(65535)
+            except BlockingIOError:
+                return
+            if self.role == "controller":
+                self._controller_out(self.ctl.receive(data, now))
+            else:
+                for ev in self.client.receive(data):
+                    if isinstance(ev, MapReceived):
+                        self._install(ev.smap, now)
+
+    def _on_query(self, sock: socket.socket, now: float) -> None:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                req = json.loads(conn.makefile("r").readline() or "{}")
+                reply = self.answer(req, now)
+            except (OSError, ValueError) as exc:
+                reply = {"error": str(exc)}
+            try:
+                conn.sendall((json.dumps(reply) + "\n").encode())
+            except OSError:
+                pass
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _emit(self, events: list[Any], now: float) -> None:
+        for ev in events:
+            if isinstance(ev, TookOver):
+                self._note("took_over", now, flow=f"0x{ev.key[1]:08x}")
+        if self.rep is not None:
+            events = self.rep.process(events, now)
+            events = self.sync.emit(events) if self.sync else events
+        self._out(events, now)
+
+    def _out(self, events: list[Any], now: float) -> None:
+        by_name, _ = self._addresses()
+        assert self.fabric is not None
+        for ev in events:
+            if isinstance(ev, Send):
+                addr = by_name.get(ev.to)
+                if addr is None:
+                    self.node.drops["no_address"] += 1
+                    continue
+                try:
+                    self.fabric.sendto(ev.data, (addr, UDP_PORT))
+                except OSError:
+                    self.node.drops["send_error"] += 1
+            elif isinstance(ev, Deliver):
+                self._deliver(ev.data)
+            elif isinstance(ev, Declared):
+                self._note(f"peer_{ev.health.value}", now, peer=ev.peer)
+
+    def _deliver(self, ip: bytes) -> None:
+        mac = self.host_macs.get(ip[16:20])
+        if mac is None or self.packet is None:
+            self.node.drops["unknown_host"] += 1
+            return
+        try:
+            self.packet.send(mac + self.edge_mac + b"\x08\x00" + ip)
+        except OSError:
+            self.node.drops["send_error"] += 1
+
+    def _controller_out(self, events: list[Any]) -> None:
+        by_name, _ = self._addresses()
+        for ev in events:
+            if isinstance(ev, ControlSend):
+                try:
+                    self.control.sendto(ev.data, (by_name[ev.to], sw.CONTROL_PORT))
+                except (OSError, KeyError):
+                    self.ctl.counters["send_error"] += 1
+            elif isinstance(ev, MapPublished):
+                self._note("epoch", time.monotonic(), epoch=ev.epoch, reason=ev.reason)
+            elif isinstance(ev, Declared):
+                self._note(f"declared_{ev.health.value}", ev.at, peer=ev.peer,
+                           last_heard=round(time.time() - (time.monotonic() - ev.last_heard), 6))
+
+    def _note(self, what: str, mono: float, **fields: Any) -> None:
+        wall = time.time() - (time.monotonic() - mono)
+        entry = {"event": what, "time": round(wall, 6), **fields}
+        self.events_log.append(entry)
+        del self.events_log[:-200]
+        log(self.name, " ".join(f"{k}={v}" for k, v in entry.items()))
+
+    def _install(self, smap: ServiceMap, now: float) -> None:
+        me = smap.services.get(smap.service_of(self.name) or "", {}).get(self.name)
+        if self.rep is not None:
+            self.rep.update_map(smap, now)
+        else:
+            self.node.update_map(smap)
+        self.map = smap
+        self._note("map", now, epoch=smap.epoch)
+        if me is not None and me.state == InstanceState.DEAD and self.serving:
+            self._declared_dead(now)
+        elif me is not None and me.state != InstanceState.DEAD and not self.serving:
+            self.serving = True
+            self.client.declared_dead = False
+            self._note("serving_again", now)
+
+    def _declared_dead(self, now: float) -> None:
+        """The map says we are dead (we were partitioned or hung): stop
+        serving, forget every flow, and come back as a new incarnation."""
+        self.serving = False
+        self.client.declared_dead = True
+        n = len(self.node.flows)
+        for e in list(self.node.flows):
+            self.node.flows.delete(e.key, "discarded_declared_dead")
+        self.incarnation = time.time_ns() // 1000
+        if self.rep is not None:
+            self._new_replicator()
+        self._note("declared_dead_stop_serving", now, flows_discarded=n)
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def answer(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return self.status(now)
+        if cmd == "flows":
+            return {"node": self.name, "flows": self.flows()}
+        if cmd == "map":
+            return {"map": self.map.to_dict(),
+                    "primaries": {s: self.map.table(s).primary_counts() for s in self.map.services},
+                    "history": getattr(getattr(self, "ctl", None), "history", [])}
+        if cmd == "resync" and self.rep is not None:
+            peer = str(req.get("peer", ""))
+            if peer not in self.rep.channels:
+                return {"error": f"no sync peer {peer!r}"}
+            return {"bulk": self.rep.resync(peer, now)}
+        return {"error": f"unknown command {cmd!r}"}
+
+    def status(self, now: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"node": self.name, "role": self.role, "pid": os.getpid(),
+                               "ready": True, "epoch": self.map.epoch, "serving": self.serving,
+                               "incarnation": self.incarnation, "uptime": round(time.time() - self.started, 3),
+                               "events": self.events_log[-50:]}
+        if self.role == "controller":
+            out["health"] = {p: self.ctl.detector.health(p).value for p in self.ctl.members}
+            out["held_epochs"] = self.ctl.held
+            out["rejected"] = dict(self.ctl.endpoint.rejected)
+            return out
+        out["counters"] = dict(self.node.counters)
+        out["drops"] = dict(self.node.drops)
+        out["flow_table"] = {"flows": len(self.node.flows), **dict(self.node.flows.counters)}
+        if self.rep is not None:
+            out["sync"] = self.rep.snapshot(now)
+        return out
+
+    def flows(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.node.flows:
+            chain, code, proto, lo, lport, hi, hport = e.key
+            out.append({"chain": chain, "code": f"0x{code:08x}", "proto": proto,
+                        "lo": f"{socket.inet_ntop(socket.AF_INET if len(lo) == 4 else socket.AF_INET6, lo)}:{lport}",
+                        "hi": f"{socket.inet_ntop(socket.AF_INET if len(hi) == 4 else socket.AF_INET6, hi)}:{hport}",
+                        "role": "replica" if e.replica else "primary", "version": e.version,
+                        "packets": e.packets, "rev_packets": e.rev_packets, "bytes": e.bytes,
+                        "fwd_hop": e.fwd_hop, "rev_hop": e.rev_hop, "prev_hop": e.prev_hop,
+                        "state": plain(e.state)})
+        return out
+
+    # -- loop ---------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        if self.role == "controller":
+            self._controller_out(self.ctl.tick(now))
+            return
+        for send in self.client.tick(now):
+            try:
+                self.control.sendto(send.data, (self.topo.fabric_ip(self.topo.controller), sw.CONTROL_PORT))
+            except OSError:
+                self.node.drops["send_error"] += 1
+        if self.rep is not None and self.sync is not None:
+            self._out(self.sync.emit(self.rep.tick(now)), now)
+            if now - self._last_expire >= EXPIRE_EVERY:
+                self._last_expire = now
+                self._emit(self.node.expire(now), now)
+
+    def run(self) -> None:
+        log(self.name, f"{self.role} up on {self.ip} pid {os.getpid()} epoch {self.map.epoch}")
+        next_tick = time.monotonic()
+        while self.running:
+            timeout = max(0.0, next_tick - time.monotonic())
+            for key, _mask in self.sel.select(timeout):
+                key.data(key.fileobj, time.monotonic())
+            now = time.monotonic()
+            if now >= next_tick:
+                self.tick(now)
+                next_tick = now + TICK
+        log(self.name, "stopping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="affinity-mesh lab node")
+    ap.add_argument("--topology", required=True)
+    ap.add_argument("--node", required=True)
+    ap.add_argument("--run-dir", required=True, type=Path)
+    args = ap.parse_args(argv)
+    fwd = Forwarder(load(args.topology), args.node, args.run_dir)
+
+    def stop(_sig: int, _frame: object) -> None:
+        fwd.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    fwd.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
