@@ -45,3 +45,15 @@ def pair_map(buckets: int = 1024) -> ServiceMap:
     m.add_tenant(Tenant(1, "t", ["10.1.0.0/16"]))
     m.add_chain(Chain(1, 1, ["B"]))
     return m
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The default lab, up for the module's tests, always torn down."""
+    from tests.labkit import bring_up, tear_down
+
+    run = bring_up()
+    try:
+        yield run
+    finally:
+        tear_down(run)

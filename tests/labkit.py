@@ -1,0 +1,151 @@
+"""Pytest toolkit for tests against a real namespace lab.
+
+`LabRun` wraps a lab that is up: run programs inside nodes, start servers
+(stopped by PID at teardown), ask forwarders, capture links. The `lab`
+fixture in conftest.py brings the default lab up once per module and always
+tears it down, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataplane.lab import build, netns
+from dataplane.lab.query import ask
+from dataplane.lab.state import LabState, alive
+from dataplane.lab.topology import Topology, load
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tests" / "tools"
+DEFAULT = ROOT / "labs" / "default.toml"
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("namespace labs need root (CI runs as root)")
+
+
+class LabRun:
+    """A lab that is up, and the processes a test started in it."""
+
+    def __init__(self, topo: Topology, state: LabState) -> None:
+        self.topo, self.state = topo, state
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="amesh-lab-"))
+        self.tmp.chmod(0o755)
+
+    @property
+    def name(self) -> str:
+        return self.topo.name
+
+    def run(self, node: str, argv: list[str], timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess:
+        return netns.run(self.topo.netns(node), argv, capture_output=True, text=True,
+                         timeout=timeout, **kw)
+
+    def spawn(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen:
+        p = netns.spawn(self.topo.netns(node), argv, **kw)
+        self.procs.append(p)
+        return p
+
+    def tool(self, node: str, name: str, *args: str, timeout: float = 120) -> list[dict[str, Any]]:
+        """Run tests/tools/NAME.py inside `node`; its JSON lines."""
+        res = self.run(node, [sys.executable, str(TOOLS / f"{name}.py"), *args], timeout=timeout)
+        assert res.returncode == 0, res.stderr
+        return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+    def http_server(self, files: dict[str, bytes], port: int = 8080) -> dict[str, str]:
+        """Serve `files` from the server host; returns name -> sha256."""
+        www = self.tmp / "www"
+        www.mkdir(exist_ok=True)
+        for fname, data in files.items():
+            (www / fname).write_bytes(data)
+        ip = str(self.topo.hosts["server"].address.ip)
+        self.spawn("server", [sys.executable, str(TOOLS / "serve.py"), "--port", str(port),
+                              "--bind", ip, "--directory", str(www)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self._listening(port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}
+
+    def _listening(self, port: int) -> bool:
+        tcp = self.run("server", ["cat", "/proc/net/tcp"]).stdout
+        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
+                   for line in tcp.splitlines()[1:])
+
+    def url(self, fname: str, port: int = 8080) -> str:
+        return f"http://{self.topo.hosts['server'].address.ip}:{port}/{fname}"
+
+    def ask(self, node: str, cmd: str, **kw: Any) -> dict[str, Any]:
+        return ask(self.name, node, {"cmd": cmd, **kw})
+
+    def flows(self, node: str) -> list[dict[str, Any]]:
+        return self.ask(node, "flows")["flows"]
+
+    def map(self) -> Any:
+        from dataplane.servicemap import ServiceMap
+
+        return ServiceMap.from_dict(self.ask(self.topo.controller, "map")["map"])
+
+    def stop_procs(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.procs.clear()
+
+    def close(self) -> None:
+        self.stop_procs()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def bring_up(path: Path | str = DEFAULT, **overrides: Any) -> LabRun:
+    """Up a lab from `path`, optionally rewritten (name/prefix/policy...)."""
+    need_root()
+    topo = load(path)
+    if overrides:
+        topo = _variant(path, overrides)
+    state = build.up(topo, lambda msg: None)
+    return LabRun(topo, state)
+
+
+def _variant(path: Path | str, overrides: dict[str, Any]) -> Topology:
+    """A copy of a topology file with some [lab] keys replaced."""
+    text = Path(path).read_text()
+    lines = []
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        key = line.split("=")[0].strip()
+        if section == "[lab]" and key in overrides and "=" in line:
+            line = f"{key} = {json.dumps(overrides[key])}"
+        lines.append(line)
+    out = Path(tempfile.mkdtemp(prefix="amesh-topo-")) / Path(path).name
+    out.write_text("\n".join(lines) + "\n")
+    return load(out)
+
+
+def tear_down(run: LabRun) -> None:
+    run.close()
+    state = LabState.load(run.name)
+    if state is not None:
+        build.down(state, lambda msg: None)
+    leftovers = [ns for ns in run.state.namespaces if netns.exists(ns)]
+    procs = [n for n, p in run.state.processes.items() if alive(p)]
+    assert not leftovers and not procs, (leftovers, procs)

@@ -1,0 +1,81 @@
+"""Topology files: the default lab is valid; every mistake is named precisely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dataplane.cli import main
+from dataplane.lab.topology import TopologyError, load
+
+DEFAULT = Path(__file__).resolve().parents[1] / "labs" / "default.toml"
+TEXT = DEFAULT.read_text()
+
+
+def test_default_lab_is_valid_and_names_its_nodes():
+    t = load(DEFAULT)
+    assert set(t.all_nodes()) == {"client", "server", "ingress", "egress", "aa", "ab", "ba", "bb",
+                                  "bc", "ctl"}
+    assert t.fabric_ip("ctl") == "10.99.0.2" and t.fabric_ip("aa") == "10.99.0.10"
+    m = t.build_map()
+    assert set(m.services) == {"ingress", "A", "B", "egress"} and m.chains[1].services == ["A", "B"]
+    assert all(len(t.netns(n)) <= 15 for n in t.all_nodes())
+
+
+def variant(tmp_path, old: str, new: str) -> str:
+    assert old in TEXT, old
+    p = tmp_path / "lab.toml"
+    p.write_text(TEXT.replace(old, new, 1))
+    return str(p)
+
+
+@pytest.mark.parametrize("old,new,needle", [
+    ('instances = ["ba", "bb", "bc"]', 'instances = ["ba", "Bad_Name"]',
+     "services.B.instances[1]: name 'Bad_Name' must match"),
+    ('instances = ["ba", "bb", "bc"]', 'instances = ["ba", "aa"]',
+     "services.B.instances[1]: name 'aa' already used by the instance of service A"),
+    ('services = ["A", "B"]', 'services = ["A", "C"]', "tenants[0].chains[0].services[1]: unknown service 'C'"),
+    ('address = "10.1.0.10/24"', 'address = "10.7.0.10/24"', "hosts.client.address: 10.7.0.10/24 must be another address"),
+    ('address = "10.2.0.1/24"', 'address = "10.2.0.300/24"', "egress.address: '10.2.0.300/24' is not an IPv4 address"),
+    ('policy = "async"', 'policy = "sometimes"', "lab.policy: 'sometimes' is not one of"),
+    ('kind = "firewall"', 'kind = "antivirus"', "services.B: service kind 'antivirus'"),
+    ('kind = "firewall"', 'kind = "firewall"\noptions = { colour = "red" }', "services.B: service kind 'firewall' with these options"),
+    ('heartbeat_ms = 10', 'heartbeat_ms = 0', "timers.heartbeat_ms: must be positive"),
+    ('buckets = 4096', 'buckets = "many"', "lab.buckets: expected int, got str"),
+    ('mtu = 1600', 'mtu = 1500', "fabric.mtu: must be 1548-9000"),
+    ('attach = "egress"', 'attach = "nowhere"', "hosts.server.attach: 'nowhere' is neither the ingress nor the egress"),
+    ('[timers]', '[timer]', "timer: unknown section"),
+    ('store = "embedded"', 'store = "etcd"', "controller.store: 'etcd': only 'embedded' is supported"),
+    ('prefix = "am"', 'prefix = "much-too-long"', "lab.prefix"),
+])
+def test_precise_errors(tmp_path, old, new, needle):
+    path = variant(tmp_path, old, new)
+    with pytest.raises(TopologyError) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert needle in str(err.value)
+
+
+def test_unreadable_and_not_toml(tmp_path):
+    with pytest.raises(TopologyError, match="cannot read"):
+        load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lab\nname=")
+    with pytest.raises(TopologyError, match="not valid TOML"):
+        load(bad)
+
+
+def test_missing_key(tmp_path):
+    path = variant(tmp_path, 'name = "default"\n', "")
+    with pytest.raises(TopologyError, match=r"lab\.name: missing"):
+        load(path)
+
+
+def test_validate_command(tmp_path):
+    res = CliRunner().invoke(main, ["lab", "validate", str(DEFAULT)])
+    assert res.exit_code == 0 and "ok: lab default, 10 nodes" in res.output
+    bad = variant(tmp_path, 'policy = "async"', 'policy = "x"')
+    res = CliRunner().invoke(main, ["lab", "validate", bad])
+    assert res.exit_code == 1 and "lab.policy" in res.output and "Traceback" not in res.output

@@ -1,0 +1,1 @@
+"""Small programs the lab tests run inside namespaces (as real clients)."""
