@@ -100,7 +100,7 @@ def validate(file: str) -> None:
     """Check a topology file; errors name the file, the key and the problem."""
     topo = _topology(file)
     click.echo(f"{file}: ok: lab {topo.name}, {len(topo.all_nodes())} nodes, "
-               f"services {', '.join(f'{s.name}({len(s.instances)})' for s in topo.services.values())}")
+               f"services {', '.join(f'{s.name}({len(s.instances)}+{len(s.spares)} spare)' for s in topo.services.values())}")
 
 
 @lab.command()
@@ -306,11 +306,95 @@ def map_show(lab: str | None, as_json: bool) -> None:
     click.echo(f"epoch {m['epoch']}, {m['buckets']} buckets per service, {m['replicas']} candidates")
     for svc, insts in m["services"].items():
         counts = reply["primaries"].get(svc, {})
-        parts = [f"{i['name']} {i['state']}{'' if i['in_sync'] else ' (syncing)'} "
+        parts = [f"{i['name']} {i['state']} "
                  f"{counts.get(i['name'], 0)} primary buckets" for i in insts]
         click.echo(f"  {svc}: " + "; ".join(parts))
     for t, epoch, reason in reply.get("history", [])[-10:]:
         click.echo(f"  epoch {epoch}: {reason}")
 
+
+def _fault(fn_name: str, doc: str, needs_state: bool) -> click.Command:
+    @click.command(name=fn_name.replace("_", "-"), help=doc)
+    @lab_option
+    @click.argument("node")
+    def cmd(lab: str | None, node: str) -> None:
+        from dataplane.lab import faults
+
+        state, topo = _loaded(lab)
+        _node(topo, node)
+        fn = getattr(faults, fn_name)
+        try:
+            result = fn(state, node) if needs_state else fn(topo, node)
+        except faults.FaultError as exc:
+            _fail(str(exc))
+        click.echo(f"{fn_name.replace('_', ' ')} {node}" + (f" at {result:.6f}" if isinstance(result, float) else ""))
+
+    return cmd
+
+
+for _name, _doc, _state_arg in (
+        ("kill", "SIGKILL NODE's forwarder (a crash).", True),
+        ("stop", "SIGSTOP NODE's forwarder (a hang); `cont` resumes it.", True),
+        ("cont", "SIGCONT a stopped forwarder.", True),
+        ("partition", "Cut NODE's fabric link (it keeps running).", False),
+        ("heal", "Restore NODE's fabric link.", False)):
+    lab.add_command(_fault(_name, _doc, _state_arg))
+
+
+@lab.command()
+@lab_option
+@click.argument("node")
+def restart(lab: str | None, node: str) -> None:
+    """Kill NODE's forwarder if running and start a fresh one (it rejoins)."""
+    from dataplane.lab import faults
+
+    state, topo = _loaded(lab)
+    _node(topo, node)
+    try:
+        faults.restart(topo, state, node)
+    except faults.FaultError as exc:
+        _fail(str(exc))
+    click.echo(f"restarted {node}")
+
+
+@lab.command()
+@lab_option
+@click.argument("link", metavar="NODE")
+@click.option("--loss", type=click.FloatRange(0, 100), default=0.0, help="percent")
+@click.option("--delay", type=click.FloatRange(0, 10000), default=0.0, help="milliseconds")
+@click.option("--reorder", type=click.FloatRange(0, 100), default=0.0, help="percent")
+def impair(lab: str | None, link: str, loss: float, delay: float, reorder: float) -> None:
+    """Impair NODE's fabric link (all zero clears it)."""
+    from dataplane.lab import faults
+
+    _state_, topo = _loaded(lab)
+    _node(topo, link)
+    try:
+        mode = faults.impair(topo, link, loss, delay, reorder)
+    except faults.FaultError as exc:
+        _fail(str(exc))
+    click.echo(f"{link}: loss {loss}% delay {delay} ms reorder {reorder}% ({mode})")
+
+
+def _planned(action: str, doc: str) -> click.Command:
+    @click.command(name=action, help=doc)
+    @lab_option
+    @click.argument("node")
+    def cmd(lab: str | None, node: str) -> None:
+        from dataplane.lab import faults
+
+        _state_, topo = _loaded(lab)
+        _node(topo, node)
+        try:
+            epoch = faults.operator(topo, node, action)
+        except faults.FaultError as exc:
+            _fail(str(exc))
+        click.echo(f"{action} {node}: epoch {epoch}")
+
+    return cmd
+
+
+lab.add_command(_planned("drain", "Stop giving NODE new flows; its pinned flows finish there."))
+lab.add_command(_planned("scale-out", "Bring spare NODE into service (joins, syncs, then leads)."))
 
 COMMANDS = (lab, flows)

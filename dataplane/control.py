@@ -25,6 +25,8 @@ from dataplane.liveness import Declared, FailureDetector, Health
 from dataplane.servicemap import InstanceState, MapError, ServiceMap
 
 STATUS_DECLARED_DEAD = 1
+STATUS_IN_SYNC = 2
+"""Every live peer completed a bulk to the sender as of the epoch it holds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,9 @@ class MapPublished:
 @dataclass(frozen=True, slots=True)
 class MapReceived:
     smap: ServiceMap
+
+
+_SERVING = (InstanceState.ACTIVE, InstanceState.JOINING, InstanceState.DRAINING)
 
 
 class Endpoint:
@@ -103,6 +108,8 @@ class Controller:
         self._dirty = True
         self.held: dict[str, int] = {}
         """Epoch each member last reported holding."""
+        self.joined_at: dict[str, int] = {}
+        """JOINING members and the epoch that made them join."""
         self.history: list[tuple[float, int, str]] = []
         self.counters: Counter[str] = Counter()
 
@@ -116,8 +123,39 @@ class Controller:
             if rec.type == sw.RecordType.HEARTBEAT:
                 out.extend(self._declared(self.detector.heard(name, now), now))
             elif rec.type == sw.RecordType.STATUS and len(rec.value) == 5:
-                self.held[name] = int.from_bytes(rec.value[:4], "big")
+                held = int.from_bytes(rec.value[:4], "big")
+                self.held[name] = held
+                out.extend(self._maybe_active(name, held, rec.value[4], now))
         return out
+
+    def _maybe_active(self, name: str, held: int, flags: int, now: float) -> list[object]:
+        """Make before break: a JOINING instance becomes ACTIVE once it reports
+        being in sync with every peer as of the epoch that made it join."""
+        if name not in self.joined_at or self.map.instance(name).state != InstanceState.JOINING:
+            return []
+        if not flags & STATUS_IN_SYNC or held < self.joined_at[name]:
+            return []
+        del self.joined_at[name]
+        return [self.set_state(name, InstanceState.ACTIVE, f"{name} in sync: takes its buckets", now),
+                *self.push(now)]
+
+    def operator(self, name: str, action: str, now: float) -> list[object]:
+        """`scale-out` a SPARE (it joins, then leads) or `drain` an ACTIVE
+        instance (no new flows; pinned flows finish there)."""
+        try:
+            state = self.map.instance(name).state
+        except MapError:
+            raise ValueError(f"no instance {name!r}") from None
+        if action == "scale-out" and state == InstanceState.SPARE:
+            return [self._join(name, f"{name} scaled out: joining", now), *self.push(now)]
+        if action == "drain" and state == InstanceState.ACTIVE:
+            return [self.set_state(name, InstanceState.DRAINING, f"{name} draining", now), *self.push(now)]
+        raise ValueError(f"cannot {action} {name}: it is {state.value}")
+
+    def _join(self, name: str, reason: str, now: float) -> MapPublished:
+        published = self.set_state(name, InstanceState.JOINING, reason, now)
+        self.joined_at[name] = published.epoch
+        return published
 
     def tick(self, now: float) -> list[object]:
         out: list[object] = self._declared(self.detector.tick(now), now)
@@ -132,11 +170,10 @@ class Controller:
         return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members
                 if self.map.is_alive(n) or self.detector.health(n) == Health.ALIVE]
 
-    def set_state(self, name: str, state: InstanceState, reason: str, now: float,
-                  in_sync: bool | None = None) -> MapPublished:
+    def set_state(self, name: str, state: InstanceState, reason: str, now: float) -> MapPublished:
         """Publish a new epoch with `name` in `state` (operator or detector)."""
         new = self.map.copy()
-        new.set_state(name, state, in_sync)
+        new.set_state(name, state)
         self.map = new
         self._dirty = True
         self.history.append((now, new.epoch, reason))
@@ -148,11 +185,11 @@ class Controller:
         for d in events:
             out.append(d)
             inst = self.map.instance(d.peer)
-            if d.health == Health.DEAD and inst.state != InstanceState.DEAD:
+            if d.health == Health.DEAD and inst.state in _SERVING:
                 out.append(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
                 out.extend(self.push(now))
             elif d.health == Health.ALIVE and inst.state == InstanceState.DEAD:
-                out.append(self.set_state(d.peer, InstanceState.ACTIVE, f"{d.peer} is back", now))
+                out.append(self._join(d.peer, f"{d.peer} is back: joining", now))
                 out.extend(self.push(now))
         return out
 
@@ -163,6 +200,8 @@ class ControlClient:
     def __init__(self, me: str, controller: str, smap: ServiceMap, keyring: sw.Keyring,
                  incarnation: int, interval: float = 0.010) -> None:
         self.controller = controller
+        self.in_sync = False
+        """Set by the shell: the replicator is synced as of the epoch held."""
         self.endpoint = Endpoint(me, [controller], keyring, incarnation)
         self.epoch = smap.epoch
         self.interval = interval
@@ -174,8 +213,9 @@ class ControlClient:
         if now - self._last < self.interval:
             return []
         self._last = now
-        status = self.epoch.to_bytes(4, "big", signed=False)[-4:] + \
-            bytes([STATUS_DECLARED_DEAD if self.declared_dead else 0])
+        flags = (STATUS_DECLARED_DEAD if self.declared_dead else 0) | \
+            (STATUS_IN_SYNC if self.in_sync else 0)
+        status = (self.epoch & 0xFFFFFFFF).to_bytes(4, "big") + bytes([flags])
         recs = [sw.Record(sw.RecordType.HEARTBEAT, sw.u64(int(now * 1e6))),
                 sw.Record(sw.RecordType.STATUS, status)]
         return [ControlSend(self.controller, self.endpoint.encode(self.controller, recs))]

@@ -41,6 +41,8 @@ _OAM, _REROUTED, _REVERSE = int(Flags.OAM), int(Flags.REROUTED), int(Flags.REVER
 INGRESS, EGRESS = "ingress", "egress"
 """Pseudo-service names of the chain's ends in the service map."""
 EDGE_TIMEOUT = 600.0
+LOST_MEMORY = 1 << 16
+"""How many lost flows are remembered so each is counted once."""
 
 
 def flow_key(chain: int, code: int, inner: Inner) -> tuple[FlowKey, bool]:
@@ -112,6 +114,7 @@ class ServiceNode(Node):
         self.service_name = svc
         self.service = service
         self.mirroring = mirroring
+        self._lost: dict[FlowKey, None] = {}
 
     def update_map(self, smap: ServiceMap) -> bool:
         """Install a newer map and promote the replicas of buckets it makes
@@ -159,6 +162,8 @@ class ServiceNode(Node):
         if entry is None and state is not None:
             entry = self.flows.insert(key, now, state)
         if entry is None:
+            if verdict.reason == "misdelivery":
+                self._count_lost(key)
             return self._drop(verdict.reason or "no_state", events)
         entry.state = state
         entry.packets += 1
@@ -197,6 +202,15 @@ class ServiceNode(Node):
         self.counters["replied"] += 1
         hdr = wire.pack(h.chain, index, h.code, h.client, self.map.epoch, flags)
         return [Drop(reason), Send(src, hdr + reply)]
+
+    def _count_lost(self, key: FlowKey) -> None:
+        """A mid-stream packet found no state here: its flow is lost (after a
+        double failure, or a failover without sync). Counted once per flow."""
+        if key not in self._lost:
+            self._lost[key] = None
+            self.counters["flows_lost"] += 1
+            if len(self._lost) > LOST_MEMORY:
+                self._lost.pop(next(iter(self._lost)))
 
     def _route(self, services: list[str], pos: int, reverse: bool, code: int,
                entry: FlowEntry) -> tuple[str | None, bool, bool]:

@@ -31,7 +31,7 @@ from dataplane.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send
 from dataplane.flowtable import FlowKey
 from dataplane.liveness import Declared, FailureDetector
 from dataplane.node import ServiceNode
-from dataplane.servicemap import ServiceMap
+from dataplane.servicemap import InstanceState, ServiceMap
 from dataplane.syncchannel import (Apply, PeerRestarted, ResyncFlows, ResyncRequested, SyncChannel,
                                    SyncConfig, SyncEvent, Transmit)
 
@@ -164,8 +164,13 @@ class Replicator:
         old = node.map
         if not node.update_map(smap) or self.policy == Policy.OFF:
             return 0
-        moved: dict[str, list[FlowUpdate]] = {}
         svc, me = node.service_name, node.name
+        # a peer that starts joining always gets a bulk, if only an empty one:
+        # its end tells it (and through it the controller) that it is in sync
+        moved: dict[str, list[FlowUpdate]] = {
+            n: [] for n, i in smap.services[svc].items()
+            if n != me and i.state == InstanceState.JOINING
+            and old.services[svc].get(n, i).state != InstanceState.JOINING}
         for e in node.flows:
             if e.replica:
                 continue
@@ -174,14 +179,22 @@ class Replicator:
                 moved.setdefault(new_sec, []).append(node.update_of(e))
         self._open_channels()
         for peer, updates in moved.items():
-            self.channel(peer).start_bulk(updates, now)
+            self.channel(peer).start_bulk(updates, now, smap.epoch)
             self.counters["bulk_on_map_change"] += 1
         return len(moved)
 
     def resync(self, peer: str, now: float) -> int:
         """Operator-forced full resync of `peer` (a bulk of what it mirrors)."""
         self.counters["forced_resync"] += 1
-        return self.channel(peer).start_bulk(self._mirrored_by(peer), now)
+        return self.channel(peer).start_bulk(self._mirrored_by(peer), now, self.node.map.epoch)
+
+    def synced_since(self, epoch: int) -> bool:
+        """True when every live peer of the service completed a bulk to this
+        instance stamped `epoch` or later: a joining instance is in sync."""
+        m = self.node.map
+        peers = [n for n in m.services[self.node.service_name]
+                 if n != self.node.name and m.is_alive(n)]
+        return all(p in self.channels and self.channels[p].synced_epoch >= epoch for p in peers)
 
     def _peer_of(self, data: bytes) -> str | None:
         if len(data) < 8:
@@ -200,7 +213,7 @@ class Replicator:
             elif isinstance(ev, Apply):
                 self.node.apply_update(ev.update, now)
             elif isinstance(ev, (PeerRestarted, ResyncRequested)) and self.policy != Policy.OFF:
-                ch.start_bulk(self._mirrored_by(peer), now)
+                ch.start_bulk(self._mirrored_by(peer), now, self.node.map.epoch)
             elif isinstance(ev, ResyncFlows):
                 for key in ev.keys:
                     entry = self.node.flows.get(key)

@@ -9,9 +9,18 @@ For each service, stream affinity codes fall into `buckets` buckets
 (``code % buckets``); each bucket has an ordered candidate list computed by
 rendezvous hashing over the service's *eligible* instances (see
 `dataplane.rendezvous`): candidate 0 is the primary, 1 the secondary, and so
-on up to `replicas` candidates. Only ACTIVE instances are eligible; a DEAD or
-DRAINING one holds no role, so when an instance dies each of its buckets is
-led by its former secondary and the next candidate becomes secondary.
+on up to `replicas` candidates. ACTIVE and JOINING instances are eligible; a
+DEAD, DRAINING or SPARE one holds no role, so when an instance dies each of
+its buckets is led by its former secondary and the next candidate becomes
+secondary.
+
+Make before break: a JOINING instance (rejoining after a failure, or added
+by scale-out) is never primary while another candidate exists: in a bucket
+where it ranks first it is swapped with the next candidate, so it starts as
+the *secondary* of the buckets it will lead, receives their state by bulk
+sync, and only when the controller marks it ACTIVE (all its peers' bulks
+done) does it lead them. The primaries of a map with a JOINING instance are
+exactly those of the map without it.
 
 The default of 65,536 buckets is what keeps HRW's statistical balance within
 10 % (max/mean primary buckets) for 16 instances: with B buckets and N
@@ -38,6 +47,18 @@ DEFAULT_REPLICAS = 2
 NO_INSTANCE = 0xFFFF
 
 
+def _never_lead(ranks: list[array], joining: set[int]) -> None:
+    """Swap a JOINING first candidate behind the first non-joining one."""
+    prim = ranks[0]
+    for b, i in enumerate(prim):
+        if i in joining:
+            for r in range(1, len(ranks)):
+                j = ranks[r][b]
+                if j != NO_INSTANCE and j not in joining:
+                    prim[b], ranks[r][b] = j, i
+                    break
+
+
 class MapError(ValueError):
     """A map operation or a map document that does not make sense."""
 
@@ -51,6 +72,14 @@ class InstanceState(str, Enum):
     """Being taken out on purpose: no new role, its flows finish or move."""
     DEAD = "dead"
     """Declared failed: holds no role."""
+    JOINING = "joining"
+    """Back or new, not yet in sync: secondary only (make before break)."""
+    SPARE = "spare"
+    """Provisioned but not in service until scaled out."""
+
+
+_ALIVE = frozenset({"active", "joining", "draining"})
+_ELIGIBLE = frozenset({"active", "joining"})
 
 
 @dataclass
@@ -60,9 +89,6 @@ class Instance:
     name: str
     address: str = ""
     state: InstanceState = InstanceState.ACTIVE
-    in_sync: bool = True
-    """False while it receives a bulk sync; then it is not a failover target
-    if an in-sync candidate exists (see `ServiceMap.secondary`)."""
 
 
 @dataclass
@@ -138,15 +164,12 @@ class ServiceMap:
         self._where[inst.name] = service
         self._changed(service)
 
-    def set_state(self, name: str, state: InstanceState, in_sync: bool | None = None) -> None:
+    def set_state(self, name: str, state: InstanceState) -> None:
         """Change an instance's state (e.g. DEAD when declared failed)."""
         service = self.service_of(name)
         if service is None:
             raise MapError(f"no instance named {name!r}")
-        inst = self.services[service][name]
-        inst.state = state
-        if in_sync is not None:
-            inst.in_sync = in_sync
+        self.services[service][name].state = state
         self._changed(service)
 
     def add_tenant(self, tenant: Tenant) -> None:
@@ -187,18 +210,23 @@ class ServiceMap:
         return self.services[service][name]
 
     def is_alive(self, name: str) -> bool:
-        """True unless the instance is unknown or DEAD (draining still serves)."""
+        """True for instances that may receive packets: ACTIVE, JOINING and
+        DRAINING (its pinned flows finish there); not DEAD, SPARE or unknown."""
         service = self._where.get(name)
-        return service is not None and self.services[service][name].state != InstanceState.DEAD
+        return service is not None and self.services[service][name].state in _ALIVE
 
     def eligible(self, service: str) -> list[str]:
-        return sorted(n for n, i in self._service(service).items() if i.state == InstanceState.ACTIVE)
+        return sorted(n for n, i in self._service(service).items() if i.state in _ELIGIBLE)
 
     def table(self, service: str) -> BucketTable:
         t = self._tables.get(service)
         if t is None:
             names = self.eligible(service)
             t = BucketTable(names, rank(service, names, self.buckets, self.replicas))
+            joining = {names.index(n) for n, i in self._service(service).items()
+                       if i.state == InstanceState.JOINING}
+            if joining and len(t.ranks) > 1:
+                _never_lead(t.ranks, joining)
             self._tables[service] = t
         return t
 
@@ -216,15 +244,10 @@ class ServiceMap:
 
     def secondary(self, service: str, code: int, exclude: str | None = None) -> str | None:
         """The instance that mirrors a code's state: the first candidate other
-        than `exclude` (default: the primary), preferring in-sync ones."""
+        than `exclude` (default: the primary)."""
         cands = self.candidates(service, code)
         owner = exclude if exclude is not None else (cands[0] if cands else None)
-        others = [c for c in cands if c != owner]
-        insts = self.services[service]
-        for c in others:
-            if insts[c].in_sync:
-                return c
-        return others[0] if others else None
+        return next((c for c in cands if c != owner), None)
 
     def chain_for(self, tenant: int, dport: int) -> Chain | None:
         """The tenant's chain for a server port: first with a matching port
@@ -258,8 +281,7 @@ class ServiceMap:
             m = cls(int(doc["buckets"]), int(doc["replicas"]))
             for s, insts in doc["services"].items():
                 m.services[s] = {i["name"]: Instance(i["name"], i.get("address", ""),
-                                                     InstanceState(i.get("state", "active")),
-                                                     bool(i.get("in_sync", True)))
+                                                     InstanceState(i.get("state", "active")))
                                  for i in insts}
                 m._where.update(dict.fromkeys(m.services[s], s))
             for t in doc.get("tenants", []):

@@ -131,6 +131,8 @@ class BulkDone:
 class InSync:
     bulk_id: int
     flows: int
+    epoch: int
+    """The sender's map epoch when it started the bulk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +168,9 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 
 
 class _Bulk:
-    def __init__(self, bulk_id: int, updates: list[FlowUpdate]) -> None:
+    def __init__(self, bulk_id: int, updates: list[FlowUpdate], epoch: int) -> None:
         self.id = bulk_id
+        self.epoch = epoch
         self.total = len(updates)
         self.items: Iterator[FlowUpdate] = iter(updates)
         self.sent = 0
@@ -220,6 +223,8 @@ class SyncChannel:
         self._last_nack = -1.0
         self.peer_in_sync = False
         """Receiver's view: a full bulk from the peer completed since it (re)started."""
+        self.synced_epoch = 0
+        """Highest sender map epoch of a bulk from the peer completed here."""
         self.last_heard = -1.0
 
     # -- public API ------------------------------------------------------------------
@@ -242,13 +247,14 @@ class SyncChannel:
         far (the `acked` policy releases a held packet on this)."""
         return key not in self._pending and key not in self._key_seq and key not in self._resync_keys
 
-    def start_bulk(self, updates: Iterable[FlowUpdate], now: float) -> int:
-        """Stream `updates` as one bulk transfer; returns the bulk id."""
+    def start_bulk(self, updates: Iterable[FlowUpdate], now: float, epoch: int = 0) -> int:
+        """Stream `updates` as one bulk transfer, stamped with the sender's
+        map `epoch` (the receiver knows it is in sync as of that epoch)."""
         self._bulk_ids += 1
         items = list(updates)
-        b = _Bulk(self._bulk_ids, items)
+        b = _Bulk(self._bulk_ids, items, epoch)
         self._bulks.append(b)
-        self._control_record(sw.bulk(RecordType.BULK_BEGIN, b.id, b.total), now)
+        self._control_record(sw.bulk(RecordType.BULK_BEGIN, b.id, b.total, epoch), now)
         self.stats["bulk_started"] += 1
         return b.id
 
@@ -396,7 +402,7 @@ class SyncChannel:
             b.credit -= sent
             if sent < n or b.sent == b.total:
                 b.fed = True
-                token = self._control_record(sw.bulk(RecordType.BULK_END, b.id, b.total), now)
+                token = self._control_record(sw.bulk(RecordType.BULK_END, b.id, b.total, b.epoch), now)
                 self._end_tokens[token] = b
             out.append(BulkProgress(b.id, b.sent, b.total))
         return out
@@ -521,6 +527,7 @@ class SyncChannel:
         self._buffer.clear()
         self._window = sw.ReplayWindow()
         self.peer_in_sync = False
+        self.synced_epoch = 0
         self.stats["peer_restarts" if not first else "peer_contacts"] += 1
         if not first:
             dropped = len(self._unacked) + len(self._pending)
@@ -584,9 +591,10 @@ class SyncChannel:
             elif rec.type == RecordType.BULK_BEGIN:
                 self.stats["bulk_begin_received"] += 1
             elif rec.type == RecordType.BULK_END:
-                bulk_id, flows = sw.read_bulk(rec.value)
+                bulk_id, flows, epoch = sw.read_bulk(rec.value)
                 self.peer_in_sync = True
-                out.append(InSync(bulk_id, flows))
+                self.synced_epoch = max(self.synced_epoch, epoch)
+                out.append(InSync(bulk_id, flows, epoch))
         return out
 
 

@@ -45,8 +45,8 @@ ACK          3   cumulative: every reliable seq below this was received (u64)
 NACK         4   n x (first u64, last u64) ranges missing
 FLOW_UPSERT  6   flow key, version u64, timeout ms u32, 3 hops, state
 FLOW_DELETE  7   flow key, version u64
-BULK_BEGIN   8   bulk id u32, flows u64
-BULK_END     9   bulk id u32, flows u64
+BULK_BEGIN   8   bulk id u32, flows u64, sender's map epoch u32
+BULK_END     9   bulk id u32, flows u64, sender's map epoch u32
 RESYNC      10   (empty) ask the peer for a full bulk transfer
 MAP         11   control channel: zlib-compressed service map JSON
 STATUS      12   control channel: instance to controller, u32 map epoch held,
@@ -86,7 +86,7 @@ _REC = struct.Struct("!BH")
 _U64 = struct.Struct("!Q")
 _KEY_HEAD = struct.Struct("!IIBB")
 _UPSERT = struct.Struct("!QI")
-_BULK = struct.Struct("!IQ")
+_BULK = struct.Struct("!IQI")
 
 
 class RecordType(IntEnum):
@@ -277,11 +277,12 @@ def read_ranges(value: bytes) -> list[tuple[int, int]]:
     return [(read_u64(value, i), read_u64(value, i + 8)) for i in range(0, len(value), 16)]
 
 
-def bulk(kind: RecordType, bulk_id: int, flows: int) -> Record:
-    return Record(kind, _BULK.pack(bulk_id, flows))
+def bulk(kind: RecordType, bulk_id: int, flows: int, epoch: int) -> Record:
+    return Record(kind, _BULK.pack(bulk_id, flows, epoch))
 
 
-def read_bulk(value: bytes) -> tuple[int, int]:
+def read_bulk(value: bytes) -> tuple[int, int, int]:
+    """(bulk id, flows, epoch)."""
     if len(value) != _BULK.size:
         raise SyncError("malformed", "bulk record")
     return _BULK.unpack(value)

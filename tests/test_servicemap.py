@@ -77,7 +77,7 @@ def test_json_round_trip_is_lossless():
     m.add_tenant(Tenant(7, "acme", ["10.1.0.0/16", "2001:db8::/48"]))
     m.add_chain(Chain(3, 7, ["A", "B"], [443]))
     m.set_state("bb", InstanceState.DEAD)
-    m.set_state("bc", InstanceState.ACTIVE, in_sync=False)
+    m.set_state("bc", InstanceState.JOINING)
     back = ServiceMap.from_json(m.to_json())
     assert back == m and back.epoch == m.epoch
     for s in ("A", "B"):
@@ -115,14 +115,37 @@ def test_draining_and_dead_hold_no_role_but_draining_is_alive():
     assert m.is_alive("ba") and not m.is_alive("bb") and not m.is_alive("nope")
 
 
-def test_secondary_prefers_in_sync_candidates():
+def test_secondary_is_the_first_other_candidate():
     m = make(["ba", "bb", "bc"], buckets=64, replicas=3)
-    code = 5
-    prim, sec, third = m.candidates("B", code)
-    assert m.secondary("B", code) == sec
-    m.set_state(sec, InstanceState.ACTIVE, in_sync=False)
-    assert m.secondary("B", code) == third
-    assert m.secondary("B", code, exclude=third) == prim
+    prim, sec, third = m.candidates("B", 5)
+    assert m.secondary("B", 5) == sec
+    assert m.secondary("B", 5, exclude=sec) == prim
+
+
+@settings(max_examples=20, deadline=None)
+@given(NAMES, st.data())
+def test_joining_instance_is_secondary_where_it_will_lead(names, data):
+    """Make before break: joining changes no primary; where the joiner will
+    lead, it is the secondary (so it receives the state first)."""
+    joiner = data.draw(st.sampled_from(names))
+    dead = make(names)
+    dead.set_state(joiner, InstanceState.DEAD)
+    joining = dead.copy()
+    joining.set_state(joiner, InstanceState.JOINING)
+    active = dead.copy()
+    active.set_state(joiner, InstanceState.ACTIVE)
+    assert diff(dead, joining)["B"].moved == 0
+    t_j, t_a = joining.table("B"), active.table("B")
+    for b in range(dead.buckets):
+        if t_a.candidates(b)[0] == joiner:
+            assert t_j.candidates(b)[:2] == [t_a.candidates(b)[1], joiner]
+    assert joining.is_alive(joiner) and not dead.is_alive(joiner)
+
+
+def test_spare_holds_no_role_and_is_not_alive():
+    m = make(["ba", "bb", "bd"], buckets=256)
+    m.set_state("bd", InstanceState.SPARE)
+    assert "bd" not in m.table("B").primary_counts() and not m.is_alive("bd")
 
 
 def test_chain_selection():

@@ -17,7 +17,8 @@ TEXT = DEFAULT.read_text()
 def test_default_lab_is_valid_and_names_its_nodes():
     t = load(DEFAULT)
     assert set(t.all_nodes()) == {"client", "server", "ingress", "egress", "aa", "ab", "ba", "bb",
-                                  "bc", "ctl"}
+                                  "bc", "bd", "ctl"}
+    assert t.services["B"].spares == ["bd"]
     assert t.fabric_ip("ctl") == "10.99.0.2" and t.fabric_ip("aa") == "10.99.0.10"
     m = t.build_map()
     assert set(m.services) == {"ingress", "A", "B", "egress"} and m.chains[1].services == ["A", "B"]
@@ -75,7 +76,7 @@ def test_missing_key(tmp_path):
 
 def test_validate_command(tmp_path):
     res = CliRunner().invoke(main, ["lab", "validate", str(DEFAULT)])
-    assert res.exit_code == 0 and "ok: lab default, 10 nodes" in res.output
+    assert res.exit_code == 0 and "ok: lab default, 11 nodes" in res.output
     bad = variant(tmp_path, 'policy = "async"', 'policy = "x"')
     res = CliRunner().invoke(main, ["lab", "validate", bad])
     assert res.exit_code == 1 and "lab.policy" in res.output and "Traceback" not in res.output

@@ -24,13 +24,16 @@ A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
+import random
 import selectors
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
@@ -68,6 +71,15 @@ def log(node: str, msg: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def realtime() -> None:
+    """SCHED_RR for the calling thread (Linux applies it per thread): the
+    controller and the heartbeat threads are tiny and must run on time."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(10))
+    except (OSError, AttributeError):
+        pass
+
+
 def attach_bpf(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
     import ctypes
 
@@ -92,6 +104,46 @@ def plain(value: Any) -> Any:
     return value
 
 
+class Impairment:
+    """Userspace netem for the node's fabric and sync sends, for kernels
+    without sch_netem: drop with probability `loss`, hold for `delay`
+    seconds, and let a `reorder` fraction skip the delay (so it overtakes)."""
+
+    def __init__(self, loss: float = 0.0, delay: float = 0.0, reorder: float = 0.0) -> None:
+        self.loss, self.delay, self.reorder = loss, delay, reorder
+        self.queue: list[tuple[float, int, socket.socket, bytes, tuple[str, int]]] = []
+        self._n = 0
+        self._rng = random.Random(1)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.loss or self.delay or self.reorder)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.queue)
+
+    def submit(self, sock: socket.socket, data: bytes, addr: tuple[str, int], now: float) -> None:
+        if self._rng.random() < self.loss:
+            return
+        hold = self.delay
+        if self.reorder and self._rng.random() < self.reorder:
+            hold = 0.0                      # overtakes what is held
+        elif self.reorder and not self.delay:
+            hold = 0.002                    # hold the rest so some can overtake
+        self._n += 1
+        heapq.heappush(self.queue, (now + hold, self._n, sock, data, addr))
+        self.flush(now)
+
+    def flush(self, now: float) -> None:
+        while self.queue and self.queue[0][0] <= now:
+            _, _, sock, data, addr = heapq.heappop(self.queue)
+            try:
+                sock.sendto(data, addr)
+            except OSError:
+                pass
+
+
 class Forwarder:
     """The event loop of one node."""
 
@@ -114,6 +166,8 @@ class Forwarder:
         self.packet: socket.socket | None = None
         self.fabric: socket.socket | None = None
         self.serving = True
+        self.join_epoch: int | None = None
+        self.impair = Impairment()
         self._last_expire = 0.0
         timers = topo.timers
         if self.role == "controller":
@@ -183,7 +237,9 @@ class Forwarder:
         spec = topo.service_of(self.name)
         assert spec is not None
         peers = {i: (topo.fabric_ip(i), sw.SYNC_PORT) for i in spec.instances if i != self.name}
-        self.sync = UdpSync(self.rep, (self.ip, sw.SYNC_PORT), peers)
+        self.sync = UdpSync(self.rep, (self.ip, sw.SYNC_PORT), peers,
+                            send=lambda data, addr: self._sendto(self.sync.sock, data, addr,
+                                                                 time.monotonic()))
         self.sel.register(self.sync.sock, selectors.EVENT_READ, self._on_sync)
 
     # -- addressing ------------------------------------------------------------------------
@@ -201,7 +257,7 @@ class Forwarder:
 
     def _on_fabric(self, sock: socket.socket, now: float) -> None:
         _, by_ip = self._addresses()
-        for _ in range(256):
+        for _ in range(64):
             try:
                 data, (src_ip, _port) = sock.recvfrom(65535)
             except BlockingIOError:
@@ -213,7 +269,7 @@ class Forwarder:
 
     def _on_host(self, sock: socket.socket, now: float) -> None:
         handler = self.node.from_client if self.role == "ingress" else self.node.from_server
-        for _ in range(256):
+        for _ in range(64):
             try:
                 frame, addr = sock.recvfrom(65535)
             except BlockingIOError:
@@ -279,14 +335,20 @@ class Forwarder:
                 if addr is None:
                     self.node.drops["no_address"] += 1
                     continue
-                try:
-                    self.fabric.sendto(ev.data, (addr, UDP_PORT))
-                except OSError:
-                    self.node.drops["send_error"] += 1
+                self._sendto(self.fabric, ev.data, (addr, UDP_PORT), now)
             elif isinstance(ev, Deliver):
                 self._deliver(ev.data)
             elif isinstance(ev, Declared):
                 self._note(f"peer_{ev.health.value}", now, peer=ev.peer)
+
+    def _sendto(self, sock: socket.socket, data: bytes, addr: tuple[str, int], now: float) -> None:
+        if self.impair.active:
+            self.impair.submit(sock, data, addr, now)
+            return
+        try:
+            sock.sendto(data, addr)
+        except OSError:
+            self.node.drops["send_error"] += 1
 
     def _deliver(self, ip: bytes) -> None:
         mac = self.host_macs.get(ip[16:20])
@@ -327,6 +389,10 @@ class Forwarder:
             self.node.update_map(smap)
         self.map = smap
         self._note("map", now, epoch=smap.epoch)
+        if me is not None and me.state == InstanceState.JOINING:
+            self.join_epoch = self.join_epoch or smap.epoch
+        elif me is not None:
+            self.join_epoch = None
         if me is not None and me.state == InstanceState.DEAD and self.serving:
             self._declared_dead(now)
         elif me is not None and me.state != InstanceState.DEAD and not self.serving:
@@ -359,6 +425,20 @@ class Forwarder:
             return {"map": self.map.to_dict(),
                     "primaries": {s: self.map.table(s).primary_counts() for s in self.map.services},
                     "history": getattr(getattr(self, "ctl", None), "history", [])}
+        if cmd == "operator" and self.role == "controller":
+            try:
+                evs = self.ctl.operator(str(req.get("node")), str(req.get("action")), now)
+            except ValueError as exc:
+                return {"error": str(exc)}
+            self._controller_out(evs)
+            return {"epoch": self.ctl.map.epoch}
+        if cmd == "impair":
+            self.impair = Impairment(float(req.get("loss", 0)), float(req.get("delay", 0)),
+                                     float(req.get("reorder", 0)))
+            self._note("impair", now, loss=self.impair.loss, delay=self.impair.delay,
+                       reorder=self.impair.reorder)
+            return {"impair": {"loss": self.impair.loss, "delay": self.impair.delay,
+                               "reorder": self.impair.reorder}}
         if cmd == "resync" and self.rep is not None:
             peer = str(req.get("peer", ""))
             if peer not in self.rep.channels:
@@ -402,19 +482,38 @@ class Forwarder:
         if self.role == "controller":
             self._controller_out(self.ctl.tick(now))
             return
-        for send in self.client.tick(now):
-            try:
-                self.control.sendto(send.data, (self.topo.fabric_ip(self.topo.controller), sw.CONTROL_PORT))
-            except OSError:
-                self.node.drops["send_error"] += 1
+        if self.impair.active or self.impair.pending:
+            self.impair.flush(now)
         if self.rep is not None and self.sync is not None:
+            self.client.in_sync = self.join_epoch is not None and self.rep.synced_since(self.join_epoch)
             self._out(self.sync.emit(self.rep.tick(now)), now)
             if now - self._last_expire >= EXPIRE_EVERY:
                 self._last_expire = now
                 self._emit(self.node.expire(now), now)
 
+    def _heartbeats(self) -> None:
+        """Heartbeats from their own thread at real-time priority, so a busy
+        packet loop (or a loaded machine) does not make the controller
+        declare a healthy instance dead. A hung or stopped process still
+        goes silent: SIGSTOP stops every thread. No lock: this thread only
+        reads the client's epoch and flags and is the only one encoding
+        control datagrams (the loop only decodes them)."""
+        realtime()
+        ctl = (self.topo.fabric_ip(self.topo.controller), sw.CONTROL_PORT)
+        while self.running:
+            for send in self.client.tick(time.monotonic()):
+                try:
+                    self.control.sendto(send.data, ctl)
+                except OSError:
+                    pass
+            time.sleep(self.client.interval / 2)
+
     def run(self) -> None:
         log(self.name, f"{self.role} up on {self.ip} pid {os.getpid()} epoch {self.map.epoch}")
+        if self.role == "controller":
+            realtime()
+        else:
+            threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat").start()
         next_tick = time.monotonic()
         while self.running:
             timeout = max(0.0, next_tick - time.monotonic())
@@ -433,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", required=True)
     ap.add_argument("--run-dir", required=True, type=Path)
     args = ap.parse_args(argv)
+    sys.setswitchinterval(0.001)  # the heartbeat thread gets the GIL within 1 ms
     fwd = Forwarder(load(args.topology), args.node, args.run_dir)
 
     def stop(_sig: int, _frame: object) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.node import EGRESS, INGRESS
-from dataplane.servicemap import Chain, Instance, ServiceMap, Tenant
+from dataplane.servicemap import Chain, Instance, InstanceState, ServiceMap, Tenant
 from dataplane.services import create
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
@@ -48,6 +48,12 @@ class ServiceSpec:
     kind: str
     instances: list[str]
     options: dict[str, Any] = field(default_factory=dict)
+    spares: list[str] = field(default_factory=list)
+    """Instances that run but hold no role until `amesh lab scale-out`."""
+
+    @property
+    def members(self) -> list[str]:
+        return [*self.instances, *self.spares]
 
 
 @dataclass
@@ -82,7 +88,7 @@ class Topology:
     def forwarders(self) -> list[str]:
         """Nodes that run a forwarder process on the fabric, in address order."""
         return [self.controller, self.ingress.name, self.egress.name,
-                *(i for s in self.services.values() for i in s.instances)]
+                *(i for s in self.services.values() for i in s.members)]
 
     def fabric_ip(self, node: str) -> str:
         order = self.forwarders()
@@ -119,7 +125,7 @@ class Topology:
         return f"02:a1:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
 
     def service_of(self, node: str) -> ServiceSpec | None:
-        return next((s for s in self.services.values() if node in s.instances), None)
+        return next((s for s in self.services.values() if node in s.members), None)
 
     def all_nodes(self) -> list[str]:
         return [*self.hosts, *self.forwarders()]
@@ -129,7 +135,8 @@ class Topology:
         m = ServiceMap(buckets=self.buckets)
         m.add_service(INGRESS, [Instance(self.ingress.name, self.fabric_ip(self.ingress.name))])
         for s in self.services.values():
-            m.add_service(s.name, [Instance(i, self.fabric_ip(i)) for i in s.instances])
+            m.add_service(s.name, [Instance(i, self.fabric_ip(i)) for i in s.instances]
+                          + [Instance(i, self.fabric_ip(i), InstanceState.SPARE) for i in s.spares])
         m.add_service(EGRESS, [Instance(self.egress.name, self.fabric_ip(self.egress.name))])
         for t in self.tenants:
             m.add_tenant(Tenant(t["id"], t["name"], t["prefixes"]))
@@ -237,7 +244,7 @@ class _Validator:
         hosts = self.hosts(edges)
         services = self.services()
         tenants = self.tenants(services)
-        n_fabric = 3 + sum(len(s.instances) for s in services.values())
+        n_fabric = 3 + sum(len(s.members) for s in services.values())
         if FIRST_INSTANCE_HOST + n_fabric > subnet.num_addresses - 1:
             raise self.fail("fabric.subnet", f"too small for {n_fabric} fabric nodes")
         return Topology(self.path, name, prefix, buckets, secret, sync_key, policy, timers, subnet,
@@ -292,12 +299,15 @@ class _Validator:
                 raise self.fail(f"{where}.instances", "at least one instance is needed")
             for i, inst in enumerate(insts):
                 self.name(inst, f"{where}.instances[{i}]", f"instance of service {sname}")
+            spares = self.get(s, "spares", where, list, [])
+            for i, inst in enumerate(spares):
+                self.name(inst, f"{where}.spares[{i}]", f"spare of service {sname}")
             options = self.get(s, "options", where, dict, {})
             try:
                 create(kind, **options)
             except (TypeError, ValueError) as exc:
                 raise self.fail(where, f"service kind {kind!r} with these options: {exc}") from None
-            out[sname] = ServiceSpec(sname, kind, list(insts), options)
+            out[sname] = ServiceSpec(sname, kind, list(insts), options, list(spares))
         return out
 
     def tenants(self, services: dict[str, ServiceSpec]) -> list[dict[str, Any]]:
