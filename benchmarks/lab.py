@@ -17,7 +17,7 @@ from pyroute2 import IPRoute
 
 from dataplane.lab import build, netns
 from dataplane.lab.topology import Topology
-from tests.labkit import DEFAULT, LabRun, _variant, tear_down
+from dataplane.lab.session import DEFAULT, LabRun, tear_down, variant
 
 SECONDS = 5
 
@@ -42,7 +42,7 @@ def kernel_forwarding(topo: Topology, on: bool) -> None:
 
 
 def main() -> dict[str, float]:
-    topo = _variant(DEFAULT, {"name": "bench", "prefix": "amb"})
+    topo = variant(DEFAULT, {"name": "bench", "prefix": "amb"})
     state = build.up(topo, print, start_forwarders=False)
     run = LabRun(topo, state)
     try:

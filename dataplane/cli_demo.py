@@ -1,17 +1,74 @@
-"""`amesh demo`: the main job.
-
-Until the namespace lab lands, the demo is the in-process claim-1 scenario
-(`dataplane.simulation`): a TCP stream through AA -> {BA primary, BB
-secondary}, BA dies mid-stream, the stream survives with state sync and
-breaks without it.
-"""
+"""`amesh demo` (the main job, on the namespace lab) and `amesh simulate`
+(the same story in one process with a simulated clock, no root needed)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 
 import click
+
+
+def _say(msg: str) -> None:
+    click.echo(f"[demo] {msg}", err=True)
+
+
+@click.command()
+@click.option("--connections", type=click.IntRange(1, 200), default=30, show_default=True,
+              help="concurrent TCP connections beside the long download")
+@click.option("--size-mb", type=click.IntRange(6, 512), default=24, show_default=True,
+              help="size of the long download")
+@click.option("--no-control", is_flag=True, help="skip the control run without state sync")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout")
+def demo(connections: int, size_mb: int, no_control: bool, as_json: bool) -> None:
+    """Kill a B primary mid-transfer on the lab: everything survives; then
+    the control run with sync off shows what breaks. Needs root."""
+    import os
+
+    from dataplane.lab.build import LabError
+    from dataplane.lab.demo import failover_run
+
+    if os.geteuid() != 0:
+        click.echo("error: the demo builds network namespaces: run it as root "
+                   "(or try `amesh simulate`)", err=True)
+        sys.exit(1)
+    runs = []
+    try:
+        for policy, prefix in (("async", "amo"), ("off", "amx"))[: 1 if no_control else 2]:
+            r = failover_run(policy, connections, size_mb, _say, prefix)
+            runs.append(r)
+            if not as_json:
+                _report(r)
+    except KeyboardInterrupt:
+        _say("interrupted: the lab was cleaned up")
+        sys.exit(130)
+    except LabError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in runs], indent=1))
+    ok = runs[0].survived and (no_control or not runs[1].survived)
+    sys.exit(0 if ok else 1)
+
+
+def _report(r) -> None:  # type: ignore[no-untyped-def]
+    title = "state sync on (async)" if r.policy != "off" else "CONTROL: state sync off"
+    click.echo(f"\n== {title}")
+    click.echo(f"   B primary of the download: {r.primary}, secondary: {r.secondary}")
+    labels = [("kill", "primary killed"), ("last_heartbeat", "last heartbeat heard"),
+              ("declared_dead", "declared dead"), ("new_epoch", "new map epoch published"),
+              ("map_at_promoted", "secondary installs it"),
+              ("first_packet_at_promoted", "first packet served by the promoted secondary")]
+    for key, label in labels:
+        if key in r.timeline_ms:
+            click.echo(f"   {r.timeline_ms[key]:+8.1f} ms  {label}")
+    click.echo(f"   download: {'sha256 OK' if r.download_ok else 'BROKEN ' + r.download_error}")
+    click.echo(f"   connections: {r.connections_ok}/{r.connections} verified by sha256"
+               + (f"; broken (client ports): {r.broken_ports}" if r.broken_ports else ""))
+    click.echo(f"   promoted flows {r.promoted}, misdelivered packets {r.misdelivery}, "
+               f"flows lost {r.flows_lost}")
+    click.echo(f"   => {'every connection SURVIVED' if r.survived else 'connections BROKE'}")
 
 
 @click.command()
@@ -20,8 +77,8 @@ import click
 @click.option("--fail-after", type=click.IntRange(1, 9999), default=8, show_default=True,
               help="segments through the primary before it dies")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def demo(segments: int, fail_after: int, as_json: bool) -> None:
-    """Kill a stream's primary mid-stream; show it survive (sync) and break (no sync)."""
+def simulate(segments: int, fail_after: int, as_json: bool) -> None:
+    """Claim 1 in one process with a simulated clock (no root, no lab)."""
     from dataplane.simulation import run_claim1
 
     if fail_after >= segments:
@@ -43,4 +100,4 @@ def demo(segments: int, fail_after: int, as_json: bool) -> None:
         click.echo(f"  => the connection {'SURVIVED' if r.survived else 'BROKE'}\n")
 
 
-COMMANDS = (demo,)
+COMMANDS = (demo, simulate)

@@ -1,6 +1,7 @@
 """The control channel, without I/O: the controller and its clients.
 
-The controller owns the service map. Every forwarder sends it a HEARTBEAT
+The controller owns the service map and keeps it in a file (the embedded
+map store), so a restarted controller resumes at the same epoch and states. Every forwarder sends it a HEARTBEAT
 every interval (and a STATUS saying which epoch it holds); from its first
 heartbeat on, the controller's failure detector declares an instance dead
 after `misses` silent intervals
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 
@@ -98,7 +100,15 @@ class Controller:
     """The embedded map store: detection, map epochs, pushes."""
 
     def __init__(self, name: str, smap: ServiceMap, keyring: sw.Keyring, incarnation: int,
-                 detector: FailureDetector, refresh: float = 0.100) -> None:
+                 detector: FailureDetector, refresh: float = 0.100,
+                 store: Path | None = None, now: float = 0.0) -> None:
+        self.store = store
+        """Where the map is kept across controller restarts (the embedded store)."""
+        if store is not None and store.exists():
+            smap = ServiceMap.from_json(store.read_text())
+            for n, i in ((n, i) for insts in smap.services.values() for n, i in insts.items()):
+                if i.state in _SERVING:
+                    detector.watch(n, now)  # silence from now on counts
         self.map = smap
         self.members = [n for insts in smap.services.values() for n in insts]
         self.endpoint = Endpoint(name, self.members, keyring, incarnation)
@@ -127,6 +137,12 @@ class Controller:
                 self.held[name] = held
                 out.extend(self._maybe_active(name, held, rec.value[4], now))
         return out
+
+    def _persist(self) -> None:
+        if self.store is not None:
+            tmp = self.store.with_suffix(".tmp")
+            tmp.write_text(self.map.to_json())
+            tmp.replace(self.store)
 
     def _maybe_active(self, name: str, held: int, flags: int, now: float) -> list[object]:
         """Make before break: a JOINING instance becomes ACTIVE once it reports
@@ -176,6 +192,7 @@ class Controller:
         new.set_state(name, state)
         self.map = new
         self._dirty = True
+        self._persist()
         self.history.append((now, new.epoch, reason))
         self.counters["epochs"] += 1
         return MapPublished(new.epoch, reason)

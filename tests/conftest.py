@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
@@ -47,11 +49,17 @@ def pair_map(buckets: int = 1024) -> ServiceMap:
     return m
 
 
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("namespace labs need root (CI runs as root)")
+
+
 @pytest.fixture(scope="module")
 def lab():
     """The default lab, up for the module's tests, always torn down."""
-    from tests.labkit import bring_up, tear_down
+    from dataplane.lab.session import bring_up, tear_down
 
+    need_root()
     run = bring_up()
     try:
         yield run

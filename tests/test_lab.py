@@ -17,7 +17,8 @@ from dataplane.affinity import AffinityHasher
 from dataplane.lab import build, netns
 from dataplane.lab.state import LabState, alive, run_dir
 from layers.affinity import Affinity
-from tests.labkit import DEFAULT, bring_up, need_root
+from dataplane.lab.session import DEFAULT, bring_up
+from tests.conftest import need_root
 
 AMESH = [sys.executable, "-m", "dataplane.cli"]
 BLOB = os.urandom(20 * 1024 * 1024)

@@ -173,7 +173,8 @@ class Forwarder:
         if self.role == "controller":
             self.ctl = Controller(node, self.map, self.keyring, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
-                                  timers.map_refresh)
+                                  timers.map_refresh, run_dir / f"{node}-map.json", time.monotonic())
+            self.map = self.ctl.map
         else:
             self.client = ControlClient(node, topo.controller, self.map, self.keyring,
                                         self.incarnation, timers.heartbeat)

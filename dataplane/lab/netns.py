@@ -58,7 +58,7 @@ def sysctl(name: str, key: str, value: str) -> None:
             enter(name)
             with open(path, "w") as f:
                 f.write(value)
-        except OSError:
+        except BaseException:  # never let the child run the parent's code on
             code = 1
         os._exit(code)
     _, status = os.waitpid(pid, 0)

@@ -1,16 +1,14 @@
-"""Pytest toolkit for tests against a real namespace lab.
+"""A lab session: a lab that is up, driven from Python.
 
-`LabRun` wraps a lab that is up: run programs inside nodes, start servers
-(stopped by PID at teardown), ask forwarders, capture links. The `lab`
-fixture in conftest.py brings the default lab up once per module and always
-tears it down, also when a test fails.
+`LabRun` runs programs inside nodes, starts servers (stopped by PID when
+the session closes), asks forwarders, reads the map. The demo, the
+benchmarks and the test fixtures (tests/conftest.py) are built on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,21 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from dataplane.lab import build, netns
 from dataplane.lab.query import ask
 from dataplane.lab.state import LabState, alive
 from dataplane.lab.topology import Topology, load
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT / "tests" / "tools"
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = Path(__file__).resolve().parent / "tools"
 DEFAULT = ROOT / "labs" / "default.toml"
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("namespace labs need root (CI runs as root)")
 
 
 class LabRun:
@@ -59,7 +50,7 @@ class LabRun:
         return p
 
     def tool(self, node: str, name: str, *args: str, timeout: float = 120) -> list[dict[str, Any]]:
-        """Run tests/tools/NAME.py inside `node`; its JSON lines."""
+        """Run dataplane/lab/tools/NAME.py inside `node`; its JSON lines."""
         res = self.run(node, [sys.executable, str(TOOLS / f"{name}.py"), *args], timeout=timeout)
         assert res.returncode == 0, res.stderr
         return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
@@ -114,17 +105,16 @@ class LabRun:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def bring_up(path: Path | str = DEFAULT, **overrides: Any) -> LabRun:
-    """Up a lab from `path`, optionally rewritten (name/prefix/policy...)."""
-    need_root()
-    topo = load(path)
-    if overrides:
-        topo = _variant(path, overrides)
-    state = build.up(topo, lambda msg: None)
+def bring_up(path: Path | str = DEFAULT, progress: build.Progress = lambda msg: None,
+             **overrides: Any) -> LabRun:
+    """Up a lab from `path`, optionally with [lab] keys replaced (name,
+    prefix, policy, ...)."""
+    topo = variant(path, overrides) if overrides else load(path)
+    state = build.up(topo, progress)
     return LabRun(topo, state)
 
 
-def _variant(path: Path | str, overrides: dict[str, Any]) -> Topology:
+def variant(path: Path | str, overrides: dict[str, Any]) -> Topology:
     """A copy of a topology file with some [lab] keys replaced."""
     text = Path(path).read_text()
     lines = []
@@ -141,11 +131,14 @@ def _variant(path: Path | str, overrides: dict[str, Any]) -> Topology:
     return load(out)
 
 
-def tear_down(run: LabRun) -> None:
+def tear_down(run: LabRun, progress: build.Progress = lambda msg: None) -> None:
+    """Stop the session's processes and remove the lab; raise if anything
+    of it is left."""
     run.close()
     state = LabState.load(run.name)
     if state is not None:
-        build.down(state, lambda msg: None)
+        build.down(state, progress)
     leftovers = [ns for ns in run.state.namespaces if netns.exists(ns)]
     procs = [n for n, p in run.state.processes.items() if alive(p)]
-    assert not leftovers and not procs, (leftovers, procs)
+    if leftovers or procs:
+        raise build.LabError(f"left behind: namespaces {leftovers}, processes {procs}")

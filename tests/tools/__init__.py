@@ -1,1 +1,0 @@
-"""Small programs the lab tests run inside namespaces (as real clients)."""
