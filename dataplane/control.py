@@ -183,8 +183,9 @@ class Controller:
         self._dirty = False
         self._last_push = now
         rec = map_record(self.map)
-        return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members
-                if self.map.is_alive(n) or self.detector.health(n) == Health.ALIVE]
+        # dead members too: one that was only partitioned must learn it was
+        # declared dead (and stop serving) as soon as it is reachable again
+        return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members]
 
     def set_state(self, name: str, state: InstanceState, reason: str, now: float) -> MapPublished:
         """Publish a new epoch with `name` in `state` (operator or detector)."""

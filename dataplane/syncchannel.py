@@ -284,7 +284,8 @@ class SyncChannel:
     def snapshot(self, now: float) -> dict[str, object]:
         """Per-peer observability, as `amesh stats` shows it."""
         return {"peer": self.peer, "state": self.state.value, "in_sync": self.in_sync(now),
-                "peer_in_sync": self.peer_in_sync, "next_seq": self.next_seq,
+                "peer_in_sync": self.peer_in_sync, "synced_epoch": self.synced_epoch,
+                "next_seq": self.next_seq,
                 "acked_upto": self.acked_upto, "resend_queue": len(self._unacked),
                 "pending": len(self._pending), "lag_ms": round(self.lag(now) * 1000, 3),
                 "unsynced_flows": len(self._resync_keys) + len(self._unacked),

@@ -237,7 +237,7 @@ class Forwarder:
                                               topo.timers.holddown))
         spec = topo.service_of(self.name)
         assert spec is not None
-        peers = {i: (topo.fabric_ip(i), sw.SYNC_PORT) for i in spec.instances if i != self.name}
+        peers = {i: (topo.fabric_ip(i), sw.SYNC_PORT) for i in spec.members if i != self.name}
         self.sync = UdpSync(self.rep, (self.ip, sw.SYNC_PORT), peers,
                             send=lambda data, addr: self._sendto(self.sync.sock, data, addr,
                                                                  time.monotonic()))
@@ -384,6 +384,7 @@ class Forwarder:
 
     def _install(self, smap: ServiceMap, now: float) -> None:
         me = smap.services.get(smap.service_of(self.name) or "", {}).get(self.name)
+        was = self.map.services.get(self.map.service_of(self.name) or "", {}).get(self.name)
         if self.rep is not None:
             self.rep.update_map(smap, now)
         else:
@@ -396,6 +397,9 @@ class Forwarder:
             self.join_epoch = None
         if me is not None and me.state == InstanceState.DEAD and self.serving:
             self._declared_dead(now)
+        elif me is not None and was is not None and me.state == InstanceState.JOINING and \
+                was.state in (InstanceState.ACTIVE, InstanceState.DRAINING):
+            self._declared_dead(now)  # the map that declared us dead never reached us
         elif me is not None and me.state != InstanceState.DEAD and not self.serving:
             self.serving = True
             self.client.declared_dead = False
@@ -406,6 +410,7 @@ class Forwarder:
         serving, forget every flow, and come back as a new incarnation."""
         self.serving = False
         self.client.declared_dead = True
+        self.node.counters["declared_dead"] += 1
         n = len(self.node.flows)
         for e in list(self.node.flows):
             self.node.flows.delete(e.key, "discarded_declared_dead")
@@ -423,8 +428,9 @@ class Forwarder:
         if cmd == "flows":
             return {"node": self.name, "flows": self.flows()}
         if cmd == "map":
-            return {"map": self.map.to_dict(),
-                    "primaries": {s: self.map.table(s).primary_counts() for s in self.map.services},
+            smap = self.current_map
+            return {"map": smap.to_dict(),
+                    "primaries": {s: smap.table(s).primary_counts() for s in smap.services},
                     "history": getattr(getattr(self, "ctl", None), "history", [])}
         if cmd == "operator" and self.role == "controller":
             try:
@@ -447,9 +453,14 @@ class Forwarder:
             return {"bulk": self.rep.resync(peer, now)}
         return {"error": f"unknown command {cmd!r}"}
 
+    @property
+    def current_map(self) -> ServiceMap:
+        """The controller's live map, or the map this forwarder installed."""
+        return self.ctl.map if self.role == "controller" else self.map
+
     def status(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {"node": self.name, "role": self.role, "pid": os.getpid(),
-                               "ready": True, "epoch": self.map.epoch, "serving": self.serving,
+                               "ready": True, "epoch": self.current_map.epoch, "serving": self.serving,
                                "incarnation": self.incarnation, "uptime": round(time.time() - self.started, 3),
                                "events": self.events_log[-50:]}
         if self.role == "controller":
