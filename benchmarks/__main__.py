@@ -7,11 +7,12 @@ from benchmarks import core, sync
 
 results = {"core": core.main(), "sync": sync.main()}
 if os.geteuid() == 0:
-    from benchmarks import lab
+    from benchmarks import failover, lab
 
     results["lab"] = lab.main()
+    results["failover"] = failover.main()
 else:
-    print("\n(lab goodput skipped: needs root)")
+    print("\n(lab goodput and failover gap skipped: they need root)")
 core.OUT.mkdir(exist_ok=True)
 (core.OUT / "results.json").write_text(json.dumps(results, indent=1))
 print(f"\nwritten {core.OUT / 'results.json'}")

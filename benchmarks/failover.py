@@ -1,0 +1,88 @@
+"""Failover gap over repeated kills of a primary under load (needs root).
+
+Each round: a paced download plus a few concurrent connections run through
+the lab, the download's B primary is SIGKILLed, the gap is measured from the
+kill to the first packet served by the promoted instance (its `took_over`
+event), every transfer is checked by sha256, and the killed instance is
+restarted and waited for until it is ACTIVE again (it rejoins, syncs, leads).
+Prints p50 / p99 / max of the gap and the flows lost. `python -m benchmarks.failover [ROUNDS]`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from dataplane.affinity import AffinityHasher
+from dataplane.lab import faults
+from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
+
+PORT = 46500
+
+
+def one_round(run: LabRun, sha: dict[str, str], i: int) -> tuple[float | None, int, int]:
+    topo = run.topo
+    port = PORT + i
+    curl = run.spawn("client", ["curl", "-s", "--limit-rate", "2M", "--max-time", "30", "--local-port",
+                                str(port), "-o", str(run.tmp / "dl"), run.url("big")],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows: list = []
+    t = threading.Thread(target=lambda: rows.extend(run.tool(
+        "client", "fetch", run.url("small"), "-n", "10", "--pace", "0.1", "--timeout", "5")))
+    t.start()
+    time.sleep(0.8)
+    code = AffinityHasher(topo.secret).code_of(1, str(topo.hosts["client"].address.ip), port,
+                                               str(topo.hosts["server"].address.ip), 8080, 6)
+    victim = run.map().primary("B", code)
+    t_kill = faults.kill(run.state, victim)
+    curl.wait(timeout=60)
+    t.join(timeout=60)
+    bad = (curl.returncode != 0) + sum(1 for r in rows if r["error"] or r["sha256"] != sha["small"])
+    firsts = [e["time"] for inst in topo.services["B"].members if inst != victim
+              for e in run.ask(inst, "status")["events"]
+              if e["event"] == "took_over" and e["time"] >= t_kill]
+    lost = sum(run.ask(inst, "status")["counters"].get("flows_lost", 0)
+               for inst in topo.services["B"].members if inst != victim)
+    faults.restart(topo, run.state, victim)
+    deadline = time.monotonic() + 10
+    while run.map().instance(victim).state.value != "active" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gap = (min(firsts) - t_kill) * 1000 if firsts else None
+    return gap, bad, lost
+
+
+def main(rounds: int = 20) -> dict[str, float]:
+    run = bring_up(DEFAULT, name="bench-fo", prefix="amg")
+    gaps: list[float] = []
+    broken = 0
+    lost = 0
+    try:
+        sha = run.http_server({"big": os.urandom(3 << 20), "small": os.urandom(512 << 10)})
+        for i in range(rounds):
+            gap, bad, lost_now = one_round(run, sha, i)
+            broken += bad
+            lost = lost_now
+            if gap is not None:
+                gaps.append(gap)
+            print(f"  round {i + 1:2}: gap {gap if gap is None else round(gap, 1)} ms, broken {bad}",
+                  flush=True)
+    finally:
+        tear_down(run)
+    gaps.sort()
+    p99 = gaps[min(len(gaps) - 1, int(round(0.99 * (len(gaps) - 1))))] if gaps else float("nan")
+    out = {"rounds": rounds, "measured": len(gaps),
+           "p50_ms": statistics.median(gaps) if gaps else float("nan"), "p99_ms": p99,
+           "max_ms": max(gaps) if gaps else float("nan"), "broken_transfers": broken,
+           "flows_lost": lost}
+    print(f"\nfailover gap over {len(gaps)}/{rounds} kills: p50 {out['p50_ms']:.1f} ms, "
+          f"p99 {out['p99_ms']:.1f} ms, max {out['max_ms']:.1f} ms; broken transfers {broken}, "
+          f"flows lost {lost}")
+    return out
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
