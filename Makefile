@@ -10,7 +10,7 @@ BIN      := $(VENV)/bin
 # Debian package:command pairs the labs and tests use.
 DEB_TOOLS := iproute2:ip ethtool:ethtool tcpdump:tcpdump tshark:tshark iperf3:iperf3 curl:curl
 
-.PHONY: demo test bench deps venv clean
+.PHONY: demo test bench golden deps venv clean
 
 demo: venv deps
 	$(BIN)/amesh demo
@@ -20,6 +20,9 @@ test: venv deps
 
 bench: venv deps
 	$(BIN)/python -m benchmarks
+
+golden: venv
+	$(BIN)/python -m tests.golden.generate
 
 venv: $(VENV)/.installed
 

@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 
 import click
 
+from dataplane.cli_packets import craft_options, spec_from
+
 DEFAULT_LAB = Path(__file__).resolve().parents[1] / "labs" / "default.toml"
 
 
@@ -235,7 +237,7 @@ def capture(lab: str | None, node: str, iface: str, out: str, count: int | None,
     _node(topo, node)
     if shutil.which("tcpdump") is None:
         _fail("tcpdump is not installed (apt-get install tcpdump)")
-    cmd = ["tcpdump", "-i", iface, "-w", os.path.abspath(out), "-U", "-s", "0"]
+    cmd = ["tcpdump", "--immediate-mode", "-i", iface, "-w", os.path.abspath(out), "-U", "-s", "0"]
     if count:
         cmd += ["-c", str(count)]
     cmd += bpf.split()
@@ -397,4 +399,57 @@ def _planned(action: str, doc: str) -> click.Command:
 lab.add_command(_planned("drain", "Stop giving NODE new flows; its pinned flows finish there."))
 lab.add_command(_planned("scale-out", "Bring spare NODE into service (joins, syncs, then leads)."))
 
-COMMANDS = (lab, flows)
+@click.command()
+@lab_option
+@click.argument("node")
+@click.option("--iface", default=None, help="send raw frames out of this interface of NODE")
+@click.option("-r", "--read", "pcap", type=click.Path(exists=True, dir_okay=False),
+              help="send the frames of this pcap instead of crafting")
+@click.option("--paced", is_flag=True, help="keep the pcap's timing (default: as fast as possible)")
+@craft_options
+def send(lab: str | None, node: str, iface: str | None, pcap: str | None, paced: bool,
+         **opts: Any) -> None:
+    """Send crafted packets (the `craft` options) or a pcap into NODE, from
+    inside its namespace: a host sends them out of eth0 (bare IP packets get
+    its MACs; use --encap none), a forwarder receives encapsulated packets on
+    its fabric socket."""
+    from dataplane.lab.packets import SendError, send as send_packets
+    from layers.craft import craft as build
+
+    _state_, topo = _loaded(lab)
+    _node(topo, node)
+    try:
+        what = pcap if pcap else build(spec_from(opts))
+        res = send_packets(topo, node, what, iface=iface, fast=not paced)
+    except (SendError, ValueError) as exc:
+        _fail(str(exc))
+    click.echo(f"sent {res['sent']} packet(s) into {node}"
+               + (f", skipped {res['skipped']} (not UDP)" if res.get("skipped") else ""))
+
+
+@click.command()
+@lab_option
+@click.argument("pcap", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tenant", type=int, default=None, help="replay as this tenant's lab host")
+@click.option("--client-ip", default=None, help="which address of the capture is the client")
+@click.option("--fast", is_flag=True, help="as fast as possible (default: the capture's pacing)")
+@click.option("--capture", "capture_dir", type=click.Path(file_okay=False), default=None,
+              help="record a pcap per hop into this directory")
+def replay(lab: str | None, pcap: str, tenant: int | None, client_ip: str | None, fast: bool,
+           capture_dir: str | None) -> None:
+    """Replay PCAP's client-to-server packets through the lab's chain
+    (addresses and MACs rewritten to the lab's: see dataplane/lab/replay.py)."""
+    from dataplane.lab.packets import SendError
+    from dataplane.lab.replay import ReplayError, host_for_tenant, replay as run_replay
+    from layers.pcap import PcapError
+
+    _state_, topo = _loaded(lab)
+    try:
+        res = run_replay(topo, pcap, host_for_tenant(topo, tenant), client_ip, fast,
+                         Path(capture_dir) if capture_dir else None)
+    except (ReplayError, PcapError, SendError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(res, indent=1))
+
+
+COMMANDS = (lab, flows, send, replay)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -15,54 +17,69 @@ from dataplane import header as wire
 from dataplane.cli_types import CODE, FLAG_LIST, IP_ADDRESS, PORT, U8, U24, U32
 
 
-@click.command()
-@click.option("--src", type=IP_ADDRESS, default="10.1.0.10", show_default=True, help="inner source address")
-@click.option("--dst", type=IP_ADDRESS, default="10.2.0.10", show_default=True, help="inner destination address")
-@click.option("--sport", type=PORT, default=40000, show_default=True, help="source port (ICMP: echo id)")
-@click.option("--dport", type=PORT, default=80, show_default=True)
-@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]), default="tcp", show_default=True)
-@click.option("--tcp-flags", default="S", show_default=True, help="TCP flags, e.g. S, SA, PA, FA")
-@click.option("--client", type=U32, default=1, show_default=True, help="client (tenant) id")
-@click.option("--chain", type=U24, default=1, show_default=True, help="service chain id")
-@click.option("--index", type=U8, default=2, show_default=True, help="service index")
-@click.option("--code", type=CODE, default="auto", show_default=True,
-              help="stream affinity code, or 'auto' to compute it with --secret")
-@click.option("--epoch", type=U32, default=1, show_default=True, help="service map epoch")
-@click.option("--flags", type=FLAG_LIST, default="", help="comma list: oam,rerouted,reverse")
-@click.option("--ttl", type=U8, default=wire.DEFAULT_TTL, show_default=True)
-@click.option("--version", "hdr_version", type=click.IntRange(0, 15), default=wire.VERSION,
-              show_default=True, help="header version (set a wrong one to craft bad packets)")
-@click.option("--length", type=U8, default=None, help="header length in 4-byte words (default: computed)")
-@click.option("--payload", default="", help="payload text")
-@click.option("--payload-hex", default=None, help="payload as hex (overrides --payload)")
-@click.option("--count", type=click.IntRange(1, 100000), default=1, show_default=True)
-@click.option("--encap", type=click.Choice(["udp", "ether", "none"]), default="udp", show_default=True,
-              help="udp: Ether/IP/UDP outer; ether: EtherType 0x88B5; none: inner packet only")
-@click.option("--outer-src", type=IP_ADDRESS, default="10.99.0.1", show_default=True)
-@click.option("--outer-dst", type=IP_ADDRESS, default="10.99.0.2", show_default=True)
-@click.option("--udp-port", type=click.IntRange(1, 65535), default=wire.UDP_PORT, show_default=True)
-@click.option("--secret", default=None, help="mesh secret for --code auto (default: the lab's)")
-@click.option("-w", "--write", "out", type=click.Path(dir_okay=False, writable=True),
-              help="write a pcap instead of printing a hexdump")
-def craft(src: str, dst: str, sport: int, dport: int, proto: str, tcp_flags: str, client: int,
-          chain: int, index: int, code: int | None, epoch: int, flags: list[str], ttl: int,
-          hdr_version: int, length: int | None, payload: str, payload_hex: str | None,
-          count: int, encap: str, outer_src: str, outer_dst: str, udp_port: int,
-          secret: str | None, out: str | None) -> None:
-    """Build packets carrying the affinity header; write a pcap or print a hexdump."""
-    from scapy.utils import hexdump, wrpcap
+def spec_from(opts: dict[str, Any]) -> Any:
+    """A CraftSpec from the `craft_options` values (bad hex is a usage error)."""
+    from layers.craft import DEFAULT_SECRET, CraftSpec
 
-    from layers.craft import DEFAULT_SECRET, CraftSpec, craft as build
-
+    payload_hex, payload = opts.pop("payload_hex"), opts.pop("payload")
     try:
         body = bytes.fromhex(payload_hex) if payload_hex is not None else payload.encode()
     except ValueError:
         raise click.BadParameter("not valid hex", param_hint="--payload-hex") from None
-    spec = CraftSpec(src=src, dst=dst, sport=sport, dport=dport, proto=proto, tcp_flags=tcp_flags,
-                     client=client, chain=chain, index=index, code=code, epoch=epoch, flags=flags,
-                     ttl=ttl, version=hdr_version, length=length, payload=body, count=count,
-                     encap=encap, outer_src=outer_src, outer_dst=outer_dst, udp_port=udp_port,
+    secret = opts.pop("secret")
+    return CraftSpec(**{k: v for k, v in opts.items() if k != "hdr_version"},
+                     version=opts["hdr_version"], payload=body,
                      secret=secret.encode() if secret else DEFAULT_SECRET)
+
+
+def craft_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The packet options shared by `craft` and `send`."""
+    for option in reversed(CRAFT_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+CRAFT_OPTIONS = [
+    click.option("--src", type=IP_ADDRESS, default="10.1.0.10", show_default=True, help="inner source address"),
+    click.option("--dst", type=IP_ADDRESS, default="10.2.0.10", show_default=True, help="inner destination address"),
+    click.option("--sport", type=PORT, default=40000, show_default=True, help="source port (ICMP: echo id)"),
+    click.option("--dport", type=PORT, default=80, show_default=True),
+    click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]), default="tcp", show_default=True),
+    click.option("--tcp-flags", default="S", show_default=True, help="TCP flags, e.g. S, SA, PA, FA"),
+    click.option("--client", type=U32, default=1, show_default=True, help="client (tenant) id"),
+    click.option("--chain", type=U24, default=1, show_default=True, help="service chain id"),
+    click.option("--index", type=U8, default=2, show_default=True, help="service index"),
+    click.option("--code", type=CODE, default="auto", show_default=True,
+                  help="stream affinity code, or 'auto' to compute it with --secret"),
+    click.option("--epoch", type=U32, default=1, show_default=True, help="service map epoch"),
+    click.option("--flags", type=FLAG_LIST, default="", help="comma list: oam,rerouted,reverse"),
+    click.option("--ttl", type=U8, default=wire.DEFAULT_TTL, show_default=True),
+    click.option("--version", "hdr_version", type=click.IntRange(0, 15), default=wire.VERSION,
+                  show_default=True, help="header version (set a wrong one to craft bad packets)"),
+    click.option("--length", type=U8, default=None, help="header length in 4-byte words (default: computed)"),
+    click.option("--payload", default="", help="payload text"),
+    click.option("--payload-hex", default=None, help="payload as hex (overrides --payload)"),
+    click.option("--count", type=click.IntRange(1, 100000), default=1, show_default=True),
+    click.option("--encap", type=click.Choice(["udp", "ether", "none"]), default="udp", show_default=True,
+                  help="udp: Ether/IP/UDP outer; ether: EtherType 0x88B5; none: inner packet only"),
+    click.option("--outer-src", type=IP_ADDRESS, default="10.99.0.1", show_default=True),
+    click.option("--outer-dst", type=IP_ADDRESS, default="10.99.0.2", show_default=True),
+    click.option("--udp-port", type=click.IntRange(1, 65535), default=wire.UDP_PORT, show_default=True),
+    click.option("--secret", default=None, help="mesh secret for --code auto (default: the lab's)"),
+]
+
+
+@click.command()
+@craft_options
+@click.option("-w", "--write", "out", type=click.Path(dir_okay=False, writable=True),
+              help="write a pcap instead of printing a hexdump")
+def craft(out: str | None, **opts: Any) -> None:
+    """Build packets carrying the affinity header; write a pcap or print a hexdump."""
+    from scapy.utils import hexdump, wrpcap
+
+    from layers.craft import craft as build
+
+    spec = spec_from(opts)
     try:
         pkts = build(spec)
         if out:

@@ -65,3 +65,41 @@ def lab():
         yield run
     finally:
         tear_down(run)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def capture(request, lab):
+    """capture(node, iface, bpf="") starts tcpdump there; .stop() gives the
+    packets. The pcaps are kept under tests/artifacts/<test>/ only when the
+    test fails (open them in Wireshark with layers/affinity.lua)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from dataplane.lab.packets import Capture
+
+    base = Path(__file__).parent / "artifacts" / re.sub(r"[^\w.-]", "_", request.node.name)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    caps = []
+
+    def start(node: str, iface: str, bpf: str = ""):
+        cap = Capture(lab.topo, node, iface, base / f"{node}-{iface}.pcap", bpf)
+        caps.append(cap)
+        return cap
+
+    yield start
+    for cap in caps:
+        cap.stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is None or not rep.failed:
+        shutil.rmtree(base, ignore_errors=True)
+        if not any(base.parent.iterdir()):
+            base.parent.rmdir()

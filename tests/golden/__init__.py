@@ -1,0 +1,1 @@
+"""Golden input/expected pcap pairs for the lab (regenerate: `make golden`)."""

@@ -1,0 +1,123 @@
+"""Write the golden input/expected pcap pairs of tests/test_golden.py.
+
+    python -m tests.golden.generate        (or: make golden)
+
+Inputs are crafted here with Scapy; expected outputs are derived here from
+the inputs and the default lab's topology (addresses, MACs, secret, map),
+never recorded from the system under test, so a golden test can fail.
+Cases:
+
+* tcp_session: a client's handshake, data and FIN; expected at the server
+  (MACs of the egress -> server link) and on the ingress -> A hop (outer
+  IP/UDP to the A primary, affinity header chain 1, index 2, the code);
+* return: the server's SYN/ACK and data after the client's SYN; expected at
+  the client (MACs of the ingress -> client link);
+* blocked: a flow whose third packet carries the inspection rule's pattern;
+  expected at the server: the packets before it only;
+* malformed: five bad affinity headers sent into a B instance; expected:
+  nothing forwarded, each counted by reason;
+* steering: a client sending an affinity header to the fabric port; expected:
+  nothing at the server, `steering_attempt` counted at the ingress.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet, Raw
+from scapy.utils import wrpcap
+
+from dataplane import header as wire
+from dataplane.affinity import AffinityHasher
+from dataplane.lab.topology import Topology, load
+from layers.affinity import Affinity
+
+HERE = Path(__file__).resolve().parent
+DEFAULT = HERE.parents[1] / "labs" / "default.toml"
+MALFORMED = {  # reason -> header fields
+    "bad_version": {"version": 7}, "bad_length": {"length": 200}, "ttl_expired": {"ttl": 0},
+    "unknown_chain": {"chain": 99}, "bad_index": {"index": 9},
+}
+
+
+def _client_tcp(topo: Topology, sport: int, flags: str, seq: int, ack: int = 0,
+                load: bytes = b"", dport: int = 7) -> Packet:
+    c, s = topo.hosts["client"], topo.hosts["server"]
+    return (Ether(src=topo.mac_of("client"), dst=topo.mac_of(topo.ingress.name))
+            / IP(src=str(c.address.ip), dst=str(s.address.ip), id=seq & 0xFFFF)
+            / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=64240) / Raw(load))
+
+
+def _server_tcp(topo: Topology, dport: int, flags: str, seq: int, ack: int, load: bytes = b"") -> Packet:
+    c, s = topo.hosts["client"], topo.hosts["server"]
+    return (Ether(src=topo.mac_of("server"), dst=topo.mac_of(topo.egress.name))
+            / IP(src=str(s.address.ip), dst=str(c.address.ip), id=seq & 0xFFFF)
+            / TCP(sport=7, dport=dport, flags=flags, seq=seq, ack=ack, window=64240) / Raw(load))
+
+
+def _at(pkts: list[Packet], src_mac: str, dst_mac: str) -> list[Packet]:
+    """The same packets as seen on another link (only the MACs change)."""
+    out = []
+    for p in pkts:
+        q = Ether(bytes(p))
+        q.src, q.dst = src_mac, dst_mac
+        out.append(q)
+    return out
+
+
+def _fabric(topo: Topology, pkts: list[Packet]) -> list[Packet]:
+    """Ingress -> A hop: outer IP/UDP to the A primary, header chain 1 index 2."""
+    m = topo.build_map()
+    out = []
+    for p in pkts:
+        inner = p[IP]
+        code = AffinityHasher(topo.secret).code_of(1, inner.src, inner[TCP].sport, inner.dst,
+                                                   inner[TCP].dport, 6)
+        a = m.primary("A", code)
+        out.append(Ether() / IP(src=topo.fabric_ip(topo.ingress.name), dst=topo.fabric_ip(a))
+                   / UDP(dport=wire.UDP_PORT) / Affinity(chain=1, index=2, code=code, client=1,
+                                                         epoch=m.epoch) / IP(bytes(inner)))
+    return out
+
+
+def cases(topo: Topology) -> dict[str, dict[str, list[Packet]]]:
+    srv_link = (topo.mac_of(topo.egress.name), topo.mac_of("server"))
+    cli_link = (topo.mac_of(topo.ingress.name), topo.mac_of("client"))
+    session = [_client_tcp(topo, 43000, "S", 1000), _client_tcp(topo, 43000, "A", 1001, 5001),
+               _client_tcp(topo, 43000, "PA", 1001, 5001, b"hello golden"),
+               _client_tcp(topo, 43000, "FA", 1013, 5001)]
+    ret = [_server_tcp(topo, 43100, "SA", 5000, 1001),
+           _server_tcp(topo, 43100, "PA", 5001, 1001, b"reply from the server")]
+    blocked = [_client_tcp(topo, 43200, "S", 2000), _client_tcp(topo, 43200, "A", 2001, 7001),
+               _client_tcp(topo, 43200, "PA", 2001, 7001, b"leak SECRET-TOKEN now"),
+               _client_tcp(topo, 43200, "PA", 2022, 7001, b"and more")]
+    c, s = topo.hosts["client"], topo.hosts["server"]
+    malformed = [Ether() / IP(src="10.99.0.250", dst="10.99.0.12") / UDP(sport=wire.UDP_PORT)
+                 / Affinity(**{"chain": 1, "index": 1, "code": 5, "client": 1, "epoch": 1, **fields})
+                 / IP(src=str(c.address.ip), dst=str(s.address.ip)) / TCP(sport=43300 + i, dport=7)
+                 for i, fields in enumerate(MALFORMED.values())]
+    steering = [Ether(src=topo.mac_of("client"), dst=topo.mac_of(topo.ingress.name))
+                / IP(src=str(c.address.ip), dst=str(s.address.ip)) / UDP(sport=43400, dport=wire.UDP_PORT)
+                / Affinity(chain=1, index=1, code=0xBAD, client=1, epoch=1) / IP() / TCP()]
+    return {
+        "tcp_session": {"in": session, "server": _at(session, *srv_link), "fabric": _fabric(topo, session)},
+        "return": {"in_client_syn": [_client_tcp(topo, 43100, "S", 1000)], "in": ret,
+                   "client": _at(ret, *cli_link)},
+        "blocked": {"in": blocked, "server": _at(blocked[:2], *srv_link)},
+        "malformed": {"in": malformed},
+        "steering": {"in": steering},
+    }
+
+
+def main() -> None:
+    topo = load(DEFAULT)
+    for name, files in cases(topo).items():
+        for kind, pkts in files.items():
+            wrpcap(str(HERE / f"{name}.{kind}.pcap"), pkts)
+            print(f"wrote tests/golden/{name}.{kind}.pcap ({len(pkts)} packets)")
+
+
+if __name__ == "__main__":
+    main()
