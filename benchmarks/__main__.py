@@ -3,16 +3,17 @@
 import json
 import os
 
-from benchmarks import core, sync
+from benchmarks import core, scale, sync
 
-results = {"core": core.main(), "sync": sync.main()}
+results = {"core": core.main(), "sync": sync.main(), "scale": scale.main()}
 if os.geteuid() == 0:
-    from benchmarks import failover, lab
+    from benchmarks import failover, fwd, lab
 
+    results["forwarding"] = fwd.main()
     results["lab"] = lab.main()
     results["failover"] = failover.main()
 else:
-    print("\n(lab goodput and failover gap skipped: they need root)")
+    print("\n(forwarding rate, lab goodput and failover gap skipped: they need root)")
 core.OUT.mkdir(exist_ok=True)
 (core.OUT / "results.json").write_text(json.dumps(results, indent=1))
 print(f"\nwritten {core.OUT / 'results.json'}")

@@ -1,0 +1,108 @@
+"""Forwarding rate of one service instance beside Python baselines, one run.
+
+Three namespaces (sender -> DUT -> sink, veth links, offloads off); each DUT
+program forwards the same stream of small encapsulated UDP packets (1000
+flows) for the same time, and the sink counts what arrives. The table gives
+packets/s and the ratio of the affinity-mesh instance (decap, firewall,
+async sync to a secondary, encap) to each baseline. Needs root.
+`python -m benchmarks.fwd [SECONDS]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from benchmarks.relays import DUT_IN, DUT_OUT, SINK, SRC
+from dataplane import syncwire as sw
+from dataplane.lab import netns
+from tests.conftest import pair_map
+
+NS = {"src": "amp-src", "dut": "amp-dut", "sink": "amp-sink"}
+MODES = ["bare", "instance", "scapy-kept", "scapy-naive"]
+ONLY = os.environ.get("AMESH_FWD_MODES", "").split(",") if os.environ.get("AMESH_FWD_MODES") else MODES
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def _link(a: str, ifa: str, ipa: str, b: str, ifb: str, ipb: str) -> None:
+    with IPRoute(netns=a, flags=0) as ip:
+        ip.link("add", ifname=ifa, kind="veth", peer={"ifname": ifb, "net_ns_fd": b})
+    for ns, ifname, addr in ((a, ifa, ipa), (b, ifb, ipb)):
+        with IPRoute(netns=ns, flags=0) as ip:
+            idx = ip.link_lookup(ifname=ifname)[0]
+            ip.addr("add", index=idx, address=addr, prefixlen=24)
+            ip.link("set", index=idx, state="up")
+            lo = ip.link_lookup(ifname="lo")[0]
+            ip.link("set", index=lo, state="up")
+        netns.run(ns, ["ethtool", "-K", ifname, "rx", "off", "tx", "off", "tso", "off", "gso", "off",
+                       "gro", "off"], capture_output=True)
+
+
+def _py(ns: str, *args: str, **kw: object) -> subprocess.Popen:
+    return netns.spawn(NS[ns], [sys.executable, "-m", *args], env={**os.environ, "PYTHONPATH": ROOT},
+                       **kw)  # type: ignore[arg-type]
+
+
+def run_mode(mode: str, seconds: float, codes: str, mapfile: str) -> float:
+    sink = _py("sink", "benchmarks.relays", "sink", "--seconds", str(seconds + 2.5),
+               stdout=subprocess.PIPE, text=True)
+    extra = []
+    if mode == "instance":
+        extra.append(_py("sink", "dataplane.syncudp", "--map", mapfile, "--me", "bb",
+                         "--listen", f"{SINK}:{sw.SYNC_PORT}", "--peer", f"ba={DUT_OUT}:{sw.SYNC_PORT}",
+                         "--key", "bench-sync-key-0123456789", "--idle", "60",
+                         "--max-seconds", str(seconds + 3), stdout=subprocess.DEVNULL))
+    dut = _py("dut", "benchmarks.relays", mode, "--seconds", str(seconds + 1.5), "--map", mapfile,
+              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    sender = _py("src", "benchmarks.relays", "send", "--seconds", str(seconds), "--codes", codes,
+                 stdout=subprocess.PIPE, text=True)
+    sender.wait(timeout=seconds + 30)
+    out, _ = sink.communicate(timeout=seconds + 30)
+    _, err = dut.communicate(timeout=30)
+    if dut.returncode:
+        print(f"  {mode} failed: {err.strip()[-600:]}", file=sys.stderr)
+    for p in extra:
+        p.kill()
+        p.wait()
+    return json.loads(out.strip().splitlines()[-1])["rate"]
+
+
+def main(seconds: float = 3.0) -> dict[str, float]:
+    m = pair_map()
+    codes = ",".join(str(c) for c in [c for c in range(200_000) if m.primary("B", c) == "ba"][:1000])
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(m.to_json())
+    os.chmod(f.name, 0o644)
+    for ns in NS.values():
+        pr_netns.create(ns)
+    try:
+        _link(NS["src"], "s0", SRC, NS["dut"], "d0", DUT_IN)
+        _link(NS["dut"], "d1", DUT_OUT, NS["sink"], "k0", SINK)
+        rates = {mode: run_mode(mode, seconds, codes, f.name) if mode in ONLY else 0.0 for mode in MODES}
+    finally:
+        for ns in NS.values():
+            if netns.exists(ns):
+                pr_netns.remove(ns)
+        os.unlink(f.name)
+    inst = rates["instance"]
+    print(f"\nforwarding rate of one DUT, small UDP packets, {seconds:.0f} s each, same namespaces")
+    print(f"{'forwarder':<38}{'packets/s':>12}{'instance / this':>17}")
+    labels = {"bare": "bare Python relay (recv/send, no work)", "instance": "affinity-mesh instance",
+              "scapy-kept": "Scapy, kept socket, raw bytes", "scapy-naive": "Scapy sniff + sendp"}
+    for mode in MODES:
+        r = rates[mode]
+        print(f"{labels[mode]:<38}{r:>12,.0f}{inst / r if r else float('inf'):>17.2f}")
+    return rates
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 3.0)

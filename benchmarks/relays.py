@@ -1,0 +1,247 @@
+"""The programs of the forwarding-rate benchmark, each run in its namespace.
+
+``python -m benchmarks.relays MODE --seconds S ...``
+
+* ``send``: blast pre-built encapsulated UDP packets (1000 flows) at the DUT;
+* ``sink``: count what arrives, print JSON {packets, rate};
+* DUT modes, all receiving on 10.98.0.2:6886 and sending to the sink:
+  ``bare`` (recv_into/sendto, no work: the Python limit with one syscall per
+  packet), ``scapy-kept`` (Scapy L2 sockets kept open, raw bytes rewritten),
+  ``scapy-naive`` (sniff + sendp, what a newcomer writes), ``instance``
+  (affinity-mesh's ServiceNode with the firewall and async sync to a
+  secondary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import struct
+import sys
+import time
+
+from dataplane import header as wire
+
+SRC, DUT_IN, DUT_OUT, SINK = "10.98.0.1", "10.98.0.2", "10.98.1.2", "10.98.1.3"
+PORT = wire.UDP_PORT
+FLOWS = 1000
+
+
+def packets(codes: list[int]) -> list[bytes]:
+    out = []
+    for i, code in enumerate(codes[:FLOWS]):
+        inner = _udp4(b"\x0a\x01\x00\x0a", b"\x0a\x02\x00\x0a", 20000 + i, 53, b"q" * 18)
+        out.append(wire.pack(1, 1, code, 1, 1) + inner)
+    return out
+
+
+def _udp4(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src, dst))
+    s = sum(struct.unpack("!10H", ip))
+    s = (s & 0xFFFF) + (s >> 16)
+    struct.pack_into("!H", ip, 10, ~s & 0xFFFF)
+    return bytes(ip) + udp
+
+
+def send(seconds: float, codes: list[int]) -> None:
+    pkts = packets(codes)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    dst = (DUT_IN, PORT)
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        for p in pkts:
+            try:
+                s.sendto(p, dst)
+            except OSError:
+                pass
+        n += len(pkts)
+    print(json.dumps({"sent": n, "rate": n / seconds}), flush=True)
+
+
+def sink(seconds: float) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    s.bind((SINK, PORT))
+    s.settimeout(0.2)
+    buf = bytearray(2048)
+    n, first, last = 0, None, None
+    bins: dict[int, int] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            s.recv_into(buf)
+        except socket.timeout:
+            continue
+        now = time.monotonic()
+        first = first or now
+        last = now
+        n += 1
+        b = int(now * 10)
+        bins[b] = bins.get(b, 0) + 1
+    span = (last - first) if first and last and last > first else 1.0
+    print(json.dumps({"packets": n, "rate": n / span, "bins": sorted(bins.items())}), flush=True)
+
+
+def bare(seconds: float) -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.bind((DUT_IN, PORT))
+    rx.settimeout(0.2)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    buf = bytearray(2048)
+    view = memoryview(buf)
+    dst = (SINK, PORT)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            n = rx.recv_into(buf)
+        except socket.timeout:
+            continue
+        tx.sendto(view[:n], dst)
+
+
+def _hold_port() -> socket.socket:
+    """Bind the fabric port so the kernel does not answer every packet with
+    ICMP port-unreachable while a raw-socket forwarder works."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.bind((DUT_IN, PORT))
+    return s
+
+
+def _macs(iface: str, peer_ip: str) -> tuple[bytes, bytes]:
+    """(our MAC on iface, the peer's MAC), priming ARP with one datagram.
+    (/sys shows the caller's namespace only after a remount: use ioctl.)"""
+    import fcntl
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    mine = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", iface.encode()))[18:24]  # SIOCGIFHWADDR
+    s.sendto(b"arp", (peer_ip, 9))
+    for _ in range(50):
+        for line in open("/proc/net/arp").read().splitlines()[1:]:
+            parts = line.split()
+            if parts[0] == peer_ip and parts[3] != "00:00:00:00:00:00":
+                return mine, bytes.fromhex(parts[3].replace(":", ""))
+        time.sleep(0.02)
+    raise RuntimeError(f"no ARP entry for {peer_ip}")
+
+
+def _rewrite(frame: bytes, src_mac: bytes, dst_mac: bytes) -> bytes:
+    ip = bytearray(frame[14:])
+    ip[12:16], ip[16:20] = socket.inet_aton(DUT_OUT), socket.inet_aton(SINK)
+    ip[10:12] = b"\x00\x00"
+    s = sum(struct.unpack("!10H", ip[:20]))
+    s = (s & 0xFFFF) + (s >> 16)
+    struct.pack_into("!H", ip, 10, ~s & 0xFFFF)
+    ip[26:28] = b"\x00\x00"  # UDP checksum: none
+    return dst_mac + src_mac + b"\x08\x00" + bytes(ip)
+
+
+def scapy_kept(seconds: float) -> None:
+    from scapy.arch.linux import L2Socket
+
+    hold = _hold_port()
+    src_mac, dst_mac = _macs("d1", SINK)
+    rx = L2Socket(iface="d0", filter=f"udp dst port {PORT}")
+    rx.ins.settimeout(0.2)
+    tx = L2Socket(iface="d1")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            _cls, data, _ts = rx.recv_raw()
+        except (socket.timeout, OSError):
+            continue
+        if data:
+            tx.send(_rewrite(data, src_mac, dst_mac))
+    hold.close()
+
+
+def scapy_naive(seconds: float) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.sendrecv import sendp, sniff
+
+    hold = _hold_port()
+    _src, dst_mac = _macs("d1", SINK)
+
+    def fwd(p) -> None:  # type: ignore[no-untyped-def]
+        ip = p[IP]
+        ip.src, ip.dst = DUT_OUT, SINK
+        del ip.chksum
+        del ip[UDP].chksum
+        sendp(Ether(dst=dst_mac.hex(":")) / ip, iface="d1", verbose=0)
+
+    sniff(iface="d0", filter=f"udp dst port {PORT}", prn=fwd, store=False, timeout=seconds)
+    hold.close()
+
+
+def instance(seconds: float, mapfile: str) -> None:
+    import selectors
+
+    from dataplane import syncwire as sw
+    from dataplane.node import ServiceNode
+    from dataplane.replicator import Policy, Replicator
+    from dataplane.servicemap import ServiceMap
+    from dataplane.services import create
+    from dataplane.syncudp import UdpSync
+
+    with open(mapfile) as f:
+        m = ServiceMap.from_json(f.read())
+    node = ServiceNode("ba", m, create("firewall"))
+    rep = Replicator(node, sw.Keyring({1: b"bench-sync-key-0123456789"}, 1), time.time_ns() // 1000,
+                     Policy.ASYNC)
+    sync = UdpSync(rep, (DUT_OUT, sw.SYNC_PORT), {"bb": (SINK, sw.SYNC_PORT)})
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.bind((DUT_IN, PORT))
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dst = (SINK, PORT)
+    sel = selectors.DefaultSelector()
+    sel.register(rx, selectors.EVENT_READ)
+    sel.register(sync.sock, selectors.EVENT_READ)
+    from dataplane.events import Send
+
+    end = time.monotonic() + seconds
+    last_tick = 0.0
+    while (now := time.monotonic()) < end:
+        for key, _ in sel.select(0.001):
+            if key.fileobj is sync.sock:
+                sync.emit(sync.drain(now))
+                continue
+            for _ in range(64):
+                try:
+                    data = rx.recv(2048)
+                except BlockingIOError:
+                    break
+                for ev in sync.emit(rep.process(node.from_fabric(data, "ingress", now), now)):
+                    if isinstance(ev, Send):
+                        tx.sendto(ev.data, dst)
+        if now - last_tick >= 0.001:
+            last_tick = now
+            sync.emit(rep.tick(now))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("mode", choices=["send", "sink", "bare", "scapy-kept", "scapy-naive", "instance"])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--map", default="")
+    ap.add_argument("--codes", default="")
+    args = ap.parse_args(argv)
+    if args.mode == "send":
+        send(args.seconds, [int(c) for c in args.codes.split(",")])
+    elif args.mode == "sink":
+        sink(args.seconds)
+    elif args.mode == "instance":
+        instance(args.seconds, args.map)
+    else:
+        {"bare": bare, "scapy-kept": scapy_kept, "scapy-naive": scapy_naive}[args.mode](args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
