@@ -171,7 +171,7 @@ def status(lab: str | None, as_json: bool) -> None:
                 row["responding"] = False
         nodes.append(row)
     doc = {"lab": state.lab, "topology": state.topology, "namespaces": state.namespaces,
-           "nodes": nodes}
+           "links": _links(topo), "nodes": nodes}
     if as_json:
         click.echo(json.dumps(doc, indent=1))
         return
@@ -186,6 +186,15 @@ def status(lab: str | None, as_json: bool) -> None:
         click.echo(f"  {r['node']:<8} {r['role']:<10} {where:<16} ns {r['netns']}{proc}")
         if "health" in r:
             click.echo("           health: " + ", ".join(f"{k} {v}" for k, v in r["health"].items()))
+
+
+def _links(topo: Any) -> list[dict[str, str]]:
+    """The lab's veth pairs as (namespace, interface) ends."""
+    out = [{"a": f"{topo.netns(n)}:fab0", "b": f"{topo.fabric_ns}:p-{n}", "kind": "fabric"}
+           for n in topo.forwarders()]
+    out += [{"a": f"{topo.netns(h.name)}:eth0", "b": f"{topo.netns(h.attach)}:h-{h.name}", "kind": "host"}
+            for h in topo.hosts.values()]
+    return out
 
 
 @lab.command(name="exec", context_settings={"ignore_unknown_options": True})

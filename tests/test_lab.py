@@ -143,3 +143,31 @@ def test_down_removes_a_healthy_lab():
     assert not any(netns.exists(ns) for ns in state.namespaces)
     assert not any(alive(p) for p in state.processes.values())
     run.close()
+
+
+def test_impair_adds_delay_and_clears(lab):
+    from dataplane.lab import faults
+
+    server = str(lab.topo.hosts["server"].address.ip)
+    base = lab.tool("client", "ping", server, "-c", "3")[0]
+    mode = faults.impair(lab.topo, "ingress", delay_ms=60)
+    try:
+        slow = lab.tool("client", "ping", server, "-c", "3")[0]
+    finally:
+        faults.impair(lab.topo, "ingress")
+    fast = lab.tool("client", "ping", server, "-c", "3")[0]
+    assert mode in ("netem", "userspace (this kernel has no sch_netem)")
+    assert min(slow["rtt_ms"]) >= 60 > max(base["rtt_ms"])
+    assert max(fast["rtt_ms"]) < 60
+
+
+def test_status_json_lists_nodes_links_and_pids(lab):
+    import json as _json
+
+    res = subprocess.run([*AMESH, "lab", "status", "--json"], capture_output=True, text=True)
+    doc = _json.loads(res.stdout)
+    nodes = {n["node"]: n for n in doc["nodes"]}
+    assert set(nodes) == set(lab.topo.all_nodes())
+    assert all(nodes[n]["running"] and nodes[n]["epoch"] for n in lab.topo.forwarders())
+    assert {"a": "am-ba:fab0", "b": "am-fabric:p-ba", "kind": "fabric"} in doc["links"]
+    assert nodes["ctl"]["health"]["ba"] == "alive"

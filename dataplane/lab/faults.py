@@ -19,7 +19,8 @@ from dataplane.lab.state import LabState, alive, signal_proc
 from dataplane.lab.topology import Topology
 
 FABRIC_IF = "fab0"
-EOPNOTSUPP = 95
+NO_NETEM = (2, 95)
+"""ENOENT / EOPNOTSUPP: the kernel has no sch_netem (qdisc kind unknown)."""
 
 
 class FaultError(RuntimeError):
@@ -94,7 +95,7 @@ def impair(topo: Topology, node: str, loss: float = 0.0, delay_ms: float = 0.0,
                       loss=loss, prob_reorder=reorder)
                 return "netem"
     except NetlinkError as exc:
-        if exc.code != EOPNOTSUPP:
+        if exc.code not in NO_NETEM:
             raise FaultError(f"netem on {node}: {exc}") from None
     try:
         ask(topo.name, node, {"cmd": "impair", "loss": loss / 100, "delay": delay_ms / 1000,
