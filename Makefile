@@ -19,6 +19,7 @@ test: venv deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: venv deps
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m benchmarks
 
 golden: venv

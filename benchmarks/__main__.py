@@ -7,13 +7,14 @@ from benchmarks import core, scale, sync
 
 results = {"core": core.main(), "sync": sync.main(), "scale": scale.main()}
 if os.geteuid() == 0:
-    from benchmarks import failover, fwd, lab
+    from benchmarks import failover, fwd, lab, plot
 
     results["forwarding"] = fwd.main()
     results["lab"] = lab.main()
     results["failover"] = failover.main()
+    results["plot"] = str(plot.main())
 else:
-    print("\n(forwarding rate, lab goodput and failover gap skipped: they need root)")
+    print("\n(forwarding rate, lab goodput, failover gap and plot skipped: they need root)")
 core.OUT.mkdir(exist_ok=True)
 (core.OUT / "results.json").write_text(json.dumps(results, indent=1))
 print(f"\nwritten {core.OUT / 'results.json'}")

@@ -5,11 +5,12 @@
 * ``send``: blast pre-built encapsulated UDP packets (1000 flows) at the DUT;
 * ``sink``: count what arrives, print JSON {packets, rate};
 * DUT modes, all receiving on 10.98.0.2:6886 and sending to the sink:
-  ``bare`` (recv_into/sendto, no work: the Python limit with one syscall per
-  packet), ``scapy-kept`` (Scapy L2 sockets kept open, raw bytes rewritten),
-  ``scapy-naive`` (sniff + sendp, what a newcomer writes), ``instance``
-  (affinity-mesh's ServiceNode with the firewall and async sync to a
-  secondary).
+  ``bare`` (recv/sendto, no work: the Python limit with one syscall per
+  packet), ``bare-mmsg`` (the same with recvmmsg/sendmmsg batches),
+  ``scapy-kept`` (Scapy L2 sockets kept open, raw bytes rewritten),
+  ``scapy-naive`` (sniff + sendp, what a newcomer writes), ``instance`` and
+  ``instance-mmsg`` (affinity-mesh's ServiceNode with the firewall and async
+  sync to a secondary, per-packet or batched syscalls).
 """
 
 from __future__ import annotations
@@ -85,22 +86,50 @@ def sink(seconds: float) -> None:
     print(json.dumps({"packets": n, "rate": n / span, "bins": sorted(bins.items())}), flush=True)
 
 
-def bare(seconds: float) -> None:
+def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None) -> None:  # type: ignore[no-untyped-def]
+    """Receive on the fabric port, `work(data, now)` -> datagrams for the
+    sink, send them; one syscall per packet, or recvmmsg/sendmmsg batches."""
+    import selectors
+
+    from dataplane.mmsg import BatchReceiver, BatchSender
+
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     rx.bind((DUT_IN, PORT))
-    rx.settimeout(0.2)
+    rx.setblocking(False)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    buf = bytearray(2048)
-    view = memoryview(buf)
     dst = (SINK, PORT)
+    brx, btx = BatchReceiver(rx), BatchSender(tx)
+    sel = selectors.DefaultSelector()
+    sel.register(rx, selectors.EVENT_READ, None)
+    if extra is not None:
+        sel.register(extra[0], selectors.EVENT_READ, extra[1])
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            n = rx.recv_into(buf)
-        except socket.timeout:
-            continue
-        tx.sendto(view[:n], dst)
+    last_tick = 0.0
+    while (now := time.monotonic()) < end:
+        for key, _ in sel.select(0.001):
+            if key.data is not None:
+                key.data(now)
+                continue
+            if batched:
+                out = [(d, dst) for data, _src in brx.recv() for d in work(data, now)]
+                if out:
+                    btx.send(out)
+                continue
+            for _ in range(64):
+                try:
+                    data = rx.recv(2048)
+                except BlockingIOError:
+                    break
+                for d in work(data, now):
+                    tx.sendto(d, dst)
+        if on_tick is not None and now - last_tick >= 0.001:
+            last_tick = now
+            on_tick(now)
+
+
+def bare(seconds: float, batched: bool = False) -> None:
+    _relay(seconds, lambda data, now: (data,), batched)
 
 
 def _hold_port() -> socket.socket:
@@ -178,10 +207,9 @@ def scapy_naive(seconds: float) -> None:
     hold.close()
 
 
-def instance(seconds: float, mapfile: str) -> None:
-    import selectors
-
+def instance(seconds: float, mapfile: str, batched: bool = False) -> None:
     from dataplane import syncwire as sw
+    from dataplane.events import Send
     from dataplane.node import ServiceNode
     from dataplane.replicator import Policy, Replicator
     from dataplane.servicemap import ServiceMap
@@ -194,40 +222,19 @@ def instance(seconds: float, mapfile: str) -> None:
     rep = Replicator(node, sw.Keyring({1: b"bench-sync-key-0123456789"}, 1), time.time_ns() // 1000,
                      Policy.ASYNC)
     sync = UdpSync(rep, (DUT_OUT, sw.SYNC_PORT), {"bb": (SINK, sw.SYNC_PORT)})
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    rx.bind((DUT_IN, PORT))
-    rx.setblocking(False)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    dst = (SINK, PORT)
-    sel = selectors.DefaultSelector()
-    sel.register(rx, selectors.EVENT_READ)
-    sel.register(sync.sock, selectors.EVENT_READ)
-    from dataplane.events import Send
 
-    end = time.monotonic() + seconds
-    last_tick = 0.0
-    while (now := time.monotonic()) < end:
-        for key, _ in sel.select(0.001):
-            if key.fileobj is sync.sock:
-                sync.emit(sync.drain(now))
-                continue
-            for _ in range(64):
-                try:
-                    data = rx.recv(2048)
-                except BlockingIOError:
-                    break
-                for ev in sync.emit(rep.process(node.from_fabric(data, "ingress", now), now)):
-                    if isinstance(ev, Send):
-                        tx.sendto(ev.data, dst)
-        if now - last_tick >= 0.001:
-            last_tick = now
-            sync.emit(rep.tick(now))
+    def work(data: bytes, now: float) -> list[bytes]:
+        return [ev.data for ev in sync.emit(rep.process(node.from_fabric(data, "ingress", now), now))
+                if isinstance(ev, Send)]
+
+    _relay(seconds, work, batched, on_tick=lambda now: sync.emit(rep.tick(now)),
+           extra=(sync.sock, lambda now: sync.emit(sync.drain(now))))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("mode", choices=["send", "sink", "bare", "scapy-kept", "scapy-naive", "instance"])
+    ap.add_argument("mode", choices=["send", "sink", "bare", "bare-mmsg", "scapy-kept", "scapy-naive",
+                                     "instance", "instance-mmsg"])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--map", default="")
     ap.add_argument("--codes", default="")
@@ -236,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         send(args.seconds, [int(c) for c in args.codes.split(",")])
     elif args.mode == "sink":
         sink(args.seconds)
-    elif args.mode == "instance":
-        instance(args.seconds, args.map)
+    elif args.mode.startswith("instance"):
+        instance(args.seconds, args.map, batched=args.mode.endswith("mmsg"))
+    elif args.mode.startswith("bare"):
+        bare(args.seconds, batched=args.mode.endswith("mmsg"))
     else:
-        {"bare": bare, "scapy-kept": scapy_kept, "scapy-naive": scapy_naive}[args.mode](args.seconds)
+        {"scapy-kept": scapy_kept, "scapy-naive": scapy_naive}[args.mode](args.seconds)
     return 0
 
 
