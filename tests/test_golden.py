@@ -110,3 +110,26 @@ def test_packets_after_a_failover_carry_rerouted_and_the_new_epoch(lab, capture)
     assert got[0].flags.rerouted and got[0].epoch == new_epoch > epoch
     assert not got[1].flags.rerouted and got[1].code == code and got[1].index == 1
     faults.restart(topo, lab.state, primary)       # leave the module's lab whole
+
+
+def test_garbage_on_every_port_is_counted_and_harmless(lab):
+    """Random datagrams to an instance's fabric, sync and control ports."""
+    import os as _os
+
+    from scapy.layers.inet import UDP
+    from scapy.layers.l2 import Ether
+
+    from dataplane import syncwire as sw
+
+    rnd = [_os.urandom(n) for n in (1, 7, 19, 20, 40, 64, 200, 1400) for _ in range(5)]
+    pkts = [Ether() / IP(src="10.99.0.250", dst="10.99.0.12") / UDP(sport=1, dport=port) / data
+            for port in (6886, sw.SYNC_PORT, sw.CONTROL_PORT) for data in rnd]
+    before = lab.ask("ba", "status")
+    send(lab.topo, "ba", pkts)
+    time.sleep(0.3)
+    after = lab.ask("ba", "status")
+    assert after["ready"] and after["pid"] == before["pid"]
+    dropped = sum(after["drops"].values()) - sum(before["drops"].values())
+    assert dropped >= len(rnd) - 1          # every fabric datagram dropped with a reason
+    rejected = sum(sum(p["rejected"].values()) for p in after["sync"]["peers"].values())
+    assert rejected + after["sync"]["counters"].get("unknown_sender", 0) > 0
