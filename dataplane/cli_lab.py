@@ -405,6 +405,18 @@ def _planned(action: str, doc: str) -> click.Command:
     return cmd
 
 
+@lab.command()
+@lab_option
+@click.argument("node")
+@click.option("--peer", required=True, help="the sync peer to bring back in sync")
+def resync(lab: str | None, node: str, peer: str) -> None:
+    """Force a full resync: NODE bulk-sends PEER every flow PEER mirrors for it."""
+    state, topo = _loaded(lab)
+    _node(topo, node)
+    reply = _ask(state.lab, node, {"cmd": "resync", "peer": peer})
+    click.echo(f"{node} -> {peer}: bulk {reply['bulk']} started")
+
+
 lab.add_command(_planned("drain", "Stop giving NODE new flows; its pinned flows finish there."))
 lab.add_command(_planned("scale-out", "Bring spare NODE into service (joins, syncs, then leads)."))
 

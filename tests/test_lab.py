@@ -171,3 +171,13 @@ def test_status_json_lists_nodes_links_and_pids(lab):
     assert all(nodes[n]["running"] and nodes[n]["epoch"] for n in lab.topo.forwarders())
     assert {"a": "am-ba:fab0", "b": "am-fabric:p-ba", "kind": "fabric"} in doc["links"]
     assert nodes["ctl"]["health"]["ba"] == "alive"
+
+
+def test_forced_resync_from_the_command_line(lab):
+    res = subprocess.run([*AMESH, "lab", "resync", "ba", "--peer", "bb"], capture_output=True, text=True)
+    assert res.returncode == 0 and "bulk" in res.stdout, res.stderr
+    time.sleep(0.3)
+    peers = lab.ask("ba", "status")["sync"]["peers"]
+    assert peers["bb"]["stats"].get("bulk_done", 0) >= 1
+    res = subprocess.run([*AMESH, "lab", "resync", "ba", "--peer", "zz"], capture_output=True, text=True)
+    assert res.returncode == 1 and "no sync peer" in res.stderr
