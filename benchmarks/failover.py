@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 
-from dataplane.affinity import AffinityHasher
 from dataplane.lab import faults
 from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
 
@@ -35,8 +34,7 @@ def one_round(run: LabRun, sha: dict[str, str], i: int) -> tuple[float | None, i
         "client", "fetch", run.url("small"), "-n", "10", "--pace", "0.1", "--timeout", "5")))
     t.start()
     time.sleep(0.8)
-    code = AffinityHasher(topo.secret).code_of(1, str(topo.hosts["client"].address.ip), port,
-                                               str(topo.hosts["server"].address.ip), 8080, 6)
+    code = topo.stream_code(port, 8080)
     victim = run.map().primary("B", code)
     t_kill = faults.kill(run.state, victim)
     curl.wait(timeout=60)
@@ -48,9 +46,7 @@ def one_round(run: LabRun, sha: dict[str, str], i: int) -> tuple[float | None, i
     lost = sum(run.ask(inst, "status")["counters"].get("flows_lost", 0)
                for inst in topo.services["B"].members if inst != victim)
     faults.restart(topo, run.state, victim)
-    deadline = time.monotonic() + 10
-    while run.map().instance(victim).state.value != "active" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    run.wait_state((victim,), "active", timeout=10)
     gap = (min(firsts) - t_kill) * 1000 if firsts else None
     return gap, bad, lost
 

@@ -18,32 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from benchmarks.relays import DUT_IN, DUT_OUT, SINK, SRC
 from dataplane import syncwire as sw
 from dataplane.lab import netns
+from dataplane.lab.build import link_pair
 from tests.conftest import pair_map
 
 NS = {"src": "amp-src", "dut": "amp-dut", "sink": "amp-sink"}
 MODES = ["bare", "bare-mmsg", "instance", "instance-mmsg", "scapy-kept", "scapy-naive"]
 ONLY = os.environ.get("AMESH_FWD_MODES", "").split(",") if os.environ.get("AMESH_FWD_MODES") else MODES
 ROOT = str(Path(__file__).resolve().parents[1])
-
-
-def _link(a: str, ifa: str, ipa: str, b: str, ifb: str, ipb: str) -> None:
-    with IPRoute(netns=a, flags=0) as ip:
-        ip.link("add", ifname=ifa, kind="veth", peer={"ifname": ifb, "net_ns_fd": b})
-    for ns, ifname, addr in ((a, ifa, ipa), (b, ifb, ipb)):
-        with IPRoute(netns=ns, flags=0) as ip:
-            idx = ip.link_lookup(ifname=ifname)[0]
-            ip.addr("add", index=idx, address=addr, prefixlen=24)
-            ip.link("set", index=idx, state="up")
-            lo = ip.link_lookup(ifname="lo")[0]
-            ip.link("set", index=lo, state="up")
-        netns.run(ns, ["ethtool", "-K", ifname, "rx", "off", "tx", "off", "tso", "off", "gso", "off",
-                       "gro", "off"], capture_output=True)
 
 
 def _py(ns: str, *args: str, **kw: object) -> subprocess.Popen:
@@ -85,8 +71,8 @@ def main(seconds: float = 3.0) -> dict[str, float]:
     for ns in NS.values():
         pr_netns.create(ns)
     try:
-        _link(NS["src"], "s0", SRC, NS["dut"], "d0", DUT_IN)
-        _link(NS["dut"], "d1", DUT_OUT, NS["sink"], "k0", SINK)
+        link_pair(NS["src"], "s0", SRC, NS["dut"], "d0", DUT_IN)
+        link_pair(NS["dut"], "d1", DUT_OUT, NS["sink"], "k0", SINK)
         rates = {mode: run_mode(mode, seconds, codes, f.name) if mode in ONLY else 0.0 for mode in MODES}
     finally:
         for ns in NS.values():

@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from dataplane.affinity import AffinityHasher
 from dataplane.lab import faults
 from dataplane.lab.session import DEFAULT, bring_up, tear_down
 
@@ -37,8 +36,7 @@ def main() -> Path:
                                       "--cport", str(CPORT)], stdout=subprocess.PIPE, text=True)
         t0 = time.time()
         time.sleep(3.0)
-        code = AffinityHasher(topo.secret).code_of(1, str(topo.hosts["client"].address.ip), CPORT,
-                                                   server, 5201, 6)
+        code = topo.stream_code(CPORT, 5201)
         victim = run.map().primary("B", code)
         t_kill = faults.kill(run.state, victim) - t0
         out, _ = client.communicate(timeout=60)

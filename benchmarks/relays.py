@@ -23,6 +23,7 @@ import sys
 import time
 
 from dataplane import header as wire
+from dataplane.packet import checksum
 
 SRC, DUT_IN, DUT_OUT, SINK = "10.98.0.1", "10.98.0.2", "10.98.1.2", "10.98.1.3"
 PORT = wire.UDP_PORT
@@ -40,9 +41,7 @@ def packets(codes: list[int]) -> list[bytes]:
 def _udp4(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src, dst))
-    s = sum(struct.unpack("!10H", ip))
-    s = (s & 0xFFFF) + (s >> 16)
-    struct.pack_into("!H", ip, 10, ~s & 0xFFFF)
+    struct.pack_into("!H", ip, 10, checksum(ip))
     return bytes(ip) + udp
 
 
@@ -162,9 +161,7 @@ def _rewrite(frame: bytes, src_mac: bytes, dst_mac: bytes) -> bytes:
     ip = bytearray(frame[14:])
     ip[12:16], ip[16:20] = socket.inet_aton(DUT_OUT), socket.inet_aton(SINK)
     ip[10:12] = b"\x00\x00"
-    s = sum(struct.unpack("!10H", ip[:20]))
-    s = (s & 0xFFFF) + (s >> 16)
-    struct.pack_into("!H", ip, 10, ~s & 0xFFFF)
+    struct.pack_into("!H", ip, 10, checksum(ip[:20]))
     ip[26:28] = b"\x00\x00"  # UDP checksum: none
     return dst_mac + src_mac + b"\x08\x00" + bytes(ip)
 

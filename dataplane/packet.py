@@ -177,16 +177,17 @@ def tcp_reset(p: Inner) -> bytes:
         pseudo = p.dst + p.src + struct.pack("!BBH", 0, TCP, len(seg))
     else:
         pseudo = p.dst + p.src + struct.pack("!IxxxB", len(seg), TCP)
-    struct.pack_into("!H", seg, 16, _checksum(pseudo + seg))
+    struct.pack_into("!H", seg, 16, checksum(pseudo + seg))
     if p.family == 4:
         ip = bytearray(_V4.pack(0x45, 0, 20 + len(seg), 0, 0x4000, 64, TCP, 0, p.dst, p.src))
-        struct.pack_into("!H", ip, 10, _checksum(ip))
+        struct.pack_into("!H", ip, 10, checksum(ip))
     else:
         ip = bytearray(struct.pack("!IHBB", 6 << 28, len(seg), TCP, 64) + p.dst + p.src)
     return bytes(ip + seg)
 
 
-def _checksum(data: bytes | bytearray) -> int:
+def checksum(data: bytes | bytearray) -> int:
+    """The Internet checksum (RFC 1071) of `data`."""
     if len(data) % 2:
         data = bytes(data) + b"\x00"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))

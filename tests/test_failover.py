@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from scapy.utils import rdpcap
 
-from dataplane.affinity import AffinityHasher
 from dataplane.lab import faults
 from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
 from tests.conftest import need_root
@@ -61,24 +60,8 @@ class Transfers:
         return row["error"] is None and row["sha256"] == self.run.sha
 
 
-def code(run: LabRun, port: int, dport: int = 8080) -> int:
-    t = run.topo
-    return AffinityHasher(t.secret).code_of(1, str(t.hosts["client"].address.ip), port,
-                                            str(t.hosts["server"].address.ip), dport, 6)
-
-
 def leaders(run: LabRun, service_instances: tuple[str, ...]) -> dict[str, int]:
     return {i: sum(f["role"] == "primary" for f in run.flows(i)) for i in service_instances}
-
-
-def wait_epoch(run: LabRun, above: int, timeout: float = 3.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        epoch = run.map().epoch
-        if epoch > above:
-            return epoch
-        time.sleep(0.02)
-    raise AssertionError(f"no map epoch above {above} within {timeout} s")
 
 
 def counters(run: LabRun, nodes: tuple[str, ...], key: str, where: str = "counters") -> int:
@@ -135,7 +118,7 @@ def test_control_without_sync_breaks_exactly_the_affected_transfers(fresh):
     victim = max(leaders(fresh, B).items(), key=lambda kv: kv[1])[0]
     faults.kill(fresh.state, victim)
     rows = tr.join()
-    affected = {r["i"] for r in rows if m.primary("B", code(fresh, r["port"])) == victim}
+    affected = {r["i"] for r in rows if m.primary("B", fresh.topo.stream_code(r["port"], 8080)) == victim}
     broken = {r["i"] for r in rows if not tr.ok(r)}
     assert affected and broken == affected
     assert counters(fresh, tuple(i for i in B if i != victim), "misdelivery", "drops") > 0
@@ -149,7 +132,7 @@ def test_secondary_then_new_primary_die_flows_survive_both(fresh):
     second = max(set(secs), key=secs.count)
     epoch = m.epoch
     faults.kill(fresh.state, second)                  # the secondary first
-    wait_epoch(fresh, epoch)
+    fresh.wait_epoch(epoch)
     time.sleep(0.3)                                   # the new secondaries get their bulk
     faults.kill(fresh.state, victim)                  # then the primary
     rows = tr.join()
@@ -170,7 +153,7 @@ def test_partition_then_heal_no_split_brain_no_lost_flow(fresh):
     victim = max(leaders(fresh, B).items(), key=lambda kv: kv[1])[0]
     epoch = fresh.map().epoch
     faults.partition(fresh.topo, victim)
-    wait_epoch(fresh, epoch)
+    fresh.wait_epoch(epoch)
     time.sleep(0.5)
     faults.heal(fresh.topo, victim)
     rows = tr.join()
@@ -178,10 +161,7 @@ def test_partition_then_heal_no_split_brain_no_lost_flow(fresh):
     st = fresh.ask(victim, "status")
     assert st["counters"].get("declared_dead", 0) == 1     # it learnt it was dead and stopped
     assert st["flow_table"].get("discarded_declared_dead", 0) > 0
-    deadline = time.monotonic() + 5
-    while fresh.map().instance(victim).state.value != "active" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert fresh.map().instance(victim).state.value == "active"   # rejoined as new, then in sync
+    assert fresh.wait_state((victim,), "active")   # rejoined as new, then in sync
 
 
 def test_restart_and_scale_out_lose_no_established_flow(fresh):
@@ -194,17 +174,14 @@ def test_restart_and_scale_out_lose_no_established_flow(fresh):
     assert fresh.map().instance("bd").state.value in ("joining", "active")
     rows = tr.join()
     assert [r for r in rows if not tr.ok(r)] == []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(
-            fresh.map().instance(n).state.value != "active" for n in (victim, "bd")):
-        time.sleep(0.1)
+    fresh.wait_state((victim, "bd"), "active")
     m = fresh.map()
     assert m.epoch > epoch and m.instance("bd").state.value == "active"
     assert m.instance(victim).state.value == "active"
     after = Transfers(fresh, n=30, pace=0)
     rows = after.join()
     assert all(after.ok(r) for r in rows)
-    users = {m.primary("B", code(fresh, r["port"])) for r in rows}
+    users = {m.primary("B", fresh.topo.stream_code(r["port"], 8080)) for r in rows}
     assert "bd" in users and victim in users
 
 
@@ -221,7 +198,7 @@ def test_double_failure_counts_lost_flows_and_new_connections_work(fresh):
     faults.kill(fresh.state, p)
     faults.kill(fresh.state, s)
     rows = tr.join()
-    both = {r["i"] for r in rows if m.candidates("B", code(fresh, r["port"]))[:2] == [p, s]}
+    both = {r["i"] for r in rows if m.candidates("B", fresh.topo.stream_code(r["port"], 8080))[:2] == [p, s]}
     broken = {r["i"] for r in rows if not tr.ok(r)}
     assert both and both <= broken
     survivor = next(i for i in B if i not in (p, s))
@@ -240,7 +217,7 @@ def test_pattern_split_across_the_failover_is_still_caught(fresh, policy):
                            "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     port = 47000
-    victim = fresh.map().primary("A", code(fresh, port, 9000))
+    victim = fresh.map().primary("A", fresh.topo.stream_code(port, 9000))
     client = fresh.spawn("client", [sys.executable, str(fresh_tools() / "chunks.py"), server,
                                     "--local-port", str(port), "--pause", "1.5",
                                     "hello SECRET-", "TOKEN and more"],
@@ -275,4 +252,4 @@ def test_controller_restart_does_not_disturb_forwarding(fresh):
     epoch = fresh.map().epoch
     assert epoch == max(epochs.values())                       # resumed from its store
     faults.kill(fresh.state, "bc")
-    assert wait_epoch(fresh, epoch) > epoch                    # and still detects failures
+    assert fresh.wait_epoch(epoch) > epoch                    # and still detects failures

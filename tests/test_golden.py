@@ -14,7 +14,6 @@ from pathlib import Path
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
-from dataplane.affinity import AffinityHasher
 from dataplane.lab import faults
 from dataplane.lab.packets import send
 from layers.affinity import Affinity
@@ -34,7 +33,7 @@ def from_client(pkts: list) -> list:
 
 def test_tcp_session_through_the_chain(lab, capture):
     m = lab.map()
-    code = AffinityHasher(lab.topo.secret).code_of(1, "10.1.0.10", 43000, "10.2.0.10", 7, 6)
+    code = lab.topo.stream_code(43000, 7)
     a = m.primary("A", code)
     server = capture("server", "eth0", "src host 10.1.0.10")
     hop = capture(a, "fab0", f"udp port 6886 and dst host {lab.topo.fabric_ip(a)}")
@@ -90,7 +89,7 @@ def test_packets_after_a_failover_carry_rerouted_and_the_new_epoch(lab, capture)
     from tests.golden.generate import _client_tcp
 
     topo = lab.topo
-    code = AffinityHasher(topo.secret).code_of(1, "10.1.0.10", 43500, "10.2.0.10", 7, 6)
+    code = topo.stream_code(43500, 7)
     m = lab.map()
     primary, secondary = m.primary("B", code), m.secondary("B", code)
     send(topo, "client", [_client_tcp(topo, 43500, "S", 3000)])
@@ -98,10 +97,7 @@ def test_packets_after_a_failover_carry_rerouted_and_the_new_epoch(lab, capture)
     hop = capture(secondary, "fab0", f"udp port 6886 and dst host {topo.fabric_ip(secondary)}")
     epoch = m.epoch
     faults.kill(lab.state, primary)
-    deadline = time.monotonic() + 3
-    while lab.map().epoch == epoch and time.monotonic() < deadline:
-        time.sleep(0.02)
-    new_epoch = lab.map().epoch
+    new_epoch = lab.wait_epoch(epoch)
     time.sleep(0.2)
     send(topo, "client", [_client_tcp(topo, 43500, "A", 3001, 9001),
                           _client_tcp(topo, 43500, "PA", 3001, 9001, b"after the failover")])

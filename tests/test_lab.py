@@ -13,7 +13,6 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.utils import rdpcap
 
-from dataplane.affinity import AffinityHasher
 from dataplane.lab import build, netns
 from dataplane.lab.state import LabState, alive, run_dir
 from layers.affinity import Affinity
@@ -28,12 +27,6 @@ SMALL = os.urandom(200 * 1024)
 @pytest.fixture(scope="module")
 def served(lab):
     return lab.http_server({"blob": BLOB, "small": SMALL})
-
-
-def code_of(lab, sport: int, dport: int = 8080) -> int:
-    topo = lab.topo
-    return AffinityHasher(topo.secret).code_of(1, str(topo.hosts["client"].address.ip), sport,
-                                               str(topo.hosts["server"].address.ip), dport, 6)
 
 
 def holders(lab, code: int) -> dict[str, dict]:
@@ -54,7 +47,7 @@ def test_20mb_download_crosses_one_instance_per_service_both_ways(lab, served):
     assert code_http == "200", res.stderr
     assert hashlib.sha256((lab.tmp / "got").read_bytes()).hexdigest() == served["blob"]
     print(f"\n20 MB through the chain at {float(speed) * 8 / 1e6:.0f} Mbit/s")
-    code = code_of(lab, 45000)
+    code = lab.topo.stream_code(45000, 8080)
     held = holders(lab, code)
     m = lab.map()
     a = [i for i in held if i in lab.topo.services["A"].instances]
@@ -74,7 +67,7 @@ def test_50_concurrent_connections_spread_by_the_map(lab, served):
     m = lab.map()
     used = {"A": set(), "B": set()}
     for r in rows:
-        code = code_of(lab, r["port"])
+        code = lab.topo.stream_code(r["port"], 8080)
         held = holders(lab, code)
         for svc in ("A", "B"):
             inst = [i for i in held if i in lab.topo.services[svc].instances]
@@ -102,7 +95,7 @@ def test_fabric_capture_dissects_every_layer(lab, served):
     first = pkts[0]
     assert IP in first and UDP in first and first[UDP].dport == 6886
     hdr = first[Affinity]
-    assert hdr.code == code_of(lab, 45100) and hdr.index == 2 and hdr.chain == 1 and hdr.client == 1
+    assert hdr.code == lab.topo.stream_code(45100, 8080) and hdr.index == 2 and hdr.chain == 1 and hdr.client == 1
     assert isinstance(hdr.payload, IP) and hdr[TCP].flags == "S"
 
 

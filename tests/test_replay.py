@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
 from dataplane.lab import netns
+from dataplane.lab.build import link_pair
 from dataplane.lab.replay import ReplayError, replay, rewrite
 from dataplane.lab.session import TOOLS
 from tests.golden.compare import assert_packets
@@ -40,15 +40,7 @@ def recorded(tmp_path_factory, lab):
         pr_netns.create(ns)
     procs = []
     try:
-        with IPRoute(netns=A, flags=0) as ip:
-            ip.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": B})
-        for ns, addr in ((A, CLIENT_IP), (B, SERVER_IP)):
-            with IPRoute(netns=ns, flags=0) as ip:
-                idx = ip.link_lookup(ifname="eth0")[0]
-                ip.addr("add", index=idx, address=addr, prefixlen=24)
-                ip.link("set", index=idx, state="up")
-            netns.run(ns, ["ethtool", "-K", "eth0", "rx", "off", "tx", "off", "tso", "off",
-                           "gso", "off", "gro", "off"], capture_output=True)
+        link_pair(A, "eth0", CLIENT_IP, B, "eth0", SERVER_IP)
         procs.append(netns.spawn(B, [sys.executable, str(TOOLS / "serve.py"), "--bind", SERVER_IP,
                                      "--port", "8080", "--directory", str(out / "www")],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

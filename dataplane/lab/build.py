@@ -156,9 +156,27 @@ def _offloads_off(topo: Topology) -> None:
     for h in topo.hosts.values():
         links += [(topo.netns(h.name), "eth0"), (topo.netns(h.attach), f"h-{h.name}")]
     for ns, ifname in links:
-        res = netns.run(ns, ["ethtool", "-K", ifname, *OFFLOADS], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise LabError(f"ethtool -K {ifname} in {ns} failed: {res.stderr.strip()}")
+        offloads_off(ns, ifname)
+
+
+def offloads_off(ns: str, ifname: str) -> None:
+    """Checksum offload, TSO, GSO and GRO off on one interface of a namespace."""
+    res = netns.run(ns, ["ethtool", "-K", ifname, *OFFLOADS], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise LabError(f"ethtool -K {ifname} in {ns} failed: {res.stderr.strip()}")
+
+
+def link_pair(a: str, ifa: str, ipa: str, b: str, ifb: str, ipb: str, prefixlen: int = 24) -> None:
+    """A veth between namespaces `a` and `b`, addressed, up, offloads off
+    (for test and benchmark topologies outside a lab file)."""
+    with IPRoute(netns=a, flags=0) as ip:
+        ip.link("add", ifname=ifa, kind="veth", peer={"ifname": ifb, "net_ns_fd": b})
+    for ns, ifname, addr in ((a, ifa, ipa), (b, ifb, ipb)):
+        with IPRoute(netns=ns, flags=0) as ip:
+            idx = _up(ip, ifname)
+            ip.addr("add", index=idx, address=addr, prefixlen=prefixlen)
+            _up(ip, "lo")
+        offloads_off(ns, ifname)
 
 
 def start_node(topo: Topology, state: LabState, node: str) -> Proc:

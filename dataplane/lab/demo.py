@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dataplane.affinity import AffinityHasher
 from dataplane.lab import faults
 from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
 
@@ -80,8 +79,7 @@ def _transfers_with_a_kill(run: LabRun, res: DemoResult, connections: int, size_
     fetcher.start()
     time.sleep(1.5)
     topo = run.topo
-    code = AffinityHasher(topo.secret).code_of(1, str(topo.hosts["client"].address.ip), DOWNLOAD_PORT,
-                                               str(topo.hosts["server"].address.ip), 8080, 6)
+    code = topo.stream_code(DOWNLOAD_PORT, 8080)
     m = run.map()
     res.primary, res.secondary = m.primary("B", code) or "", m.secondary("B", code) or ""
     progress(f"the download (code 0x{code:08x}) is led by {res.primary}, mirrored to {res.secondary}")

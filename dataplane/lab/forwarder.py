@@ -49,7 +49,7 @@ from dataplane.header import UDP_PORT
 from dataplane.lab.topology import Topology, load
 from dataplane.liveness import Declared, FailureDetector
 from dataplane.node import EgressNode, IngressNode, ServiceNode
-from dataplane.replicator import Policy, Replicator, SyncSend
+from dataplane.replicator import Policy, Replicator
 from dataplane.servicemap import InstanceState, ServiceMap
 from dataplane.services import create
 from dataplane.syncchannel import SyncConfig

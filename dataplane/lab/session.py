@@ -89,6 +89,26 @@ class LabRun:
 
         return ServiceMap.from_dict(self.ask(self.topo.controller, "map")["map"])
 
+    def wait_epoch(self, above: int, timeout: float = 3.0) -> int:
+        """Wait until the controller publishes an epoch above `above`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            epoch = self.map().epoch
+            if epoch > above:
+                return epoch
+            time.sleep(0.02)
+        raise TimeoutError(f"no map epoch above {above} within {timeout} s")
+
+    def wait_state(self, nodes: tuple[str, ...], state: str, timeout: float = 5.0) -> bool:
+        """Wait until every instance in `nodes` has `state` in the map."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self.map()
+            if all(m.instance(n).state.value == state for n in nodes):
+                return True
+            time.sleep(0.05)
+        return False
+
     def stop_procs(self) -> None:
         for p in self.procs:
             if p.poll() is None:

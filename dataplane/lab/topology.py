@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataplane.affinity import AffinityHasher
 from dataplane.node import EGRESS, INGRESS
 from dataplane.servicemap import Chain, Instance, InstanceState, ServiceMap, Tenant
 from dataplane.services import create
@@ -123,6 +124,12 @@ class Topology:
             return "02:a2:00:00:00:02"
         i = list(self.hosts).index(node) + 1
         return f"02:a1:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
+
+    def stream_code(self, sport: int, dport: int, proto: int = 6, host: str = "client",
+                    server: str = "server", client: int = 1) -> int:
+        """The affinity code of a stream from `host` to `server` (tenant `client`)."""
+        return AffinityHasher(self.secret).code_of(client, str(self.hosts[host].address.ip), sport,
+                                                   str(self.hosts[server].address.ip), dport, proto)
 
     def service_of(self, node: str) -> ServiceSpec | None:
         return next((s for s in self.services.values() if node in s.members), None)
