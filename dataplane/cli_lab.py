@@ -300,7 +300,7 @@ def flows(lab: str | None, node: str, as_json: bool) -> None:
             " ".join(f"{k}={v}" for k, v in st.items() if k in ("kind", "state", "action", "app", "matched"))
         click.echo(f"  chain {f['chain']} code {f['code']} proto {f['proto']} {f['lo']} <> {f['hi']} "
                    f"{f['role']} v{f['version']} pkts {f['packets']} (rev {f['rev_packets']}) "
-                   f"next {f['fwd_hop']} back {f['prev_hop'] or f['rev_hop']} {summary}")
+                   f"next {f['fwd_hop']} back {f['prev_hop']} {summary}")
 
 
 @click.command(name="show")

@@ -46,7 +46,6 @@ class FlowUpdate:
     state: bytes = b""
     deleted: bool = False
     fwd_hop: str | None = None
-    rev_hop: str | None = None
     prev_hop: str | None = None
     timeout: float = 60.0
 

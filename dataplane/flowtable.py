@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT = 60.0
 class FlowEntry:
     """One flow's state on one instance."""
 
-    __slots__ = ("key", "version", "state", "fwd_hop", "rev_hop", "prev_hop", "packets", "rev_packets",
+    __slots__ = ("key", "version", "state", "fwd_hop", "prev_hop", "packets", "rev_packets",
                  "bytes", "created", "last_seen", "timeout", "replica", "promoted")
 
     def __init__(self, key: FlowKey, now: float, state: Any = None) -> None:
@@ -43,10 +43,8 @@ class FlowEntry:
         self.state = state
         self.fwd_hop: str | None = None
         """Pinned next hop toward the server."""
-        self.rev_hop: str | None = None
-        """Pinned next hop toward the client."""
         self.prev_hop: str | None = None
-        """Where forward packets came from (the way back for replies)."""
+        """Where forward packets came from: the pinned next hop toward the client."""
         self.packets = 0
         self.rev_packets = 0
         """Of `packets`, those in the server-to-client direction."""
@@ -65,7 +63,7 @@ class FlowEntry:
 
     def __repr__(self) -> str:
         return (f"FlowEntry(code=0x{self.key[1]:08x} v{self.version} pkts={self.packets} "
-                f"fwd={self.fwd_hop} rev={self.rev_hop} replica={self.replica})")
+                f"fwd={self.fwd_hop} prev={self.prev_hop} replica={self.replica})")
 
 
 class FlowTable:

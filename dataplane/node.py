@@ -84,19 +84,19 @@ class Node:
             return hop, True
         return hop, False
 
-    def _parse(self, data: bytes | memoryview, offset: int = 0) -> Inner | None:
+    def _parse(self, data: bytes | memoryview, offset: int = 0) -> Inner | Drop:
+        """The inner packet, or the counted Drop that refuses it."""
         try:
             return parse(data, offset)
         except PacketError as exc:
-            self.drops[exc.reason] += 1
-            return None
+            return self._drop(exc.reason)[0]
 
-    def _decode(self, data: bytes) -> wire.Header | None:
+    def _decode(self, data: bytes) -> wire.Header | Drop:
+        """The affinity header, or the counted Drop that refuses it."""
         try:
             h = wire.decode(data)
         except HeaderError as exc:
-            self.drops[exc.reason] += 1
-            return None
+            return self._drop(exc.reason)[0]
         if h.epoch < self.map.epoch:
             self.counters["older_epoch"] += 1
         return h
@@ -131,8 +131,8 @@ class ServiceNode(Node):
     def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
         """An encapsulated packet from upstream (or downstream, for replies)."""
         h = self._decode(data)
-        if h is None:
-            return [Drop("header")]
+        if isinstance(h, Drop):
+            return [h]
         if h.flags & _OAM:
             self.counters["oam"] += 1
             return []
@@ -147,8 +147,8 @@ class ServiceNode(Node):
         if chain.services[pos] != self.service_name:
             return self._drop("wrong_service")
         inner = self._parse(data, h.length)
-        if inner is None:
-            return [Drop("inner")]
+        if isinstance(inner, Drop):
+            return [inner]
         key, _ = flow_key(h.chain, h.code, inner)
         entry = self.flows.lookup(key, now)
         events: list[Event] = []
@@ -242,7 +242,7 @@ class ServiceNode(Node):
         """The mirror form of an entry (also used by bulk sync)."""
         return FlowUpdate(entry.key, entry.version,
                           b"" if deleted else self.service.encode_state(entry.state),
-                          deleted, entry.fwd_hop, entry.rev_hop, entry.prev_hop, entry.timeout)
+                          deleted, entry.fwd_hop, entry.prev_hop, entry.timeout)
 
     def apply_update(self, update: FlowUpdate, now: float) -> bool:
         """Apply a mirrored update if newer than what this node holds."""
@@ -264,7 +264,7 @@ class ServiceNode(Node):
             entry.replica = True
         entry.state = state
         entry.version = update.version
-        entry.fwd_hop, entry.rev_hop, entry.prev_hop = update.fwd_hop, update.rev_hop, update.prev_hop
+        entry.fwd_hop, entry.prev_hop = update.fwd_hop, update.prev_hop
         entry.timeout = update.timeout
         self.flows.touch(update.key, now)
         self.counters["updates_applied"] += 1
@@ -300,8 +300,8 @@ class IngressNode(Node):
 
     def from_client(self, data: bytes, now: float) -> list[Event]:
         inner = self._parse(data)
-        if inner is None:
-            return [Drop("inner")]
+        if isinstance(inner, Drop):
+            return [inner]
         if inner.proto == UDP and self.udp_port in (inner.dport, inner.sport):
             return self._drop("steering_attempt")
         key, _ = flow_key(0, 0, inner)
@@ -330,8 +330,8 @@ class IngressNode(Node):
 
     def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
         h = self._decode(data)
-        if h is None:
-            return [Drop("header")]
+        if isinstance(h, Drop):
+            return [h]
         if not h.flags & _REVERSE or h.index != 0:
             return self._drop("bad_index")
         self.counters["delivered"] += 1
@@ -344,13 +344,13 @@ class EgressNode(Node):
 
     def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
         h = self._decode(data)
-        if h is None:
-            return [Drop("header")]
+        if isinstance(h, Drop):
+            return [h]
         if h.flags & _REVERSE or h.index != 0:
             return self._drop("bad_index")
         inner = self._parse(data, h.length)
-        if inner is None:
-            return [Drop("inner")]
+        if isinstance(inner, Drop):
+            return [inner]
         key, _ = flow_key(0, 0, inner)
         entry = self.flows.lookup(key, now)
         if entry is None:
@@ -358,15 +358,15 @@ class EgressNode(Node):
             entry.timeout = EDGE_TIMEOUT
         entry.state = (h.client, h.chain, h.code)
         if src is not None:
-            entry.rev_hop = src
+            entry.prev_hop = src
         entry.packets += 1
         self.counters["delivered"] += 1
         return [Deliver(data[h.length:])]
 
     def from_server(self, data: bytes, now: float) -> list[Event]:
         inner = self._parse(data)
-        if inner is None:
-            return [Drop("inner")]
+        if isinstance(inner, Drop):
+            return [inner]
         key, _ = flow_key(0, 0, inner)
         entry = self.flows.lookup(key, now)
         if entry is None:
@@ -375,10 +375,10 @@ class EgressNode(Node):
         chain = self.map.chains.get(chain_id)
         if chain is None:
             return self._drop("unknown_chain")
-        hop, rerouted = self._next_hop(chain.services[-1], code, entry.rev_hop)
+        hop, rerouted = self._next_hop(chain.services[-1], code, entry.prev_hop)
         if hop is None:
             return self._drop("no_instance")
-        entry.rev_hop = hop
+        entry.prev_hop = hop
         flags = _REVERSE | (_REROUTED if rerouted else 0)
         hdr = wire.pack(chain_id, len(chain.services), code, client, self.map.epoch, flags)
         self.counters["encapsulated"] += 1

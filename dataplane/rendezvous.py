@@ -41,25 +41,20 @@ def rank(service: str, instances: list[str], buckets: int, depth: int) -> list[a
 
     Returns `depth` arrays; `out[r][b]` is the r-th candidate of bucket b, or
     0xFFFF when fewer than r+1 instances exist. Ties (equal weights) go to the
-    smaller name so every process builds the same table.
+    instance listed first, so callers pass a sorted list and every process
+    builds the same table.
     """
-    names = sorted(instances)
-    order = [instances.index(n) for n in names]
-    cols = [weights(service, n, buckets) for n in names]
-    depth_here = min(depth, len(names))
+    cols = [weights(service, n, buckets) for n in instances]
+    depth_here = min(depth, len(instances))
     out = [array("H", [0xFFFF]) * buckets for _ in range(depth)]
-    if not names:
-        return out
+    idx = range(len(instances))
     if depth_here == 1:
         prim = out[0]
-        idx = range(len(names))
         for b, row in enumerate(zip(*cols)):
-            prim[b] = order[max(idx, key=row.__getitem__)]
-        return out
-    idx = range(len(names))
-    for b, row in enumerate(zip(*cols)):
-        # stable sort on -weight keeps name order for ties
-        best = sorted(idx, key=lambda i, row=row: -row[i])[:depth_here]
-        for r, i in enumerate(best):
-            out[r][b] = order[i]
+            prim[b] = max(idx, key=row.__getitem__)
+    elif depth_here > 1:
+        for b, row in enumerate(zip(*cols)):
+            # stable sort on -weight keeps list order for ties
+            for r, i in enumerate(sorted(idx, key=lambda i, row=row: -row[i])[:depth_here]):
+                out[r][b] = i
     return out

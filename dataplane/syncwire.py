@@ -43,7 +43,7 @@ HELLO        1   peer incarnation seen (u64, 0 = none); next seq (u64);
 HEARTBEAT    2   sender's clock (u64 us)
 ACK          3   cumulative: every reliable seq below this was received (u64)
 NACK         4   n x (first u64, last u64) ranges missing
-FLOW_UPSERT  6   flow key, version u64, timeout ms u32, 3 hops, state
+FLOW_UPSERT  6   flow key, version u64, timeout ms u32, 2 hops (next, previous), state
 FLOW_DELETE  7   flow key, version u64
 BULK_BEGIN   8   bulk id u32, flows u64, sender's map epoch u32
 BULK_END     9   bulk id u32, flows u64, sender's map epoch u32
@@ -333,7 +333,7 @@ def flow_record(u: FlowUpdate) -> Record:
         return Record(RecordType.FLOW_DELETE, _key_bytes(u.key) + u64(u.version))
     return Record(RecordType.FLOW_UPSERT,
                   _key_bytes(u.key) + _UPSERT.pack(u.version, int(u.timeout * 1000))
-                  + _hop(u.fwd_hop) + _hop(u.rev_hop) + _hop(u.prev_hop)
+                  + _hop(u.fwd_hop) + _hop(u.prev_hop)
                   + len(u.state).to_bytes(2, "big") + u.state)
 
 
@@ -348,12 +348,11 @@ def read_flow(rec: Record) -> FlowUpdate:
     version, timeout_ms = _UPSERT.unpack_from(rec.value, pos)
     pos += _UPSERT.size
     fwd, pos = _read_hop(rec.value, pos)
-    rev, pos = _read_hop(rec.value, pos)
     prev, pos = _read_hop(rec.value, pos)
     if len(rec.value) < pos + 2:
         raise SyncError("malformed", "state length")
     n = int.from_bytes(rec.value[pos:pos + 2], "big")
     if len(rec.value) != pos + 2 + n:
         raise SyncError("malformed", "state")
-    return FlowUpdate(key, version, bytes(rec.value[pos + 2:]), False, fwd, rev, prev,
+    return FlowUpdate(key, version, bytes(rec.value[pos + 2:]), False, fwd, prev,
                       timeout_ms / 1000)

@@ -20,7 +20,7 @@ import pytest
 from scapy.utils import rdpcap
 
 from dataplane.lab import faults
-from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
+from dataplane.lab.session import DEFAULT, TOOLS, LabRun, bring_up, tear_down
 from tests.conftest import need_root
 
 FILE = os.urandom(1 << 20)
@@ -213,12 +213,12 @@ def test_double_failure_counts_lost_flows_and_new_connections_work(fresh):
 def test_pattern_split_across_the_failover_is_still_caught(fresh, policy):
     out = fresh.tmp / "sink.jsonl"
     server = str(fresh.topo.hosts["server"].address.ip)
-    fresh.spawn("server", [sys.executable, str(fresh_tools() / "sink.py"), "--bind", server,
+    fresh.spawn("server", [sys.executable, str(TOOLS / "sink.py"), "--bind", server,
                            "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     port = 47000
     victim = fresh.map().primary("A", fresh.topo.stream_code(port, 9000))
-    client = fresh.spawn("client", [sys.executable, str(fresh_tools() / "chunks.py"), server,
+    client = fresh.spawn("client", [sys.executable, str(TOOLS / "chunks.py"), server,
                                     "--local-port", str(port), "--pause", "1.5",
                                     "hello SECRET-", "TOKEN and more"],
                          stdout=subprocess.PIPE, text=True)
@@ -232,12 +232,6 @@ def test_pattern_split_across_the_failover_is_still_caught(fresh, policy):
         assert "TOKEN" not in text and "SECRET-" in text   # blocked by the promoted instance
     else:
         assert "SECRET-TOKEN" in text                       # control: the split pattern slips through
-
-
-def fresh_tools():  # type: ignore[no-untyped-def]
-    from dataplane.lab.session import TOOLS
-
-    return TOOLS
 
 
 def test_controller_restart_does_not_disturb_forwarding(fresh):

@@ -12,7 +12,7 @@ from layers.sync import AffinitySync, SyncRecord, signed
 
 KEYS = sw.Keyring({3: b"s" * 32}, 3)
 UPD = FlowUpdate((1, 5, 6, b"\x0a\x00\x00\x01", 1, b"\x0a\x00\x00\x02", 80), 7, b"state", False,
-                 "egress", None, "aa", 30.0)
+                 "egress", "aa", 30.0)
 
 
 def test_codec_datagram_dissects():

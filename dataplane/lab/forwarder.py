@@ -150,7 +150,7 @@ class Forwarder:
     def __init__(self, topo: Topology, node: str, run_dir: Path) -> None:
         self.topo, self.name, self.run_dir = topo, node, run_dir
         self.role = topo.role(node)
-        self.map: ServiceMap = topo.build_map()
+        initial = topo.build_map()
         self.keyring = sw.Keyring({1: topo.sync_key}, 1)
         self.incarnation = time.time_ns() // 1000
         self.ip = topo.fabric_ip(node)
@@ -171,15 +171,14 @@ class Forwarder:
         self._last_expire = 0.0
         timers = topo.timers
         if self.role == "controller":
-            self.ctl = Controller(node, self.map, self.keyring, self.incarnation,
+            self.ctl = Controller(node, initial, self.keyring, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
                                   timers.map_refresh, run_dir / f"{node}-map.json", time.monotonic())
-            self.map = self.ctl.map
         else:
-            self.client = ControlClient(node, topo.controller, self.map, self.keyring,
+            self.client = ControlClient(node, topo.controller, initial, self.keyring,
                                         self.incarnation, timers.heartbeat)
             self.fabric = self._udp(UDP_PORT, self._on_fabric)
-            self._setup_role()
+            self._setup_role(initial)
         self.query = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = run_dir / f"{node}.sock"
         path.unlink(missing_ok=True)
@@ -199,20 +198,20 @@ class Forwarder:
         self.sel.register(s, selectors.EVENT_READ, handler)
         return s
 
-    def _setup_role(self) -> None:
+    def _setup_role(self, smap: ServiceMap) -> None:
         topo = self.topo
         if self.role == "instance":
             spec = topo.service_of(self.name)
             assert spec is not None
-            self.node = ServiceNode(self.name, self.map, create(spec.kind, **spec.options),
+            self.node = ServiceNode(self.name, smap, create(spec.kind, **spec.options),
                                     mirroring=topo.policy != "off")
             self._new_replicator()
             return
         edge = topo.ingress if self.role == "ingress" else topo.egress
         if self.role == "ingress":
-            self.node = IngressNode(self.name, self.map, AffinityHasher(topo.secret))
+            self.node = IngressNode(self.name, smap, AffinityHasher(topo.secret))
         else:
-            self.node = EgressNode(self.name, self.map)
+            self.node = EgressNode(self.name, smap)
         self.edge_ip = edge.address.ip.packed
         self.edge_mac = bytes.fromhex(topo.mac_of(self.name).replace(":", ""))
         self.host_macs = {h.address.ip.packed: bytes.fromhex(topo.mac_of(h.name).replace(":", ""))
@@ -389,7 +388,6 @@ class Forwarder:
             self.rep.update_map(smap, now)
         else:
             self.node.update_map(smap)
-        self.map = smap
         self._note("map", now, epoch=smap.epoch)
         if me is not None and me.state == InstanceState.JOINING:
             self.join_epoch = self.join_epoch or smap.epoch
@@ -428,7 +426,7 @@ class Forwarder:
         if cmd == "flows":
             return {"node": self.name, "flows": self.flows()}
         if cmd == "map":
-            smap = self.current_map
+            smap = self.map
             return {"map": smap.to_dict(),
                     "primaries": {s: smap.table(s).primary_counts() for s in smap.services},
                     "history": getattr(getattr(self, "ctl", None), "history", [])}
@@ -454,13 +452,13 @@ class Forwarder:
         return {"error": f"unknown command {cmd!r}"}
 
     @property
-    def current_map(self) -> ServiceMap:
-        """The controller's live map, or the map this forwarder installed."""
-        return self.ctl.map if self.role == "controller" else self.map
+    def map(self) -> ServiceMap:
+        """The controller's live map, or the one this node's core holds."""
+        return self.ctl.map if self.role == "controller" else self.node.map
 
     def status(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {"node": self.name, "role": self.role, "pid": os.getpid(),
-                               "ready": True, "epoch": self.current_map.epoch, "serving": self.serving,
+                               "ready": True, "epoch": self.map.epoch, "serving": self.serving,
                                "incarnation": self.incarnation, "uptime": round(time.time() - self.started, 3),
                                "events": self.events_log[-50:]}
         if self.role == "controller":
@@ -484,7 +482,7 @@ class Forwarder:
                         "hi": f"{socket.inet_ntop(socket.AF_INET if len(hi) == 4 else socket.AF_INET6, hi)}:{hport}",
                         "role": "replica" if e.replica else "primary", "version": e.version,
                         "packets": e.packets, "rev_packets": e.rev_packets, "bytes": e.bytes,
-                        "fwd_hop": e.fwd_hop, "rev_hop": e.rev_hop, "prev_hop": e.prev_hop,
+                        "fwd_hop": e.fwd_hop, "prev_hop": e.prev_hop,
                         "state": plain(e.state)})
         return out
 
