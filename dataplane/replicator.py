@@ -191,6 +191,8 @@ class Replicator:
     def synced_since(self, epoch: int) -> bool:
         """True when every live peer of the service completed a bulk to this
         instance stamped `epoch` or later: a joining instance is in sync."""
+        if self.policy == Policy.OFF:
+            return True  # nothing is mirrored, so there is nothing to wait for
         m = self.node.map
         peers = [n for n in m.services[self.node.service_name]
                  if n != self.node.name and m.is_alive(n)]
