@@ -155,11 +155,10 @@ def test_forced_resync_and_liveness_events():
     p.run(0.05)
     assert len(replicas(p.reps[sec])) == 1
     p.declared.clear()
-    silent = p.reps.pop(sec)
+    p.reps.pop(sec)
     p.run(0.1)
     seen_by_ba = [(d.peer, d.health) for src, d in p.declared if src == "ba"]
     assert seen_by_ba == [(sec, Health.DEAD)]
-    assert silent.snapshot(p.now)["policy"] == "async"
 
 
 @pytest.mark.parametrize("policy", [Policy.ASYNC, Policy.OFF])
@@ -206,3 +205,11 @@ def test_secondary_dies_then_the_primary_flows_survive_both(policy):
         took += sum(isinstance(e, TookOver) for e in events)
         assert any(isinstance(e, Send) for e in events), events
     assert took == len(codes) and bc.node.drops["misdelivery"] == 0
+
+
+def test_joining_is_in_sync_after_peer_bulks_or_at_once_when_nothing_is_mirrored():
+    p = Pair()
+    assert not p.reps["ba"].synced_since(1)            # no bulk from bb, bc yet
+    p.run(0.05)                                        # first contact: every peer sends a bulk
+    assert p.reps["ba"].synced_since(0) and not p.reps["ba"].synced_since(10**6)
+    assert Pair(Policy.OFF).reps["ba"].synced_since(10**6)
