@@ -60,20 +60,20 @@ def _state(lab: str | None) -> Any:
     return state
 
 
-def _loaded(lab: str | None) -> tuple[Any, Any]:
+def _loaded(lab: str | None, node: str | None = None) -> tuple[Any, Any]:
+    """The lab's state and topology; with `node`, a usage error unless the
+    lab has that node."""
     from dataplane.lab.topology import TopologyError, load
 
     state = _state(lab)
     try:
-        return state, load(state.topology)
+        topo = load(state.topology)
     except TopologyError as exc:
         _fail(f"the lab's topology changed or vanished: {exc}")
-
-
-def _node(topo: Any, node: str) -> None:
-    if node not in topo.all_nodes():
+    if node is not None and node not in topo.all_nodes():
         raise click.BadParameter(f"no node {node!r}; nodes: {', '.join(topo.all_nodes())}",
                                  param_hint="NODE")
+    return state, topo
 
 
 def _ask(lab: str, node: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -205,8 +205,7 @@ def exec_(lab: str | None, node: str, cmd: tuple[str, ...]) -> None:
     """Run CMD inside NODE's namespace: amesh lab exec client -- curl ..."""
     from dataplane.lab import netns
 
-    _state_, topo = _loaded(lab)
-    _node(topo, node)
+    _state_, topo = _loaded(lab, node)
     try:
         sys.exit(netns.run(topo.netns(node), list(cmd)).returncode)
     except FileNotFoundError as exc:
@@ -220,8 +219,7 @@ def shell(lab: str | None, node: str) -> None:
     """An interactive shell inside NODE's namespace."""
     from dataplane.lab import netns
 
-    _state_, topo = _loaded(lab)
-    _node(topo, node)
+    _state_, topo = _loaded(lab, node)
     sh = os.environ.get("SHELL", "/bin/bash")
     sys.exit(netns.run(topo.netns(node), [sh], env={**os.environ, "PS1": f"[{node}] \\w# "}).returncode)
 
@@ -242,8 +240,7 @@ def capture(lab: str | None, node: str, iface: str, out: str, count: int | None,
 
     from dataplane.lab import netns
 
-    _state_, topo = _loaded(lab)
-    _node(topo, node)
+    _state_, topo = _loaded(lab, node)
     if shutil.which("tcpdump") is None:
         _fail("tcpdump is not installed (apt-get install tcpdump)")
     cmd = ["tcpdump", "--immediate-mode", "-i", iface, "-w", os.path.abspath(out), "-U", "-s", "0"]
@@ -273,8 +270,7 @@ def logs(lab: str | None, node: str, lines: int) -> None:
     """The last lines of NODE's forwarder log."""
     from dataplane.lab.state import run_dir
 
-    state, topo = _loaded(lab)
-    _node(topo, node)
+    state, topo = _loaded(lab, node)
     path = run_dir(state.lab) / f"{node}.log"
     if not path.exists():
         _fail(f"no log for {node} (hosts run no forwarder)")
@@ -287,8 +283,7 @@ def logs(lab: str | None, node: str, lines: int) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def flows(lab: str | None, node: str, as_json: bool) -> None:
     """NODE's flow table: state, role, version, pinned next hops."""
-    state, topo = _loaded(lab)
-    _node(topo, node)
+    state, topo = _loaded(lab, node)
     reply = _ask(state.lab, node, {"cmd": "flows"})
     if as_json:
         click.echo(json.dumps(reply["flows"], indent=1))
@@ -331,8 +326,7 @@ def _fault(fn_name: str, doc: str, needs_state: bool) -> click.Command:
     def cmd(lab: str | None, node: str) -> None:
         from dataplane.lab import faults
 
-        state, topo = _loaded(lab)
-        _node(topo, node)
+        state, topo = _loaded(lab, node)
         fn = getattr(faults, fn_name)
         try:
             result = fn(state, node) if needs_state else fn(topo, node)
@@ -359,8 +353,7 @@ def restart(lab: str | None, node: str) -> None:
     """Kill NODE's forwarder if running and start a fresh one (it rejoins)."""
     from dataplane.lab import faults
 
-    state, topo = _loaded(lab)
-    _node(topo, node)
+    state, topo = _loaded(lab, node)
     try:
         faults.restart(topo, state, node)
     except faults.FaultError as exc:
@@ -378,8 +371,7 @@ def impair(lab: str | None, link: str, loss: float, delay: float, reorder: float
     """Impair NODE's fabric link (all zero clears it)."""
     from dataplane.lab import faults
 
-    _state_, topo = _loaded(lab)
-    _node(topo, link)
+    _state_, topo = _loaded(lab, link)
     try:
         mode = faults.impair(topo, link, loss, delay, reorder)
     except faults.FaultError as exc:
@@ -394,8 +386,7 @@ def _planned(action: str, doc: str) -> click.Command:
     def cmd(lab: str | None, node: str) -> None:
         from dataplane.lab import faults
 
-        _state_, topo = _loaded(lab)
-        _node(topo, node)
+        _state_, topo = _loaded(lab, node)
         try:
             epoch = faults.operator(topo, node, action)
         except faults.FaultError as exc:
@@ -411,8 +402,7 @@ def _planned(action: str, doc: str) -> click.Command:
 @click.option("--peer", required=True, help="the sync peer to bring back in sync")
 def resync(lab: str | None, node: str, peer: str) -> None:
     """Force a full resync: NODE bulk-sends PEER every flow PEER mirrors for it."""
-    state, topo = _loaded(lab)
-    _node(topo, node)
+    state, topo = _loaded(lab, node)
     reply = _ask(state.lab, node, {"cmd": "resync", "peer": peer})
     click.echo(f"{node} -> {peer}: bulk {reply['bulk']} started")
 
@@ -437,8 +427,7 @@ def send(lab: str | None, node: str, iface: str | None, pcap: str | None, paced:
     from dataplane.lab.packets import SendError, send as send_packets
     from layers.craft import craft as build
 
-    _state_, topo = _loaded(lab)
-    _node(topo, node)
+    _state_, topo = _loaded(lab, node)
     try:
         what = pcap if pcap else build(spec_from(opts))
         res = send_packets(topo, node, what, iface=iface, fast=not paced)

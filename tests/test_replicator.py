@@ -73,12 +73,17 @@ def leads(rep):
     return {e.key: e.version for e in rep.node.flows if not e.replica}
 
 
+def led_by_ba(p: Pair, n: int, first_port: int) -> str:
+    """Open n flows led by ba, let them mirror; the secondary of the first."""
+    p.run(0.05)
+    codes = [p.packet("ba", first_port + i) for i in range(n)]
+    p.run(0.05)
+    return p.map.secondary("B", codes[0], exclude="ba")
+
+
 def test_async_mirrors_to_the_secondary():
     p = Pair()
-    p.run(0.05)
-    codes = [p.packet("ba", 40000 + i) for i in range(50)]
-    p.run(0.05)
-    sec = p.map.secondary("B", codes[0], exclude="ba")
+    sec = led_by_ba(p, 50, 40000)
     assert replicas(p.reps[sec]) == {k: v for k, v in leads(p.reps["ba"]).items()
                                      if p.map.secondary("B", k[1], exclude="ba") == sec}
     assert p.reps["ba"].channels[sec].in_sync(p.now)
@@ -131,10 +136,7 @@ def test_off_sends_no_sync():
 
 def test_restarted_secondary_gets_a_bulk_of_what_it_mirrors():
     p = Pair()
-    p.run(0.05)
-    codes = [p.packet("ba", 41000 + i) for i in range(30)]
-    p.run(0.05)
-    sec = p.map.secondary("B", codes[0], exclude="ba")
+    sec = led_by_ba(p, 30, 41000)
     fresh = Replicator(ServiceNode(sec, p.map, create("firewall")), KEYS, 99_999)
     p.reps[sec] = fresh
     p.run(0.1)
