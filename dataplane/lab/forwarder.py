@@ -424,7 +424,7 @@ class Forwarder:
         if cmd == "status":
             return self.status(now)
         if cmd == "flows":
-            return {"node": self.name, "flows": self.flows()}
+            return {"node": self.name, "flows": self.flows(now)}
         if cmd == "map":
             smap = self.map
             return {"map": smap.to_dict(),
@@ -473,7 +473,7 @@ class Forwarder:
             out["sync"] = self.rep.snapshot(now)
         return out
 
-    def flows(self) -> list[dict[str, Any]]:
+    def flows(self, now: float) -> list[dict[str, Any]]:
         out = []
         for e in self.node.flows:
             chain, code, proto, lo, lport, hi, hport = e.key
@@ -482,6 +482,7 @@ class Forwarder:
                         "hi": f"{socket.inet_ntop(socket.AF_INET if len(hi) == 4 else socket.AF_INET6, hi)}:{hport}",
                         "role": "replica" if e.replica else "primary", "version": e.version,
                         "packets": e.packets, "rev_packets": e.rev_packets, "bytes": e.bytes,
+                        "age_s": round(now - e.created, 3), "idle_s": round(now - e.last_seen, 3),
                         "fwd_hop": e.fwd_hop, "prev_hop": e.prev_hop,
                         "state": plain(e.state)})
         return out
