@@ -197,8 +197,8 @@ class SyncChannel:
         self._counter = 0
         # sending side
         self.next_seq = 1
-        self._pending: OrderedDict[object, tuple[Record, FlowKey | None]] = OrderedDict()
-        """flow key (or a control token) -> record not yet sent"""
+        self._pending: OrderedDict[object, tuple[Record, FlowKey | None, int]] = OrderedDict()
+        """flow key (or a control token) -> (record not yet sent, key, version)"""
         self._pending_since: float | None = None
         self._tokens = 0
         self._end_tokens: dict[object, _Bulk] = {}
@@ -230,15 +230,23 @@ class SyncChannel:
     # -- public API ------------------------------------------------------------------
 
     def submit(self, update: FlowUpdate, now: float) -> None:
-        """Queue a flow update for the peer (replacing an unsent older one)."""
+        """Queue a flow update for the peer, replacing an unsent older one.
+
+        An update older than the one already waiting for its flow is dropped
+        (`stale_submit`): a bulk built from a snapshot can trail the live
+        updates of the same flow, and must not overwrite them."""
         k = update.key
-        if k in self._pending:
+        waiting = self._pending.get(k)
+        if waiting is not None:
+            if waiting[2] >= update.version:
+                self.stats["stale_submit"] += 1
+                return
             self.stats["coalesced"] += 1
         elif len(self._pending) >= self.config.pending_limit:
             self.stats["resend_overflow"] += 1
             self._resync_keys.add(k)
             return
-        self._pending[k] = (sw.flow_record(update), k)
+        self._pending[k] = (sw.flow_record(update), k, update.version)
         if self._pending_since is None:
             self._pending_since = now
 
@@ -297,7 +305,7 @@ class SyncChannel:
     def _control_record(self, rec: Record, now: float) -> tuple[str, int]:
         self._tokens += 1
         token = ("control", self._tokens)
-        self._pending[token] = (rec, None)
+        self._pending[token] = (rec, None, 0)
         if self._pending_since is None:
             self._pending_since = now
         return token
@@ -323,7 +331,7 @@ class SyncChannel:
             return []
         items = []
         for _ in range(min(room, len(self._pending))):
-            token, (rec, key) = self._pending.popitem(last=False)
+            token, (rec, key, _version) = self._pending.popitem(last=False)
             seq = self.next_seq
             bulk = self._end_tokens.pop(token, None)
             if bulk is not None:

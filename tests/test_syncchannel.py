@@ -305,3 +305,16 @@ def test_snapshot_reports_the_observability_fields():
     for field in ("in_sync", "resend_queue", "lag_ms", "unsynced_flows", "stats", "rejected"):
         assert field in snap
     assert snap["in_sync"] and snap["stats"]["acked"] >= 1
+
+
+def test_an_older_update_never_overwrites_a_waiting_newer_one():
+    """A bulk snapshot fed late must not replace a live update of the same
+    flow that is still waiting to be sent (found under PYTHONHASHSEED=26)."""
+    w = World(11)
+    w.run(0.02)
+    k = key(1)
+    w.a.ch.submit(FlowUpdate(k, 4, b"new"), w.now)
+    w.a.ch.submit(FlowUpdate(k, 1, b"old"), w.now)
+    w.run(0.05)
+    assert w.b.replica[k] == (4, b"new")
+    assert w.a.ch.stats["stale_submit"] == 1
