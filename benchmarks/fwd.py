@@ -2,9 +2,12 @@
 
 Three namespaces (sender -> DUT -> sink, veth links, offloads off); each DUT
 program forwards the same stream of small encapsulated UDP packets (1000
-flows) for the same time, and the sink counts what arrives. The table gives
-packets/s and the ratio of the affinity-mesh instance (decap, firewall,
-async sync to a secondary, encap) to each baseline. Needs root.
+flows) for the same time, and the sink counts what arrives. The first table
+gives packets/s and the ratio of the affinity-mesh instance (decap,
+firewall, async sync to a secondary in the sink's namespace, encap) to each
+baseline. The second runs the instance under each sync policy with traffic
+that opens a new flow every 10 packets (so one packet in ten changes state
+the secondary must mirror), relative to sync off. Needs root.
 `python -m benchmarks.fwd [SECONDS]`.
 """
 
@@ -28,7 +31,11 @@ from tests.conftest import pair_map
 
 NS = {"src": "amp-src", "dut": "amp-dut", "sink": "amp-sink"}
 MODES = ["bare", "bare-mmsg", "instance", "instance-mmsg", "scapy-kept", "scapy-naive"]
-ONLY = os.environ.get("AMESH_FWD_MODES", "").split(",") if os.environ.get("AMESH_FWD_MODES") else MODES
+POLICIES = ["off", "async", "ordered", "acked"]
+RUNS = {**{m: (m, [], []) for m in MODES},
+        **{f"sync-{p}": ("instance-mmsg", ["--policy", p], ["--new-every", "10"]) for p in POLICIES}}
+"""run name -> (DUT mode, DUT arguments, sender arguments)."""
+ONLY = os.environ["AMESH_FWD_MODES"].split(",") if os.environ.get("AMESH_FWD_MODES") else list(RUNS)
 ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -37,7 +44,8 @@ def _py(ns: str, *args: str, **kw: object) -> subprocess.Popen:
                        **kw)  # type: ignore[arg-type]
 
 
-def run_mode(mode: str, seconds: float, codes: str, mapfile: str) -> float:
+def run_mode(run: str, seconds: float, codes: str, mapfile: str, epoch: int) -> float:
+    mode, dut_args, send_args = RUNS[run]
     sink = _py("sink", "benchmarks.relays", "sink", "--seconds", str(seconds + 2.5),
                stdout=subprocess.PIPE, text=True)
     extra = []
@@ -47,15 +55,15 @@ def run_mode(mode: str, seconds: float, codes: str, mapfile: str) -> float:
                          "--key", "bench-sync-key-0123456789", "--idle", "60",
                          "--max-seconds", str(seconds + 3), stdout=subprocess.DEVNULL))
     dut = _py("dut", "benchmarks.relays", mode, "--seconds", str(seconds + 1.5), "--map", mapfile,
-              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              *dut_args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     sender = _py("src", "benchmarks.relays", "send", "--seconds", str(seconds), "--codes", codes,
-                 stdout=subprocess.PIPE, text=True)
+                 "--epoch", str(epoch), *send_args, stdout=subprocess.PIPE, text=True)
     sender.wait(timeout=seconds + 30)
     out, _ = sink.communicate(timeout=seconds + 30)
     _, err = dut.communicate(timeout=30)
     if dut.returncode:
-        print(f"  {mode} failed: {err.strip()[-600:]}", file=sys.stderr)
+        print(f"  {run} failed: {err.strip()[-600:]}", file=sys.stderr)
     for p in extra:
         p.kill()
         p.wait()
@@ -73,7 +81,8 @@ def main(seconds: float = 3.0) -> dict[str, float]:
     try:
         link_pair(NS["src"], "s0", SRC, NS["dut"], "d0", DUT_IN)
         link_pair(NS["dut"], "d1", DUT_OUT, NS["sink"], "k0", SINK)
-        rates = {mode: run_mode(mode, seconds, codes, f.name) if mode in ONLY else 0.0 for mode in MODES}
+        rates = {run: run_mode(run, seconds, codes, f.name, m.epoch) if run in ONLY else 0.0
+                 for run in RUNS}
     finally:
         for ns in NS.values():
             if netns.exists(ns):
@@ -90,6 +99,12 @@ def main(seconds: float = 3.0) -> dict[str, float]:
     for mode in MODES:
         r = rates[mode]
         print(f"{labels[mode]:<40}{r:>12,.0f}{inst / r if r else float('inf'):>22.2f}")
+    off = rates["sync-off"]
+    print("\nsync policy, instance with mmsg batches, a new flow every 10 packets")
+    print(f"{'policy':<40}{'packets/s':>12}{'rate / off':>22}")
+    for p in POLICIES:
+        r = rates[f"sync-{p}"]
+        print(f"{p:<40}{r:>12,.0f}{r / off if off else 0.0:>22.2f}")
     return rates
 
 

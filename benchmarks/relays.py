@@ -28,13 +28,23 @@ from dataplane.packet import checksum
 SRC, DUT_IN, DUT_OUT, SINK = "10.98.0.1", "10.98.0.2", "10.98.1.2", "10.98.1.3"
 PORT = wire.UDP_PORT
 FLOWS = 1000
+CLIENT, SERVER = b"\x0a\x01\x00\x0a", b"\x0a\x02\x00\x0a"
 
 
-def packets(codes: list[int]) -> list[bytes]:
+def packets(codes: list[int], epoch: int, new_every: int = 0, count: int = 0) -> list[bytes]:
+    """The sender's packets: the first FLOWS codes, one packet per flow in
+    turn (every packet after the first round belongs to a known flow); or,
+    with `new_every` N, `count` packets in runs of N per flow, each run a
+    new flow (one packet in N opens a flow, a change the secondary mirrors).
+    The header carries the map's epoch, as an upstream instance's would."""
+    if not new_every:
+        return [wire.pack(1, 1, code, 1, epoch) + _udp4(CLIENT, SERVER, 20000 + i, 53, b"q" * 18)
+                for i, code in enumerate(codes[:FLOWS])]
     out = []
-    for i, code in enumerate(codes[:FLOWS]):
-        inner = _udp4(b"\x0a\x01\x00\x0a", b"\x0a\x02\x00\x0a", 20000 + i, 53, b"q" * 18)
-        out.append(wire.pack(1, 1, code, 1, 1) + inner)
+    for f in range(count // new_every):
+        head = wire.pack(1, 1, codes[f % len(codes)], 1, epoch)
+        inner = _udp4(CLIENT, SERVER, 1024 + f % 60000, 53 + f // 60000, b"q" * 18)
+        out.extend([head + inner] * new_every)
     return out
 
 
@@ -45,49 +55,55 @@ def _udp4(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> byt
     return bytes(ip) + udp
 
 
-def send(seconds: float, codes: list[int]) -> None:
-    pkts = packets(codes)
+def send(seconds: float, codes: list[int], epoch: int, new_every: int) -> None:
+    """Blast the packets with sendmmsg, 64 per call: the sender shares the
+    machine with the DUT, so it must spend as little CPU per packet as it can."""
+    from dataplane.mmsg import BatchSender
+
+    pkts = packets(codes, epoch, new_every, int(seconds * 400_000))
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    dst = (DUT_IN, PORT)
-    n, end = 0, time.monotonic() + seconds
+    tx = BatchSender(s)
+    batches = [[(p, (DUT_IN, PORT)) for p in pkts[i:i + 64]] for i in range(0, len(pkts), 64)]
+    n, i, end = 0, 0, time.monotonic() + seconds
     while time.monotonic() < end:
-        for p in pkts:
-            try:
-                s.sendto(p, dst)
-            except OSError:
-                pass
-        n += len(pkts)
+        n += tx.send(batches[i])
+        i = (i + 1) % len(batches)
     print(json.dumps({"sent": n, "rate": n / seconds}), flush=True)
 
 
 def sink(seconds: float) -> None:
+    """Count arrivals with recvmmsg (cheap: the sink shares the machine too)."""
+    import select
+
+    from dataplane.mmsg import BatchReceiver
+
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     s.bind((SINK, PORT))
-    s.settimeout(0.2)
-    buf = bytearray(2048)
+    rx = BatchReceiver(s, size=256)
     n, first, last = 0, None, None
     bins: dict[int, int] = {}
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        try:
-            s.recv_into(buf)
-        except socket.timeout:
+        select.select([s], [], [], 0.2)
+        got = len(rx.recv())
+        if not got:
             continue
         now = time.monotonic()
         first = first or now
         last = now
-        n += 1
+        n += got
         b = int(now * 10)
-        bins[b] = bins.get(b, 0) + 1
+        bins[b] = bins.get(b, 0) + got
     span = (last - first) if first and last and last > first else 1.0
     print(json.dumps({"packets": n, "rate": n / span, "bins": sorted(bins.items())}), flush=True)
 
 
 def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None) -> None:  # type: ignore[no-untyped-def]
-    """Receive on the fabric port, `work(data, now)` -> datagrams for the
-    sink, send them; one syscall per packet, or recvmmsg/sendmmsg batches."""
+    """Receive on the fabric port, `work(datagrams, now)` -> datagrams for
+    the sink, send them; one syscall per packet, or recvmmsg/sendmmsg batches
+    (then `work` gets a whole batch)."""
     import selectors
 
     from dataplane.mmsg import BatchReceiver, BatchSender
@@ -111,16 +127,20 @@ def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None) -> Non
                 key.data(now)
                 continue
             if batched:
-                out = [(d, dst) for data, _src in brx.recv() for d in work(data, now)]
-                if out:
-                    btx.send(out)
+                for _ in range(16):
+                    got = brx.recv()
+                    out = [(d, dst) for d in work([data for data, _src in got], now)]
+                    if out:
+                        btx.send(out)
+                    if len(got) < brx.batch:
+                        break
                 continue
             for _ in range(64):
                 try:
                     data = rx.recv(2048)
                 except BlockingIOError:
                     break
-                for d in work(data, now):
+                for d in work([data], now):
                     tx.sendto(d, dst)
         if on_tick is not None and now - last_tick >= 0.001:
             last_tick = now
@@ -128,7 +148,7 @@ def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None) -> Non
 
 
 def bare(seconds: float, batched: bool = False) -> None:
-    _relay(seconds, lambda data, now: (data,), batched)
+    _relay(seconds, lambda datas, now: datas, batched)
 
 
 def _hold_port() -> socket.socket:
@@ -204,7 +224,7 @@ def scapy_naive(seconds: float) -> None:
     hold.close()
 
 
-def instance(seconds: float, mapfile: str, batched: bool = False) -> None:
+def instance(seconds: float, mapfile: str, batched: bool = False, policy: str = "async") -> None:
     from dataplane import syncwire as sw
     from dataplane.events import Send
     from dataplane.node import ServiceNode
@@ -217,12 +237,12 @@ def instance(seconds: float, mapfile: str, batched: bool = False) -> None:
         m = ServiceMap.from_json(f.read())
     node = ServiceNode("ba", m, create("firewall"))
     rep = Replicator(node, sw.Keyring({1: b"bench-sync-key-0123456789"}, 1), time.time_ns() // 1000,
-                     Policy.ASYNC)
+                     Policy(policy))
     sync = UdpSync(rep, (DUT_OUT, sw.SYNC_PORT), {"bb": (SINK, sw.SYNC_PORT)})
 
-    def work(data: bytes, now: float) -> list[bytes]:
-        return [ev.data for ev in sync.emit(rep.process(node.from_fabric(data, "ingress", now), now))
-                if isinstance(ev, Send)]
+    def work(datas: list[bytes], now: float) -> list[bytes]:
+        outs = rep.process_batch([node.from_fabric(d, "ingress", now) for d in datas], now)
+        return [ev.data for ev in sync.emit(outs) if isinstance(ev, Send)]
 
     _relay(seconds, work, batched, on_tick=lambda now: sync.emit(rep.tick(now)),
            extra=(sync.sock, lambda now: sync.emit(sync.drain(now))))
@@ -235,13 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--map", default="")
     ap.add_argument("--codes", default="")
+    ap.add_argument("--epoch", type=int, default=1)
+    ap.add_argument("--new-every", type=int, default=0, help="send: open a new flow every N packets")
+    ap.add_argument("--policy", default="async", help="instance: sync policy")
     args = ap.parse_args(argv)
     if args.mode == "send":
-        send(args.seconds, [int(c) for c in args.codes.split(",")])
+        send(args.seconds, [int(c) for c in args.codes.split(",")], args.epoch, args.new_every)
     elif args.mode == "sink":
         sink(args.seconds)
     elif args.mode.startswith("instance"):
-        instance(args.seconds, args.map, batched=args.mode.endswith("mmsg"))
+        instance(args.seconds, args.map, batched=args.mode.endswith("mmsg"), policy=args.policy)
     elif args.mode.startswith("bare"):
         bare(args.seconds, batched=args.mode.endswith("mmsg"))
     else:

@@ -75,6 +75,9 @@ class FlowTable:
         self.capacity = capacity
         self._flows: OrderedDict[FlowKey, FlowEntry] = OrderedDict()
         self.counters: Counter[str] = Counter()
+        self.generation = 0
+        """Bumped by every removal: a cache holding entries (the node's
+        exact-match cache) is valid while this has not moved."""
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -103,9 +106,12 @@ class FlowTable:
     def insert(self, key: FlowKey, now: float, state: Any = None) -> FlowEntry:
         """Create (or replace) an entry, evicting the LRU entry when full."""
         old = self._flows.pop(key, None)
-        if old is None and len(self._flows) >= self.capacity:
+        if old is not None:
+            self.generation += 1
+        elif len(self._flows) >= self.capacity:
             self._flows.popitem(last=False)
             self.counters["evicted"] += 1
+            self.generation += 1
         e = FlowEntry(key, now, state)
         self._flows[key] = e
         self.counters["inserted"] += 1
@@ -115,7 +121,14 @@ class FlowTable:
         e = self._flows.pop(key, None)
         if e is not None:
             self.counters[cause] += 1
+            self.generation += 1
         return e
+
+    def seen(self, e: FlowEntry, now: float) -> None:
+        """`lookup`'s bookkeeping for an entry already in hand (a cache hit)."""
+        self._flows.move_to_end(e.key)
+        e.last_seen = now
+        self.counters["hits"] += 1
 
     def touch(self, key: FlowKey, now: float) -> None:
         """Mark an entry seen at `now` (keeps the table in last-seen order)."""
@@ -140,5 +153,7 @@ class FlowTable:
                 break
         for e in out:
             del self._flows[e.key]
-        self.counters["expired"] += len(out)
+        if out:
+            self.counters["expired"] += len(out)
+            self.generation += 1
         return out

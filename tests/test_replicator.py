@@ -98,6 +98,27 @@ def test_order_of_update_and_packet(policy, first):
     assert p.order[0] == first and "send" in p.order
 
 
+@pytest.mark.parametrize("policy", [Policy.ORDERED, Policy.ACKED])
+def test_a_batch_flushes_once_ahead_of_all_its_packets(policy):
+    """Packets received together: their updates leave in one flush (one
+    datagram per peer) before any of them; `acked` holds each packet that
+    opened a flow on that flow's own acknowledgement."""
+    p = Pair(policy)
+    p.run(0.05)
+    rep = p.reps["ba"]
+    code = p.code_led_by("ba")
+    events = [rep.node.from_fabric(wire.pack(1, 1, code, 1, p.map.epoch) + tcp(sport=41000 + i), "aa",
+                                   p.now) for i in range(3)]
+    p.order.clear()
+    p.out("ba", rep.process_batch(events, p.now))
+    if policy == Policy.ORDERED:
+        assert p.order == ["sync", "send", "send", "send"]
+        return
+    assert p.order == ["sync"] and rep.counters["held"] == 3
+    p.run(0.02)
+    assert p.order.count("send") == 3 and rep.counters["hold_timeout"] == 0
+
+
 def test_acked_holds_the_first_packet_until_the_secondary_has_the_state():
     p = Pair(Policy.ACKED)
     p.run(0.05)

@@ -14,7 +14,9 @@ By role:
 
 Fabric packets are UDP datagrams to port 6886 of the next hop's fabric
 address: the kernel builds the outer IP/UDP, so captures show
-IP/UDP/Affinity/IP/... on every hop. Every forwarder heartbeats the
+IP/UDP/Affinity/IP/... on every hop. They are received and sent in batches
+of up to 64 with recvmmsg/sendmmsg (`dataplane.mmsg`); the replicator
+orders a whole batch at once, so `ordered` costs one sync flush per batch. Every forwarder heartbeats the
 controller on the control socket and installs the maps it pushes.
 
 A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
@@ -48,6 +50,7 @@ from dataplane.events import Deliver, Send, TookOver
 from dataplane.header import UDP_PORT
 from dataplane.lab.topology import Topology, load
 from dataplane.liveness import Declared, FailureDetector
+from dataplane.mmsg import BatchReceiver, BatchSender
 from dataplane.node import EgressNode, IngressNode, ServiceNode
 from dataplane.replicator import Policy, Replicator
 from dataplane.servicemap import InstanceState, ServiceMap
@@ -158,7 +161,7 @@ class Forwarder:
         self.running = True
         self.started = time.time()
         self.events_log: list[dict[str, Any]] = []
-        self._addr_cache: tuple[int, dict[str, str], dict[str, str]] = (-1, {}, {})
+        self._addr_cache: tuple[int, dict[str, str], dict[bytes, str]] = (-1, {}, {})
         self.control = self._udp(sw.CONTROL_PORT, self._on_control)
         self.node: Any = None
         self.rep: Replicator | None = None
@@ -178,6 +181,7 @@ class Forwarder:
             self.client = ControlClient(node, topo.controller, initial, self.keyring,
                                         self.incarnation, timers.heartbeat)
             self.fabric = self._udp(UDP_PORT, self._on_fabric)
+            self.rx, self.tx = BatchReceiver(self.fabric, size=65536), BatchSender(self.fabric)
             self._setup_role(initial)
         self.query = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = run_dir / f"{node}.sock"
@@ -244,12 +248,13 @@ class Forwarder:
 
     # -- addressing ------------------------------------------------------------------------
 
-    def _addresses(self) -> tuple[dict[str, str], dict[str, str]]:
+    def _addresses(self) -> tuple[dict[str, str], dict[bytes, str]]:
+        """Fabric addresses by node name, and node names by packed address."""
         epoch, by_name, by_ip = self._addr_cache
         if epoch != self.map.epoch:
             by_name = {n: i.address for insts in self.map.services.values() for n, i in insts.items()}
             by_name[self.topo.controller] = self.topo.fabric_ip(self.topo.controller)
-            by_ip = {a: n for n, a in by_name.items()}
+            by_ip = {socket.inet_aton(a): n for n, a in by_name.items()}
             self._addr_cache = (self.map.epoch, by_name, by_ip)
         return by_name, by_ip
 
@@ -257,29 +262,31 @@ class Forwarder:
 
     def _on_fabric(self, sock: socket.socket, now: float) -> None:
         _, by_ip = self._addresses()
-        for _ in range(64):
-            try:
-                data, (src_ip, _port) = sock.recvfrom(65535)
-            except BlockingIOError:
-                return
+        from_fabric = self.node.from_fabric
+        for _ in range(4):
+            got = self.rx.recv()
             if not self.serving:
-                self.node.drops["declared_dead"] += 1
-                continue
-            self._emit(self.node.from_fabric(data, by_ip.get(src_ip), now), now)
+                self.node.drops["declared_dead"] += len(got)
+            elif got:
+                self._emit_batch([from_fabric(data, by_ip.get(src), now) for data, src in got], now)
+            if len(got) < self.rx.batch:
+                return
 
     def _on_host(self, sock: socket.socket, now: float) -> None:
         handler = self.node.from_client if self.role == "ingress" else self.node.from_server
+        batch = []
         for _ in range(64):
             try:
                 frame, addr = sock.recvfrom(65535)
             except BlockingIOError:
-                return
+                break
             if addr[2] == PACKET_OUTGOING or len(frame) < 34:
                 continue
             dst = frame[30:34]
             if dst == self.edge_ip or dst == self.broadcast or dst[0] >= 224:
                 continue  # for the namespace's own stack (ARP'd gateway, broadcast)
-            self._emit(handler(frame[14:], now), now)
+            batch.append(handler(frame[14:], now))
+        self._emit_batch(batch, now)
 
     def _on_sync(self, sock: socket.socket, now: float) -> None:
         assert self.sync is not None
@@ -317,29 +324,36 @@ class Forwarder:
 
     # -- output -------------------------------------------------------------------------------
 
-    def _emit(self, events: list[Any], now: float) -> None:
-        for ev in events:
-            if isinstance(ev, TookOver):
-                self._note("took_over", now, flow=f"0x{ev.key[1]:08x}")
-        if self.rep is not None:
-            events = self.rep.process(events, now)
-            events = self.sync.emit(events) if self.sync else events
-        self._out(events, now)
+    def _emit_batch(self, batch: list[list[Any]], now: float) -> None:
+        """The node's events for packets received together, one list each."""
+        for events in batch:
+            for ev in events:
+                if isinstance(ev, TookOver):
+                    self._note("took_over", now, flow=f"0x{ev.key[1]:08x}")
+        if self.rep is not None and self.sync is not None:
+            self._out(self.sync.emit(self.rep.process_batch(batch, now)), now)
+        else:
+            self._out([ev for events in batch for ev in events], now)
 
     def _out(self, events: list[Any], now: float) -> None:
         by_name, _ = self._addresses()
         assert self.fabric is not None
+        sends = []
         for ev in events:
             if isinstance(ev, Send):
                 addr = by_name.get(ev.to)
                 if addr is None:
                     self.node.drops["no_address"] += 1
-                    continue
-                self._sendto(self.fabric, ev.data, (addr, UDP_PORT), now)
+                elif self.impair.active:
+                    self.impair.submit(self.fabric, ev.data, (addr, UDP_PORT), now)
+                else:
+                    sends.append((ev.data, (addr, UDP_PORT)))
             elif isinstance(ev, Deliver):
                 self._deliver(ev.data)
             elif isinstance(ev, Declared):
                 self._note(f"peer_{ev.health.value}", now, peer=ev.peer)
+        if sends:
+            self.node.drops["send_error"] += len(sends) - self.tx.send(sends)
 
     def _sendto(self, sock: socket.socket, data: bytes, addr: tuple[str, int], now: float) -> None:
         if self.impair.active:
@@ -500,7 +514,7 @@ class Forwarder:
             self._out(self.sync.emit(self.rep.tick(now)), now)
             if now - self._last_expire >= EXPIRE_EVERY:
                 self._last_expire = now
-                self._emit(self.node.expire(now), now)
+                self._emit_batch([self.node.expire(now)], now)
 
     def _heartbeats(self) -> None:
         """Heartbeats from their own thread at real-time priority, so a busy

@@ -7,6 +7,13 @@ Services never do I/O and never keep per-flow data outside the state object
 they return, so that state can be mirrored byte for byte: `encode_state` and
 `decode_state` are its wire form.
 
+A service may also offer `fast(state, forward, data, proto, l4, end)`, the
+common packet of a known flow on raw bytes: it returns True when the packet is
+forwarded with no change worth mirroring (updating `state` in place if it
+must), and False, touching nothing, for anything else, which then takes
+`process`. The node's exact-match cache calls it instead of parsing the
+packet (`dataplane.node`); a service without it always takes `process`.
+
 A lab topology names services by their registry name (`SERVICES`).
 """
 

@@ -63,6 +63,11 @@ PSEUDO_TIMEOUTS = {Kind.UDP: (30.0, 120.0), Kind.ICMP: (10.0, 10.0), Kind.OTHER:
 """(before a reply was seen, after) per pseudo-connection kind."""
 
 _STATE = struct.Struct("!BBBB4I")
+_SEQ_ACK = struct.Struct("!IIBB")
+"""seq, ack, data offset, flags: bytes 4-13 of the TCP header."""
+_ESTABLISHED, _KIND_TCP = int(TcpState.ESTABLISHED), int(Kind.TCP)
+_PLAIN = TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK
+_KINDS = {int(k): k for k in Kind}
 
 
 @dataclass(slots=True)
@@ -108,6 +113,33 @@ class Firewall:
             return FORWARD, state  # errors about a flow travel with it
         kind = Kind.UDP if pkt.proto == UDP else Kind.ICMP if pkt.proto in (ICMP, ICMPV6) else Kind.OTHER
         return self._pseudo(pkt, forward, state, kind)
+
+    def fast(self, st: FlowState, forward: bool, data: bytes, proto: int, l4: int, end: int) -> bool:
+        """`process` for the two common cases, on raw bytes: a pseudo-connection
+        packet that changes nothing, and an in-window ACK of an established
+        TCP connection that does not pass the sync stride. Anything else
+        (flags, window edges, state changes) returns False untouched."""
+        if st.kind != _KIND_TCP:
+            return proto != TCP and (forward == st.orig_forward or st.state == 1)
+        if st.state != _ESTABLISHED or proto != TCP or end - l4 < 20:
+            return False
+        seq, ack, off, flags = _SEQ_ACK.unpack_from(data, l4 + 4)
+        hl = (off >> 4) * 4
+        if flags & _PLAIN != TCP_ACK or hl < 20 or l4 + hl > end:
+            return False
+        d = 0 if forward == st.orig_forward else 1
+        if not self._seq_ok(st, d, seq) or not self._ack_ok(st, d, ack):
+            return False
+        seg_end = (seq + end - l4 - hl) % MOD
+        end0, end1 = st.end0, st.end1
+        if d == 0 and _seq_le(end0, seg_end):
+            end0 = seg_end
+        elif d == 1 and _seq_le(end1, seg_end):
+            end1 = seg_end
+        if (end0 - st.synced0) % MOD >= SYNC_STRIDE or (end1 - st.synced1) % MOD >= SYNC_STRIDE:
+            return False
+        st.end0, st.end1 = end0, end1
+        return True
 
     # -- pseudo-connections ---------------------------------------------------------
 
@@ -222,7 +254,10 @@ class Firewall:
         if len(data) != _STATE.size:
             raise ValueError(f"firewall state is {_STATE.size} bytes, got {len(data)}")
         kind, state, orig, fin, e0, e1, s0, s1 = _STATE.unpack(data)
-        return FlowState(Kind(kind), state, bool(orig), fin, e0, e1, s0, s1)
+        k = _KINDS.get(kind)
+        if k is None:
+            raise ValueError(f"firewall state of unknown kind {kind}")
+        return FlowState(k, state, bool(orig), fin, e0, e1, s0, s1)
 
 
 def _is_echo_request(pkt: Inner) -> bool:
