@@ -230,6 +230,12 @@ class ServiceMap:
             self._tables[service] = t
         return t
 
+    def _table_inputs(self, service: str) -> tuple[Any, ...]:
+        """Everything a service's bucket table is computed from."""
+        return (self.buckets, self.replicas,
+                sorted((n, i.state in _ELIGIBLE, i.state == InstanceState.JOINING)
+                       for n, i in self._service(service).items()))
+
     def bucket(self, code: int) -> int:
         return code % self.buckets
 
@@ -276,7 +282,12 @@ class ServiceMap:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> ServiceMap:
+    def from_dict(cls, doc: dict[str, Any], previous: ServiceMap | None = None) -> ServiceMap:
+        """Parse and check a map document. With `previous` (the map a node
+        holds), bucket tables of services whose members did not change are
+        taken over instead of rebuilt: a failover changes one service, and
+        every node installing the new map at once must not spend tens of
+        milliseconds recomputing the others (the digests still check them)."""
         try:
             m = cls(int(doc["buckets"]), int(doc["replicas"]))
             for s, insts in doc["services"].items():
@@ -292,6 +303,11 @@ class ServiceMap:
             m.epoch = int(doc["epoch"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MapError(f"not a service map document: {exc!r}") from None
+        if previous is not None:
+            for s, t in previous._tables.items():
+                if s in m.services and s in previous.services and \
+                        m._table_inputs(s) == previous._table_inputs(s):
+                    m._tables[s] = t
         for s, digest in doc.get("table_digests", {}).items():
             if s in m.services and m.table_digest(s) != digest:
                 raise MapError(f"service {s}: bucket table does not match its digest")

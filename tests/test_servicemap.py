@@ -84,6 +84,28 @@ def test_json_round_trip_is_lossless():
         assert back.table(s).ranks == m.table(s).ranks
 
 
+def test_install_reuses_the_tables_of_unchanged_services_only():
+    """A node installing a new map keeps the tables of services whose
+    members did not change (the same objects) and rebuilds the others; the
+    result is the map a fresh parse gives."""
+    old = make(["ba", "bb", "bc"], buckets=1024)
+    old.add_service("A", ["aa", "ab"])
+    held = ServiceMap.from_json(old.to_json())
+    new = old.copy()
+    new.set_state("bb", InstanceState.DEAD)
+    got = ServiceMap.from_dict(new.to_dict(), previous=held)
+    assert got._tables["A"] is held._tables["A"]
+    assert got._tables["B"] is not held._tables["B"]
+    fresh = ServiceMap.from_json(new.to_json())
+    assert got == fresh and got.table("B").ranks == fresh.table("B").ranks
+    assert "bb" not in got.candidates("B", 5)
+    joining = new.copy()
+    joining.set_state("bb", InstanceState.JOINING)  # same members, other roles
+    again = ServiceMap.from_dict(joining.to_dict(), previous=got)
+    assert again._tables["B"] is not got._tables["B"]
+    assert again.table("B").ranks == ServiceMap.from_json(joining.to_json()).table("B").ranks
+
+
 def test_tampered_document_is_refused():
     doc = make(["ba", "bb"], buckets=64).to_dict()
     doc["table_digests"]["B"] = "0" * 32

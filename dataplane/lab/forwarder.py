@@ -53,6 +53,7 @@ from dataplane.liveness import Declared, FailureDetector
 from dataplane.mmsg import BatchReceiver, BatchSender
 from dataplane.node import EgressNode, IngressNode, ServiceNode
 from dataplane.replicator import Policy, Replicator
+from dataplane.resend import ResendBuffer
 from dataplane.servicemap import InstanceState, ServiceMap
 from dataplane.services import create
 from dataplane.syncchannel import SyncConfig
@@ -182,6 +183,7 @@ class Forwarder:
                                         self.incarnation, timers.heartbeat)
             self.fabric = self._udp(UDP_PORT, self._on_fabric)
             self.rx, self.tx = BatchReceiver(self.fabric, size=65536), BatchSender(self.fabric)
+            self.resend = ResendBuffer(timers.heartbeat * (timers.misses + 2))
             self._setup_role(initial)
         self.query = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = run_dir / f"{node}.sock"
@@ -344,7 +346,9 @@ class Forwarder:
                 addr = by_name.get(ev.to)
                 if addr is None:
                     self.node.drops["no_address"] += 1
-                elif self.impair.active:
+                    continue
+                self.resend.record(now, ev.to, ev.data)
+                if self.impair.active:
                     self.impair.submit(self.fabric, ev.data, (addr, UDP_PORT), now)
                 else:
                     sends.append((ev.data, (addr, UDP_PORT)))
@@ -398,11 +402,14 @@ class Forwarder:
     def _install(self, smap: ServiceMap, now: float) -> None:
         me = smap.services.get(smap.service_of(self.name) or "", {}).get(self.name)
         was = self.map.services.get(self.map.service_of(self.name) or "", {}).get(self.name)
+        old = self.map
         if self.rep is not None:
             self.rep.update_map(smap, now)
         else:
             self.node.update_map(smap)
         self._note("map", now, epoch=smap.epoch)
+        if self.serving:
+            self._out(self.resend.reroute(old, smap, now), now)
         if me is not None and me.state == InstanceState.JOINING:
             self.join_epoch = self.join_epoch or smap.epoch
         elif me is not None:
@@ -483,6 +490,7 @@ class Forwarder:
         out["counters"] = dict(self.node.counters)
         out["drops"] = dict(self.node.drops)
         out["flow_table"] = {"flows": len(self.node.flows), **dict(self.node.flows.counters)}
+        out["resend"] = {"resent": self.resend.resent, "unroutable": self.resend.unroutable}
         if self.rep is not None:
             out["sync"] = self.rep.snapshot(now)
         return out
@@ -509,6 +517,7 @@ class Forwarder:
             return
         if self.impair.active or self.impair.pending:
             self.impair.flush(now)
+        self.resend.expire(now)
         if self.rep is not None and self.sync is not None:
             self.client.in_sync = self.join_epoch is not None and self.rep.synced_since(self.join_epoch)
             self._out(self.sync.emit(self.rep.tick(now)), now)
