@@ -222,8 +222,6 @@ class ControlClient:
         """Set by the shell: the replicator is synced as of the epoch held."""
         self.endpoint = Endpoint(me, [controller], keyring, incarnation)
         self.epoch = smap.epoch
-        self.map = smap
-        """The newest map received: its bucket tables are reused by the next."""
         self.interval = interval
         self._last = -1.0
         self.declared_dead = False
@@ -252,12 +250,11 @@ class ControlClient:
                 doc = json.loads(zlib.decompress(rec.value))
                 if int(doc.get("epoch", 0)) <= self.epoch:
                     continue  # the periodic re-push of a map we hold
-                smap = ServiceMap.from_dict(doc, previous=self.map)
+                smap = ServiceMap.from_dict(doc)
             except (zlib.error, ValueError, TypeError, AttributeError, MapError):
                 self.counters["bad_map"] += 1
                 continue
             self.epoch = smap.epoch
-            self.map = smap
             self.counters["maps"] += 1
             out.append(MapReceived(smap))
         return out

@@ -268,3 +268,41 @@ def test_controller_restart_does_not_disturb_forwarding(fresh):
     assert epoch == max(epochs.values())                       # resumed from its store
     faults.kill(fresh.state, "bc")
     assert fresh.wait_epoch(epoch) > epoch                    # and still detects failures
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        text = open(f"/proc/{pid}/task/{task}/children").read().split()
+        kids.update(int(k) for k in text)
+    return kids
+
+
+def test_hung_forwarder_is_declared_dead_and_its_heartbeats_die_with_it(fresh):
+    """A SIGSTOPped forwarder goes silent (its heartbeat process sees the loop
+    stop) and is declared dead; once continued it learns it was declared
+    dead and rejoins. A killed forwarder takes its heartbeat process along."""
+    from dataplane.lab.forwarder import HANG_AFTER
+
+    victim = "bc"
+    m = fresh.map()
+    t0 = faults.stop(fresh.state, victim)
+    try:
+        epoch = fresh.wait_epoch(m.epoch, timeout=3.0)
+        waited = time.time() - t0
+    finally:
+        faults.cont(fresh.state, victim)
+    assert fresh.map().instance(victim).state.value == "dead" and epoch > m.epoch
+    timers = fresh.topo.timers
+    assert HANG_AFTER <= waited < HANG_AFTER + timers.heartbeat * timers.misses + 1.0
+    assert fresh.wait_state((victim,), "active", timeout=10)
+    assert fresh.ask(victim, "status")["counters"].get("declared_dead", 0) == 1
+
+    pid = fresh.state.processes["bb"].pid
+    beats = _children(pid)
+    assert len(beats) == 1
+    faults.kill(fresh.state, "bb")
+    deadline = time.time() + 2
+    while time.time() < deadline and any(os.path.exists(f"/proc/{k}") for k in beats):
+        time.sleep(0.01)
+    assert not any(os.path.exists(f"/proc/{k}") for k in beats)

@@ -7,6 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from dataplane import servicemap
 from dataplane.mapdiff import diff, plan
 from dataplane.servicemap import (DEFAULT_BUCKETS, Chain, Instance, InstanceState, MapError,
                                   ServiceMap, Tenant)
@@ -84,26 +85,38 @@ def test_json_round_trip_is_lossless():
         assert back.table(s).ranks == m.table(s).ranks
 
 
-def test_install_reuses_the_tables_of_unchanged_services_only():
-    """A node installing a new map keeps the tables of services whose
-    members did not change (the same objects) and rebuilds the others; the
-    result is the map a fresh parse gives."""
+def test_tables_are_shared_by_maps_with_the_same_inputs():
+    """Installing a new map reuses the tables of services whose members did
+    not change: the same objects, from the process-wide cache."""
     old = make(["ba", "bb", "bc"], buckets=1024)
     old.add_service("A", ["aa", "ab"])
     held = ServiceMap.from_json(old.to_json())
     new = old.copy()
     new.set_state("bb", InstanceState.DEAD)
-    got = ServiceMap.from_dict(new.to_dict(), previous=held)
-    assert got._tables["A"] is held._tables["A"]
-    assert got._tables["B"] is not held._tables["B"]
-    fresh = ServiceMap.from_json(new.to_json())
-    assert got == fresh and got.table("B").ranks == fresh.table("B").ranks
+    got = ServiceMap.from_json(new.to_json())
+    assert got.table("A") is held.table("A")
+    assert got.table("B") is not held.table("B")
     assert "bb" not in got.candidates("B", 5)
-    joining = new.copy()
-    joining.set_state("bb", InstanceState.JOINING)  # same members, other roles
-    again = ServiceMap.from_dict(joining.to_dict(), previous=got)
-    assert again._tables["B"] is not got._tables["B"]
-    assert again.table("B").ranks == ServiceMap.from_json(joining.to_json()).table("B").ranks
+
+
+def test_prepared_failure_tables_are_the_ones_a_failure_needs():
+    """After `prepare_failures`, the map that declares any one instance dead
+    finds its tables built, and they equal tables built from scratch."""
+    m = make(["ba", "bb", "bc", "bd"], buckets=512)
+    m.set_state("bd", InstanceState.JOINING)
+    servicemap._TABLES.clear()
+    m.table("B")
+    assert m.prepare_failures(budget=2) == 2       # two built, two to go
+    assert m.prepare_failures(budget=10) == 0
+    for victim in ("ba", "bb", "bc", "bd"):
+        m.prepare_failures(budget=10)
+        built = len(servicemap._TABLES)
+        dead = m.copy()
+        dead.set_state(victim, InstanceState.DEAD)
+        ready = ServiceMap.from_json(dead.to_json()).table("B")
+        assert len(servicemap._TABLES) == built, f"{victim}: table built on the failure"
+        servicemap._TABLES.clear()
+        assert ServiceMap.from_json(dead.to_json()).table("B").ranks == ready.ranks
 
 
 def test_tampered_document_is_refused():

@@ -26,8 +26,10 @@ A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
 from __future__ import annotations
 
 import argparse
+import ctypes
 import heapq
 import json
+import mmap
 import os
 import random
 import selectors
@@ -35,7 +37,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
@@ -65,6 +66,29 @@ SO_ATTACH_FILTER = 26
 BPF_IPV4 = [(0x28, 0, 0, 12), (0x15, 0, 1, ETH_P_IP), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
 """ldh [12]; jeq #0x800; ret #262144; ret #0: IPv4 frames only."""
 TICK = 0.001
+HANG_AFTER = 0.250
+"""A forwarder whose loop has not come round for this long stops
+heartbeating: a hang is declared after this plus the detection time. Well
+above the longest stall of a busy loop measured here (about 60 ms)."""
+PREPARE_AFTER = 0.200
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Pulse:
+    """What the packet loop tells its heartbeat process, in shared memory:
+    the time of its last round, the epoch it holds, and its status flags."""
+
+    _LAYOUT = struct.Struct("=dQ??")
+
+    def __init__(self) -> None:
+        self.mem = mmap.mmap(-1, self._LAYOUT.size)  # anonymous, MAP_SHARED: survives fork
+
+    def write(self, last_round: float, epoch: int, in_sync: bool, declared_dead: bool) -> None:
+        self._LAYOUT.pack_into(self.mem, 0, last_round, epoch, in_sync, declared_dead)
+
+    def read(self) -> tuple[float, int, bool, bool]:
+        return self._LAYOUT.unpack_from(self.mem, 0)
 EXPIRE_EVERY = 1.0
 HOSTS_BRIDGE = "hbr0"
 
@@ -77,7 +101,7 @@ def log(node: str, msg: str) -> None:
 
 def realtime() -> None:
     """SCHED_RR for the calling thread (Linux applies it per thread): the
-    controller and the heartbeat threads are tiny and must run on time."""
+    controller and the heartbeat processes are tiny and must run on time."""
     try:
         os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(10))
     except (OSError, AttributeError):
@@ -173,6 +197,8 @@ class Forwarder:
         self.join_epoch: int | None = None
         self.impair = Impairment()
         self._last_expire = 0.0
+        self._prepared: tuple[int, float, bool] = (-1, 0.0, True)
+        """(epoch, when it was installed, failure tables still missing)."""
         timers = topo.timers
         if self.role == "controller":
             self.ctl = Controller(node, initial, self.keyring, self.incarnation,
@@ -408,8 +434,10 @@ class Forwarder:
         else:
             self.node.update_map(smap)
         self._note("map", now, epoch=smap.epoch)
-        if self.serving:
-            self._out(self.resend.reroute(old, smap, now), now)
+        again = self.resend.reroute(old, smap, now) if self.serving else []
+        if again:
+            self._note("resent", now, packets=len(again), to=sorted({s.to for s in again}))
+            self._out(again, now)
         if me is not None and me.state == InstanceState.JOINING:
             self.join_epoch = self.join_epoch or smap.epoch
         elif me is not None:
@@ -512,6 +540,7 @@ class Forwarder:
     # -- loop ---------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
+        self._prepare_failures(now)
         if self.role == "controller":
             self._controller_out(self.ctl.tick(now))
             return
@@ -525,31 +554,70 @@ class Forwarder:
                 self._last_expire = now
                 self._emit_batch([self.node.expire(now)], now)
 
-    def _heartbeats(self) -> None:
-        """Heartbeats from their own thread at real-time priority, so a busy
-        packet loop (or a loaded machine) does not make the controller
-        declare a healthy instance dead. A hung or stopped process still
-        goes silent: SIGSTOP stops every thread. No lock: this thread only
-        reads the client's epoch and flags and is the only one encoding
-        control datagrams (the loop only decodes them)."""
-        realtime()
-        ctl = (self.topo.fabric_ip(self.topo.controller), sw.CONTROL_PORT)
-        while self.running:
-            for send in self.client.tick(time.monotonic()):
-                try:
-                    self.control.sendto(send.data, ctl)
-                except OSError:
-                    pass
-            time.sleep(self.client.interval / 2)
+    def _prepare_failures(self, now: float) -> None:
+        """Build the bucket tables of the next single failure, one per tick,
+        once the map has been quiet for PREPARE_AFTER (not during a failover)."""
+        m = self.map
+        if m.epoch != self._prepared[0]:
+            self._prepared = (m.epoch, now, True)
+        elif self._prepared[2] and now - self._prepared[1] >= PREPARE_AFTER:
+            self._prepared = (m.epoch, self._prepared[1], m.prepare_failures(budget=1) > 0)
+
+    def _start_heartbeats(self) -> None:
+        """Heartbeats come from a child process at real-time priority.
+
+        A thread would share the GIL with the packet loop: when the loop's
+        thread holds it and the scheduler runs another process, the
+        heartbeat waits, and on a loaded 2-core machine that wait reached
+        the detection time (live instances declared dead). The child has
+        its own interpreter. It stops, so the controller declares this node
+        dead, when the forwarder dies (it is killed with it:
+        PR_SET_PDEATHSIG) or when the loop has not come round for
+        `HANG_AFTER` (a hung or SIGSTOPped forwarder). The loop shares its
+        last round's time, the epoch it holds and its status flags through
+        a small shared mapping (`Pulse`)."""
+        self.pulse = Pulse()
+        self._pulse()
+        parent = os.getpid()
+        if os.fork() != 0:
+            return
+        try:
+            keep = self.control.fileno()  # every other socket stays the loop's alone (rebinds)
+            os.closerange(3, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            realtime()
+            ctl = (self.topo.fabric_ip(self.topo.controller), sw.CONTROL_PORT)
+            client = self.client
+            while os.getppid() == parent:
+                now = time.monotonic()
+                last, client.epoch, client.in_sync, client.declared_dead = self.pulse.read()
+                if now - last <= HANG_AFTER:
+                    for send in client.tick(now):
+                        try:
+                            self.control.sendto(send.data, ctl)
+                        except OSError:
+                            pass
+                time.sleep(client.interval / 2)
+        finally:
+            os._exit(0)
+
+    def _pulse(self) -> None:
+        self.pulse.write(time.monotonic(), self.client.epoch, self.client.in_sync,
+                         self.client.declared_dead)
 
     def run(self) -> None:
         log(self.name, f"{self.role} up on {self.ip} pid {os.getpid()} epoch {self.map.epoch}")
         if self.role == "controller":
             realtime()
         else:
-            threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat").start()
+            self._start_heartbeats()
         next_tick = time.monotonic()
         while self.running:
+            if self.role != "controller":
+                self._pulse()
             timeout = max(0.0, next_tick - time.monotonic())
             for key, _mask in self.sel.select(timeout):
                 key.data(key.fileobj, time.monotonic())
@@ -566,7 +634,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", required=True)
     ap.add_argument("--run-dir", required=True, type=Path)
     args = ap.parse_args(argv)
-    sys.setswitchinterval(0.001)  # the heartbeat thread gets the GIL within 1 ms
     fwd = Forwarder(load(args.topology), args.node, args.run_dir)
 
     def stop(_sig: int, _frame: object) -> None:

@@ -59,8 +59,8 @@ class ServiceSpec:
 
 @dataclass
 class Timers:
-    heartbeat: float = 0.010
-    misses: int = 5
+    heartbeat: float = 0.005
+    misses: int = 4
     holddown: float = 1.0
     map_refresh: float = 0.100
 
@@ -258,8 +258,8 @@ class _Validator:
                         mtu, ctl, edges["ingress"], edges["egress"], hosts, services, tenants)
 
     def timers(self, t: dict[str, Any]) -> Timers:
-        hb = self.get(t, "heartbeat_ms", "timers", (int, float), 10)
-        misses = self.get(t, "misses", "timers", int, 5)
+        hb = self.get(t, "heartbeat_ms", "timers", (int, float), 5)
+        misses = self.get(t, "misses", "timers", int, 4)
         hold = self.get(t, "holddown_ms", "timers", (int, float), 1000)
         refresh = self.get(t, "map_refresh_ms", "timers", (int, float), 100)
         for key, v in (("heartbeat_ms", hb), ("misses", misses), ("map_refresh_ms", refresh)):
