@@ -44,7 +44,8 @@ def kill(state: LabState, node: str) -> float:
 
 
 def stop(state: LabState, node: str) -> float:
-    """SIGSTOP: the forwarder hangs (alive to the kernel, silent on the wire)."""
+    """SIGSTOP: the forwarder hangs (alive to the kernel, silent on the wire;
+    its heartbeat process notices the stopped loop and falls silent too)."""
     t = time.time()
     if not signal_proc(_proc(state, node), signal.SIGSTOP):
         raise FaultError(f"{node} is not running")
