@@ -7,7 +7,9 @@ gives packets/s and the ratio of the affinity-mesh instance (decap,
 firewall, async sync to a secondary in the sink's namespace, encap) to each
 baseline. The second runs the instance under each sync policy with traffic
 that opens a new flow every 10 packets (so one packet in ten changes state
-the secondary must mirror), relative to sync off. Needs root.
+the secondary must mirror), relative to sync off. Every mode runs 3 times,
+interleaved, and the median counts: run to run, this machine varies by
+about 10 %. Needs root.
 `python -m benchmarks.fwd [SECONDS]`.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,7 @@ POLICIES = ["off", "async", "ordered", "acked"]
 RUNS = {**{m: (m, [], []) for m in MODES},
         **{f"sync-{p}": ("instance-mmsg", ["--policy", p], ["--new-every", "10"]) for p in POLICIES}}
 """run name -> (DUT mode, DUT arguments, sender arguments)."""
+ROUNDS = 3
 ONLY = os.environ["AMESH_FWD_MODES"].split(",") if os.environ.get("AMESH_FWD_MODES") else list(RUNS)
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -70,7 +74,7 @@ def run_mode(run: str, seconds: float, codes: str, mapfile: str, epoch: int) -> 
     return json.loads(out.strip().splitlines()[-1])["rate"]
 
 
-def main(seconds: float = 3.0) -> dict[str, float]:
+def main(seconds: float = 3.0) -> dict[str, object]:
     m = pair_map()
     codes = ",".join(str(c) for c in [c for c in range(200_000) if m.primary("B", c) == "ba"][:1000])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -81,16 +85,22 @@ def main(seconds: float = 3.0) -> dict[str, float]:
     try:
         link_pair(NS["src"], "s0", SRC, NS["dut"], "d0", DUT_IN)
         link_pair(NS["dut"], "d1", DUT_OUT, NS["sink"], "k0", SINK)
-        rates = {run: run_mode(run, seconds, codes, f.name, m.epoch) if run in ONLY else 0.0
-                 for run in RUNS}
+        runs: dict[str, list[float]] = {run: [] for run in RUNS}
+        for _ in range(ROUNDS):  # interleaved, so a noisy moment hits every mode alike
+            for run in RUNS:
+                if run in ONLY:
+                    runs[run].append(run_mode(run, seconds, codes, f.name, m.epoch))
     finally:
         for ns in NS.values():
             if netns.exists(ns):
                 pr_netns.remove(ns)
         os.unlink(f.name)
+    rates = {run: statistics.median(v) if v else 0.0 for run, v in runs.items()}
+    spread = {run: f"{min(v) / 1000:.0f}-{max(v) / 1000:.0f}k" if v else "" for run, v in runs.items()}
     inst = max(rates["instance"], rates["instance-mmsg"])
-    print(f"\nforwarding rate of one DUT, small UDP packets, {seconds:.0f} s each, same namespaces")
-    print(f"{'forwarder':<40}{'packets/s':>12}{'best instance / this':>22}")
+    print(f"\nforwarding rate of one DUT, small UDP packets, {seconds:.0f} s each, same namespaces,"
+          f" median of {ROUNDS} interleaved runs (range)")
+    print(f"{'forwarder':<40}{'packets/s':>12}{'range':>12}{'best instance / this':>22}")
     labels = {"bare": "bare Python relay (recv/send, no work)",
               "bare-mmsg": "bare Python relay, recvmmsg/sendmmsg",
               "instance": "affinity-mesh instance",
@@ -98,14 +108,14 @@ def main(seconds: float = 3.0) -> dict[str, float]:
               "scapy-kept": "Scapy, kept socket, raw bytes", "scapy-naive": "Scapy sniff + sendp"}
     for mode in MODES:
         r = rates[mode]
-        print(f"{labels[mode]:<40}{r:>12,.0f}{inst / r if r else float('inf'):>22.2f}")
+        print(f"{labels[mode]:<40}{r:>12,.0f}{spread[mode]:>12}{inst / r if r else float('inf'):>22.2f}")
     off = rates["sync-off"]
     print("\nsync policy, instance with mmsg batches, a new flow every 10 packets")
-    print(f"{'policy':<40}{'packets/s':>12}{'rate / off':>22}")
+    print(f"{'policy':<40}{'packets/s':>12}{'range':>12}{'rate / off':>22}")
     for p in POLICIES:
         r = rates[f"sync-{p}"]
-        print(f"{p:<40}{r:>12,.0f}{r / off if off else 0.0:>22.2f}")
-    return rates
+        print(f"{p:<40}{r:>12,.0f}{spread[f'sync-{p}']:>12}{r / off if off else 0.0:>22.2f}")
+    return {**rates, "runs": runs}
 
 
 if __name__ == "__main__":

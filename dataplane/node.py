@@ -315,13 +315,14 @@ class ServiceNode(Node):
             self.drops["bad_state"] += 1
             return False
         if entry is None:
-            entry = self.flows.insert(update.key, now, state)
+            entry = self.flows.insert(update.key, now, state)  # new: last seen now, at the end
             entry.replica = True
+        else:
+            self.flows.touch(update.key, now)
         entry.state = state
         entry.version = update.version
         entry.fwd_hop, entry.prev_hop = update.fwd_hop, update.prev_hop
         entry.timeout = update.timeout
-        self.flows.touch(update.key, now)
         self.counters["updates_applied"] += 1
         return True
 

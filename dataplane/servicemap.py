@@ -299,10 +299,21 @@ class ServiceMap:
 
     def secondary(self, service: str, code: int, exclude: str | None = None) -> str | None:
         """The instance that mirrors a code's state: the first candidate other
-        than `exclude` (default: the primary)."""
-        cands = self.candidates(service, code)
-        owner = exclude if exclude is not None else (cands[0] if cands else None)
-        return next((c for c in cands if c != owner), None)
+        than `exclude` (default: the primary). Read off the rank arrays
+        directly: it runs for every mirrored update."""
+        t = self.table(service)
+        b = code % self.buckets
+        owner = exclude
+        for r in t.ranks:
+            i = r[b]
+            if i == NO_INSTANCE:
+                continue
+            name = t.names[i]
+            if owner is None:
+                owner = name
+            elif name != owner:
+                return name
+        return None
 
     def chain_for(self, tenant: int, dport: int) -> Chain | None:
         """The tenant's chain for a server port: first with a matching port
