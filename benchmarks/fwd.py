@@ -96,7 +96,8 @@ def main(seconds: float = 3.0) -> dict[str, object]:
                 pr_netns.remove(ns)
         os.unlink(f.name)
     rates = {run: statistics.median(v) if v else 0.0 for run, v in runs.items()}
-    spread = {run: f"{min(v) / 1000:.0f}-{max(v) / 1000:.0f}k" if v else "" for run, v in runs.items()}
+    spread = {run: (f"{min(v) / 1000:.0f}-{max(v) / 1000:.0f}k" if min(v) >= 1000 else f"{min(v):.0f}-{max(v):.0f}")
+              if v else "" for run, v in runs.items()}
     inst = max(rates["instance"], rates["instance-mmsg"])
     print(f"\nforwarding rate of one DUT, small UDP packets, {seconds:.0f} s each, same namespaces,"
           f" median of {ROUNDS} interleaved runs (range)")

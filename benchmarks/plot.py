@@ -55,6 +55,7 @@ def main() -> Path:
         ax.axvline(e, color="green", linestyle=":", label="new map epoch" if i == 0 else None)
     ax.set_xlabel("seconds")
     ax.set_ylabel("Mbit/s")
+    ax.set_ylim(bottom=0)
     ax.set_title("affinity-mesh: goodput through the chain around a failover")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
