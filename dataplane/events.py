@@ -25,9 +25,12 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Hand the inner packet to the local host side (client or server)."""
+    """Hand the inner packet to the local host side (client or server).
+    `options` are the header's options (a GSO option: how the host's
+    kernel handed the frame over, for the far edge's host)."""
 
     data: bytes
+    options: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,7 +81,7 @@ class Header(NamedTuple):
 def pack(chain: int, index: int, code: int, client: int, epoch: int,
          flags: int = 0, ttl: int = DEFAULT_TTL, next_proto: int = NextProto.IPV4,
          version: int = VERSION, words: int = HEADER_LEN // 4) -> bytes:
-    """Encode a header without options; the hot path's only encoder."""
+    """Encode the fixed header; `words` counts options the caller appends."""
     return _WORDS.pack((version << 4) | (flags & 0xF), ttl, words, next_proto,
                        (chain << 8) | index, code, client, epoch)
 
@@ -109,3 +109,44 @@ def decode(buf: bytes | memoryview, offset: int = 0) -> Header:
 
 
 _NEXT_PROTOS = frozenset(int(p) for p in NextProto)
+
+
+# -- options ---------------------------------------------------------------------------
+#
+# Options follow the 20-byte base, as TLVs: type (1 byte), value length in
+# bytes (1 byte), value, zero padding to a 4-byte boundary. A reader skips the
+# types it does not know. Type 0 is padding to the end.
+
+OPT_GSO = 1
+"""The host's virtio_net_hdr of a TCP super-frame (or a packet whose
+checksum is left to the receiver), so the far edge can hand the frame to its
+host as the kernel gave it: flags, gso_type (1 byte each), hdr_len,
+gso_size, csum_start, csum_offset (2 bytes each, big endian)."""
+_GSO = struct.Struct("!BBHHHH")
+
+
+def pack_gso(flags: int, gso_type: int, hdr_len: int, gso_size: int, csum_start: int,
+             csum_offset: int) -> bytes:
+    """The GSO option (12 bytes, 3 words)."""
+    return bytes([OPT_GSO, _GSO.size]) + _GSO.pack(flags, gso_type, hdr_len, gso_size, csum_start,
+                                                   csum_offset)
+
+
+def read_gso(options: bytes | memoryview) -> tuple[int, int, int, int, int, int] | None:
+    """The GSO option's six fields from a header's options (the bytes after
+    the 20-byte base), or None without one. Raises HeaderError("bad_option")
+    on an option that runs past the end."""
+    pos, end = 0, len(options)
+    while pos < end:
+        kind = options[pos]
+        if kind == 0:
+            return None
+        if pos + 2 > end or pos + 2 + options[pos + 1] > end:
+            raise HeaderError("bad_option", f"option {kind} runs past the header")
+        size = options[pos + 1]
+        if kind == OPT_GSO:
+            if size != _GSO.size:
+                raise HeaderError("bad_option", f"GSO option of {size} bytes")
+            return _GSO.unpack_from(options, pos + 2)
+        pos += (2 + size + 3) & ~3
+    return None

@@ -212,8 +212,8 @@ class ServiceNode(Node):
             return self._drop("no_instance", events)
         flags = (h.flags & ~_REROUTED) | (_REROUTED if rerouted else 0)
         head = wire.pack(h.chain, h.index - 1, h.code, h.client, self.map.epoch, flags,
-                         h.ttl - 1, h.next_proto)
-        events.append(Send(hop, head + data[h.length:]))
+                         h.ttl - 1, h.next_proto, words=h.length >> 2)
+        events.append(Send(hop, head + data[20:]))  # options travel on
         self.counters["forwarded"] += 1
         if (not rerouted and h.length == 20 and inner.l4 == 40 and inner.proto in _FAST_PROTOS
                 and inner.family == 4 and not inner.fragment and h.epoch >= self.map.epoch
@@ -354,7 +354,8 @@ class IngressNode(Node):
             return True
         return False
 
-    def from_client(self, data: bytes, now: float) -> list[Event]:
+    def from_client(self, data: bytes, now: float, options: bytes = b"") -> list[Event]:
+        """A packet from a client; `options` (whole words) go into the header."""
         inner = self._parse(data)
         if isinstance(inner, Drop):
             return [inner]
@@ -380,9 +381,9 @@ class IngressNode(Node):
         entry.packets += 1
         n = len(chain.services)
         hdr = wire.pack(chain_id, n, code, client, self.map.epoch,
-                        _REROUTED if rerouted else 0)
+                        _REROUTED if rerouted else 0, words=5 + (len(options) >> 2))
         self.counters["encapsulated"] += 1
-        return [Send(hop, hdr + data[:inner.length])]
+        return [Send(hop, hdr + options + data[:inner.length])]
 
     def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
         h = self._decode(data)
@@ -391,7 +392,7 @@ class IngressNode(Node):
         if not h.flags & _REVERSE or h.index != 0:
             return self._drop("bad_index")
         self.counters["delivered"] += 1
-        return [Deliver(data[h.length:])]
+        return [Deliver(data[h.length:], data[20:h.length])]
 
 
 class EgressNode(Node):
@@ -417,9 +418,10 @@ class EgressNode(Node):
             entry.prev_hop = src
         entry.packets += 1
         self.counters["delivered"] += 1
-        return [Deliver(data[h.length:])]
+        return [Deliver(data[h.length:], data[20:h.length])]
 
-    def from_server(self, data: bytes, now: float) -> list[Event]:
+    def from_server(self, data: bytes, now: float, options: bytes = b"") -> list[Event]:
+        """A reply from a server; `options` (whole words) go into the header."""
         inner = self._parse(data)
         if isinstance(inner, Drop):
             return [inner]
@@ -436,6 +438,7 @@ class EgressNode(Node):
             return self._drop("no_instance")
         entry.prev_hop = hop
         flags = _REVERSE | (_REROUTED if rerouted else 0)
-        hdr = wire.pack(chain_id, len(chain.services), code, client, self.map.epoch, flags)
+        hdr = wire.pack(chain_id, len(chain.services), code, client, self.map.epoch, flags,
+                        words=5 + (len(options) >> 2))
         self.counters["encapsulated"] += 1
-        return [Send(hop, hdr + data[:inner.length])]
+        return [Send(hop, hdr + options + data[:inner.length])]

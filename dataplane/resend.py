@@ -67,8 +67,8 @@ class ResendBuffer:
                 self.unroutable += 1
                 continue
             head = wire.pack(h.chain, h.index, h.code, h.client, new.epoch, h.flags | _REROUTED,
-                             h.ttl, h.next_proto)
-            out.append(Send(target, head + data[h.length:]))
+                             h.ttl, h.next_proto, words=h.length >> 2)
+            out.append(Send(target, head + data[20:]))
         self.sent = keep
         self.resent += len(out)
         return out

@@ -37,3 +37,17 @@ def test_refusals(buf, why):
 def test_options_are_skipped_by_length():
     buf = GOOD[:2] + bytes([6]) + GOOD[3:] + b"\x00" * 4 + b"inner"
     assert wire.decode(buf).length == 24
+
+
+def test_gso_option_round_trip_and_refusals():
+    opt = wire.pack_gso(1, 1, 66, 1448, 34, 16)
+    assert len(opt) == 12
+    data = wire.pack(1, 2, 3, 4, 5, words=8) + opt + b"\x45" + bytes(19)
+    h = wire.decode(data)
+    assert h.length == 32 and wire.read_gso(data[20:h.length]) == (1, 1, 66, 1448, 34, 16)
+    assert wire.read_gso(b"") is None
+    assert wire.read_gso(bytes([9, 2, 0, 0]) + opt) == (1, 1, 66, 1448, 34, 16)  # unknown skipped
+    assert wire.read_gso(bytes(4)) is None                                         # padding
+    for bad in (bytes([1, 10, 0, 0]), bytes([1, 2, 0, 0])):          # past the end; wrong size
+        with pytest.raises(wire.HeaderError, match="bad_option"):
+            wire.read_gso(bad)

@@ -39,6 +39,7 @@ class Mesh:
         self.sync = sync
         self.hops: list[tuple[str, str, wire.Header]] = []
         self.delivered: dict[str, list[bytes]] = {INGRESS: [], EGRESS: []}
+        self.options: list[bytes] = []
         self.dead: set[str] = set()
 
     def run(self, src, events, now=0.0):
@@ -49,14 +50,15 @@ class Mesh:
                 self.run(ev.to, self.nodes[ev.to].from_fabric(ev.data, src, now), now)
             elif isinstance(ev, Deliver):
                 self.delivered[src].append(ev.data)
+                self.options.append(ev.options)
             elif isinstance(ev, Mirror) and self.sync:
                 self.nodes[ev.to].apply_update(ev.update, now)
 
-    def client(self, data, now=0.0):
-        self.run(INGRESS, self.nodes[INGRESS].from_client(data, now), now)
+    def client(self, data, now=0.0, options=b""):
+        self.run(INGRESS, self.nodes[INGRESS].from_client(data, now, options), now)
 
-    def server(self, data, now=0.0):
-        self.run(EGRESS, self.nodes[EGRESS].from_server(data, now), now)
+    def server(self, data, now=0.0, options=b""):
+        self.run(EGRESS, self.nodes[EGRESS].from_server(data, now, options), now)
 
     def kill(self, name):
         self.dead.add(name)
@@ -88,6 +90,20 @@ def test_forward_and_return_cross_the_same_instances():
     assert all(h.flags & wire.Flags.REVERSE for _, _, h in mesh.hops[3:])
     assert len(mesh.delivered[EGRESS]) == 1 and len(mesh.delivered[INGRESS]) == 1
     assert mesh.delivered[EGRESS][0] == tcp(flags="S", seq=1)
+
+
+def test_header_options_cross_the_chain_both_ways():
+    """A GSO option put in by one edge comes out at the other, through every
+    instance; packets without options stay at 20 bytes of header."""
+    mesh = Mesh()
+    gso = wire.pack_gso(1, 1, 54, 1448, 34, 16)
+    mesh.client(tcp(flags="S", seq=1), options=gso)
+    assert [h.length for _, _, h in mesh.hops] == [32, 32, 32]
+    mesh.server(tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2))
+    assert [h.length for _, _, h in mesh.hops[3:]] == [20, 20, 20]
+    mesh.client(tcp(flags="PA", seq=2, ack=10, payload=b"x" * 3000), options=gso)
+    assert mesh.options == [gso, b"", gso]
+    assert mesh.delivered[EGRESS][-1] == tcp(flags="PA", seq=2, ack=10, payload=b"x" * 3000)
 
 
 def test_secondary_holds_a_replica_and_takes_over_with_rerouted_flag():

@@ -46,6 +46,7 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('heartbeat_ms = 5', 'heartbeat_ms = 0', "timers.heartbeat_ms: must be positive"),
     ('buckets = 4096', 'buckets = "many"', "lab.buckets: expected int, got str"),
     ('mtu = 1600', 'mtu = 1500', "fabric.mtu: must be 1548-9000"),
+    ('gso = false', 'gso = 1', "fabric.gso: expected bool, got int"),
     ('attach = "egress"', 'attach = "nowhere"', "hosts.server.attach: 'nowhere' is neither the ingress nor the egress"),
     ('[timers]', '[timer]', "timer: unknown section"),
     ('store = "embedded"', 'store = "etcd"', "controller.store: 'etcd': only 'embedded' is supported"),

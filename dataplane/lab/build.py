@@ -31,7 +31,7 @@ from pyroute2 import netns as pr_netns
 
 from dataplane.lab import netns
 from dataplane.lab.state import LabState, Proc, alive, run_dir, start_time, stop
-from dataplane.lab.topology import Topology
+from dataplane.lab.topology import GSO_MAX_SIZE, Topology
 
 Progress = Callable[[str], None]
 OFFLOADS = ["rx", "off", "tx", "off", "tso", "off", "gso", "off", "gro", "off"]
@@ -90,8 +90,9 @@ def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> Lab
         for ns in state.namespaces:
             netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
             netns.sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
-        _offloads_off(topo)
-        progress("offloads off on every lab link")
+        _offloads(topo)
+        progress("offloads on the host links (GSO super-frames), off on the fabric" if topo.gso
+                 else "offloads off on every lab link")
         if start_forwarders:
             for node in topo.forwarders():
                 start_node(topo, state, node)
@@ -150,11 +151,20 @@ def _build_edges(topo: Topology) -> None:
                 _up(ip, f"h-{host.name}", master=br)
 
 
-def _offloads_off(topo: Topology) -> None:
+def _offloads(topo: Topology) -> None:
+    """Offloads off everywhere, so every packet is a real MTU-sized packet;
+    or, with `[fabric] gso`, left on for the host links (their TCP hands the
+    edges 64 KB super-frames, at most GSO_MAX_SIZE) and off on the fabric."""
     links = [(topo.netns(n), "fab0") for n in topo.forwarders()]
     links += [(topo.fabric_ns, f"p-{n}") for n in topo.forwarders()]
-    for h in topo.hosts.values():
-        links += [(topo.netns(h.name), "eth0"), (topo.netns(h.attach), f"h-{h.name}")]
+    hosts = [(topo.netns(h.name), "eth0") for h in topo.hosts.values()]
+    hosts += [(topo.netns(h.attach), f"h-{h.name}") for h in topo.hosts.values()]
+    if topo.gso:
+        for ns, ifname in hosts:
+            with IPRoute(netns=ns, flags=0) as ip:
+                ip.link("set", index=ip.link_lookup(ifname=ifname)[0], gso_max_size=GSO_MAX_SIZE)
+    else:
+        links += hosts
     for ns, ifname in links:
         offloads_off(ns, ifname)
 

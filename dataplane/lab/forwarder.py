@@ -8,7 +8,11 @@ By role:
 * **ingress**: an AF_PACKET socket on the hosts bridge (kernel BPF: IPv4
   only; forwarding is off in the namespace, so the kernel does not route
   these packets itself) feeding `IngressNode`; replies from the fabric are
-  written back as Ethernet frames to the client's MAC;
+  written back as Ethernet frames to the client's MAC. With `[fabric] gso`
+  the socket has PACKET_VNET_HDR: the host's TCP super-frames (up to 60 KB)
+  arrive whole with the kernel's virtio_net_hdr, which rides the affinity
+  header as a GSO option to the far edge, where the frame is written back
+  with it and the kernel segments it (or hands it whole to the host's TCP);
 * **egress**: the same on the server side with `EgressNode`;
 * **instance**: `ServiceNode` + `Replicator` (sync socket) on the fabric.
 
@@ -44,6 +48,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from dataplane import header as wire
 from dataplane import syncwire as sw
 from dataplane.affinity import AffinityHasher
 from dataplane.control import ControlClient, Controller, ControlSend, MapPublished, MapReceived
@@ -61,6 +66,10 @@ from dataplane.syncchannel import SyncConfig
 from dataplane.syncudp import UdpSync
 
 ETH_P_ALL, ETH_P_IP = 0x0003, 0x0800
+SOL_PACKET, PACKET_VNET_HDR = 263, 15
+VNET_HDR = struct.Struct("=BBHHHH")
+"""struct virtio_net_hdr, in host byte order: flags, gso_type, hdr_len,
+gso_size, csum_start, csum_offset."""
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
 BPF_IPV4 = [(0x28, 0, 0, 12), (0x15, 0, 1, ETH_P_IP), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
@@ -257,6 +266,8 @@ class Forwarder:
         self.broadcast = edge.address.network.broadcast_address.packed
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         attach_bpf(s, BPF_IPV4)
+        if topo.gso:
+            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
         s.bind((HOSTS_BRIDGE, 0))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.setblocking(False)
@@ -307,18 +318,25 @@ class Forwarder:
 
     def _on_host(self, sock: socket.socket, now: float) -> None:
         handler = self.node.from_client if self.role == "ingress" else self.node.from_server
+        skip = VNET_HDR.size if self.topo.gso else 0
         batch = []
         for _ in range(64):
             try:
-                frame, addr = sock.recvfrom(65535)
+                frame, addr = sock.recvfrom(70000)
             except BlockingIOError:
                 break
-            if addr[2] == PACKET_OUTGOING or len(frame) < 34:
+            if addr[2] == PACKET_OUTGOING or len(frame) < skip + 34:
                 continue
-            dst = frame[30:34]
+            dst = frame[skip + 30:skip + 34]
             if dst == self.edge_ip or dst == self.broadcast or dst[0] >= 224:
                 continue  # for the namespace's own stack (ARP'd gateway, broadcast)
-            batch.append(handler(frame[14:], now))
+            options = b""
+            if skip:
+                vnet = VNET_HDR.unpack_from(frame)
+                if vnet[0] or vnet[1]:  # a super-frame, or a checksum left to the receiver
+                    options = wire.pack_gso(*vnet)
+                    self.node.counters["super_frames"] += vnet[1] != 0
+            batch.append(handler(frame[skip + 14:], now, options))
         self._emit_batch(batch, now)
 
     def _on_sync(self, sock: socket.socket, now: float) -> None:
@@ -384,7 +402,7 @@ class Forwarder:
                 else:
                     sends.append((ev.data, (addr, UDP_PORT)))
             elif isinstance(ev, Deliver):
-                self._deliver(ev.data)
+                self._deliver(ev.data, ev.options)
             elif isinstance(ev, Declared):
                 self._note(f"peer_{ev.health.value}", now, peer=ev.peer)
         if sends:
@@ -399,13 +417,21 @@ class Forwarder:
         except OSError:
             self.node.drops["send_error"] += 1
 
-    def _deliver(self, ip: bytes) -> None:
+    def _deliver(self, ip: bytes, options: bytes) -> None:
         mac = self.host_macs.get(ip[16:20])
         if mac is None or self.packet is None:
             self.node.drops["unknown_host"] += 1
             return
+        vnet = b""
+        if self.topo.gso:
+            try:
+                fields = wire.read_gso(options)
+            except wire.HeaderError:
+                self.node.drops["bad_option"] += 1
+                return
+            vnet = VNET_HDR.pack(*fields) if fields else bytes(VNET_HDR.size)
         try:
-            self.packet.send(mac + self.edge_mac + b"\x08\x00" + ip)
+            self.packet.send(vnet + mac + self.edge_mac + b"\x08\x00" + ip)
         except OSError:
             self.node.drops["send_error"] += 1
 

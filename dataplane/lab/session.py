@@ -135,16 +135,19 @@ def bring_up(path: Path | str = DEFAULT, progress: build.Progress = lambda msg: 
 
 
 def variant(path: Path | str, overrides: dict[str, Any]) -> Topology:
-    """A copy of a topology file with some [lab] keys replaced."""
+    """A copy of a topology file with some keys replaced: `name` for a key
+    of [lab], `section.name` for a key of another section (the key must be
+    in the file)."""
     text = Path(path).read_text()
     lines = []
     section = ""
     for line in text.splitlines():
         if line.startswith("["):
-            section = line.strip()
+            section = line.strip()[1:-1]
         key = line.split("=")[0].strip()
-        if section == "[lab]" and key in overrides and "=" in line:
-            line = f"{key} = {json.dumps(overrides[key])}"
+        full = key if section == "lab" else f"{section}.{key}"
+        if full in overrides and "=" in line:
+            line = f"{key} = {json.dumps(overrides[full])}"
         lines.append(line)
     out = Path(tempfile.mkdtemp(prefix="amesh-topo-")) / Path(path).name
     out.write_text("\n".join(lines) + "\n")

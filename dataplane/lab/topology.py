@@ -57,6 +57,14 @@ class ServiceSpec:
         return [*self.instances, *self.spares]
 
 
+GSO_MTU = 65535
+"""Fabric MTU when super-frames are carried: one 64 KB frame, one datagram."""
+GSO_MAX_SIZE = 60000
+"""Largest super-frame a host may build (its gso_max_size): with the
+affinity header and its options, outer IP and UDP, it still fits one
+datagram of 65,535 bytes."""
+
+
 @dataclass
 class Timers:
     heartbeat: float = 0.005
@@ -83,6 +91,8 @@ class Topology:
     hosts: dict[str, Host]
     services: dict[str, ServiceSpec]
     tenants: list[dict[str, Any]]
+    gso: bool = False
+    """Carry the hosts' TCP super-frames whole (see `dataplane.lab.forwarder`)."""
 
     # -- derived ------------------------------------------------------------------
 
@@ -238,6 +248,7 @@ class _Validator:
         mtu = self.get(fabric, "mtu", "fabric", int, 1600)
         if not 1548 <= mtu <= 9000:
             raise self.fail("fabric.mtu", "must be 1548-9000 (1500 + 48 bytes of encapsulation)")
+        gso = self.get(fabric, "gso", "fabric", bool, False)
         ctl = self.name(self.get(self.table("controller"), "name", "controller", str),
                         "controller.name", "controller")
         store = self.get(self.table("controller"), "store", "controller", str, "embedded")
@@ -255,7 +266,8 @@ class _Validator:
         if FIRST_INSTANCE_HOST + n_fabric > subnet.num_addresses - 1:
             raise self.fail("fabric.subnet", f"too small for {n_fabric} fabric nodes")
         return Topology(self.path, name, prefix, buckets, secret, sync_key, policy, timers, subnet,
-                        mtu, ctl, edges["ingress"], edges["egress"], hosts, services, tenants)
+                        GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
+                        services, tenants, gso)
 
     def timers(self, t: dict[str, Any]) -> Timers:
         hb = self.get(t, "heartbeat_ms", "timers", (int, float), 5)
