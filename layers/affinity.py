@@ -46,6 +46,13 @@ Why these sizes:
   at one change per millisecond it wraps after 49 days, and epochs are only
   compared for equality or "newer", with serial-number arithmetic.
 
+Options (after the 20-byte base, within Length): TLVs of type (1 byte),
+value length in bytes (1 byte), value, zero padding to 4 bytes; a reader
+skips types it does not know, type 0 pads to the end. Type 1 (GSO, 10
+bytes: flags, gso_type, then hdr_len, gso_size, csum_start, csum_offset as
+16-bit big-endian) carries a host's virtio_net_hdr from edge to edge when the
+lab carries TCP super-frames (`dataplane.header.pack_gso`).
+
 Bindings: UDP destination (or source) port 6886 by default (change it with
 ``set_udp_port``), EtherType 0x88B5 (IEEE local experimental), and above the
 header IPv4 / IPv6 / Ethernet by next protocol. An explicit wrong ``length``
