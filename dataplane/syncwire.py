@@ -87,6 +87,8 @@ _U64 = struct.Struct("!Q")
 _KEY_HEAD = struct.Struct("!IIBB")
 _KEY4 = struct.Struct("!IIBB4sH4sH")
 """A whole IPv4 flow key in one unpack: the common case."""
+_UPSERT4 = struct.Struct("!IIBB4sH4sHQI")
+"""An IPv4 upsert up to its hops (key, version, timeout) in one unpack."""
 _UPSERT = struct.Struct("!QI")
 _BULK = struct.Struct("!IQI")
 
@@ -354,22 +356,32 @@ def _read_hop(value: bytes, pos: int) -> tuple[str | None, int]:
 def flow_record(u: FlowUpdate) -> Record:
     if u.deleted:
         return Record(RecordType.FLOW_DELETE, _key_bytes(u.key) + u64(u.version))
-    return Record(RecordType.FLOW_UPSERT,
-                  _key_bytes(u.key) + _UPSERT.pack(u.version, int(u.timeout * 1000))
-                  + _hop(u.fwd_hop) + _hop(u.prev_hop)
-                  + len(u.state).to_bytes(2, "big") + u.state)
+    key = u.key
+    if len(key[3]) == 4:  # the common case in one pack: IPv4 key, version, timeout
+        head = _UPSERT4.pack(key[0], key[1], key[2], 4, key[3], key[4], key[5], key[6], u.version,
+                             int(u.timeout * 1000))
+    else:
+        head = _key_bytes(key) + _UPSERT.pack(u.version, int(u.timeout * 1000))
+    return Record(RecordType.FLOW_UPSERT, b"".join((head, _hop(u.fwd_hop), _hop(u.prev_hop),
+                                                    len(u.state).to_bytes(2, "big"), u.state)))
 
 
 def read_flow(rec: Record) -> FlowUpdate:
-    key, pos = _read_key(rec.value, 0)
-    if rec.type is RecordType.FLOW_DELETE:
-        if len(rec.value) != pos + 8:
-            raise SyncError("malformed", "delete record")
-        return FlowUpdate(key, read_u64(rec.value, pos), deleted=True)
-    if len(rec.value) < pos + _UPSERT.size:
-        raise SyncError("malformed", "upsert record")
-    version, timeout_ms = _UPSERT.unpack_from(rec.value, pos)
-    pos += _UPSERT.size
+    value = rec.value
+    if rec.type is RecordType.FLOW_UPSERT and len(value) >= _UPSERT4.size and value[9] == 4:
+        chain, code, proto, _f, lo, lo_port, hi, hi_port, version, timeout_ms = _UPSERT4.unpack_from(value)
+        key: FlowKey = (chain, code, proto, lo, lo_port, hi, hi_port)
+        pos = _UPSERT4.size
+    else:
+        key, pos = _read_key(value, 0)
+        if rec.type is RecordType.FLOW_DELETE:
+            if len(value) != pos + 8:
+                raise SyncError("malformed", "delete record")
+            return FlowUpdate(key, read_u64(value, pos), deleted=True)
+        if len(value) < pos + _UPSERT.size:
+            raise SyncError("malformed", "upsert record")
+        version, timeout_ms = _UPSERT.unpack_from(value, pos)
+        pos += _UPSERT.size
     fwd, pos = _read_hop(rec.value, pos)
     prev, pos = _read_hop(rec.value, pos)
     if len(rec.value) < pos + 2:
