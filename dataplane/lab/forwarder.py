@@ -224,7 +224,7 @@ class Forwarder:
                                         self.incarnation, timers.heartbeat)
             self.fabric = self._udp(UDP_PORT, self._on_fabric)
             self.rx, self.tx = BatchReceiver(self.fabric, size=65536), BatchSender(self.fabric)
-            self.resend = ResendBuffer(timers.heartbeat * (timers.misses + 2))
+            self.resend = ResendBuffer(timers.heartbeat * (2 * timers.misses + 2))
             self._setup_role(initial)
         self.query = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = run_dir / f"{node}.sock"
