@@ -20,8 +20,9 @@ Fabric packets are UDP datagrams to port 6886 of the next hop's fabric
 address: the kernel builds the outer IP/UDP, so captures show
 IP/UDP/Affinity/IP/... on every hop. They are received and sent in batches
 of up to 64 with recvmmsg/sendmmsg (`dataplane.mmsg`); the replicator
-orders a whole batch at once, so `ordered` costs one sync flush per batch. Every forwarder heartbeats the
-controller on the control socket and installs the maps it pushes.
+orders a whole batch at once, so `ordered` costs one sync flush per batch.
+Every forwarder heartbeats the controller (from a child process, see
+`Forwarder._start_heartbeats`) and installs the maps it pushes.
 
 A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
 (status, flows, map, resync) for `amesh lab status`, `amesh flows`, ...
@@ -86,24 +87,9 @@ reports peer health, so it need not cost a datagram per peer every 5 ms
 (TCP goodput through the chain, two runs each: 204-222 Mbit/s with the
 channels at 5 ms, 220-242 at 20 ms)."""
 PREPARE_AFTER = 0.200
+"""How long a map must have been quiet before the failure tables are built."""
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-class Pulse:
-    """What the packet loop tells its heartbeat process, in shared memory:
-    the time of its last round, the epoch it holds, and its status flags."""
-
-    _LAYOUT = struct.Struct("=dQ??")
-
-    def __init__(self) -> None:
-        self.mem = mmap.mmap(-1, self._LAYOUT.size)  # anonymous, MAP_SHARED: survives fork
-
-    def write(self, last_round: float, epoch: int, in_sync: bool, declared_dead: bool) -> None:
-        self._LAYOUT.pack_into(self.mem, 0, last_round, epoch, in_sync, declared_dead)
-
-    def read(self) -> tuple[float, int, bool, bool]:
-        return self._LAYOUT.unpack_from(self.mem, 0)
 EXPIRE_EVERY = 1.0
 HOSTS_BRIDGE = "hbr0"
 
@@ -145,6 +131,22 @@ def plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     return value
+
+
+class Pulse:
+    """What the packet loop tells its heartbeat process, in shared memory:
+    the time of its last round, the epoch it holds, and its status flags."""
+
+    _LAYOUT = struct.Struct("=dQ??")
+
+    def __init__(self) -> None:
+        self.mem = mmap.mmap(-1, self._LAYOUT.size)  # anonymous, MAP_SHARED: survives fork
+
+    def write(self, last_round: float, epoch: int, in_sync: bool, declared_dead: bool) -> None:
+        self._LAYOUT.pack_into(self.mem, 0, last_round, epoch, in_sync, declared_dead)
+
+    def read(self) -> tuple[float, int, bool, bool]:
+        return self._LAYOUT.unpack_from(self.mem, 0)
 
 
 class Impairment:
