@@ -88,8 +88,11 @@ class Transmit:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Apply:
+    """Apply a mirrored flow update (one per record: not frozen, which
+    costs three times as much to build; treat it as immutable)."""
+
     update: FlowUpdate
 
 
@@ -595,7 +598,7 @@ class SyncChannel:
             if rec is None:
                 continue
             self.stats["records_received"] += 1
-            if rec.type in (RecordType.FLOW_UPSERT, RecordType.FLOW_DELETE):
+            if rec.type in _FLOW_RECORDS:
                 out.append(Apply(sw.read_flow(rec)))
             elif rec.type == RecordType.BULK_BEGIN:
                 self.stats["bulk_begin_received"] += 1
@@ -605,6 +608,9 @@ class SyncChannel:
                 self.synced_epoch = max(self.synced_epoch, epoch)
                 out.append(InSync(bulk_id, flows, epoch))
         return out
+
+
+_FLOW_RECORDS = frozenset({RecordType.FLOW_UPSERT, RecordType.FLOW_DELETE})
 
 
 def _spans(seqs: list[int]) -> list[tuple[int, int]]:
