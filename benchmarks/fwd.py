@@ -7,7 +7,10 @@ gives packets/s and the ratio of the affinity-mesh instance (decap,
 firewall, async sync to a secondary in the sink's namespace, encap) to each
 baseline. The second runs the instance under each sync policy with traffic
 that opens a new flow every 10 packets (so one packet in ten changes state
-the secondary must mirror), relative to sync off. Every mode runs 3 times,
+the secondary must mirror), relative to sync off. The third gives one and
+two worker processes of the instance sharing the port with SO_REUSEPORT
+(sync off: each worker would need its own sync identity), the sender
+spreading the flows over 8 outer source ports. Every mode runs 3 times,
 interleaved, and the median counts: run to run, this machine varies by
 about 10 %. Needs root.
 `python -m benchmarks.fwd [SECONDS]`.
@@ -35,9 +38,10 @@ from tests.conftest import pair_map
 NS = {"src": "amp-src", "dut": "amp-dut", "sink": "amp-sink"}
 MODES = ["bare", "bare-mmsg", "instance", "instance-mmsg", "scapy-kept", "scapy-naive"]
 POLICIES = ["off", "async", "ordered", "acked"]
-RUNS = {**{m: (m, [], []) for m in MODES},
-        **{f"sync-{p}": ("instance-mmsg", ["--policy", p], ["--new-every", "10"]) for p in POLICIES}}
-"""run name -> (DUT mode, DUT arguments, sender arguments)."""
+RUNS = {**{m: (m, [], [], 1) for m in MODES},
+        **{f"sync-{p}": ("instance-mmsg", ["--policy", p], ["--new-every", "10"], 1) for p in POLICIES},
+        **{f"workers-{n}": ("instance-mmsg", ["--policy", "off"], ["--sources", "8"], n) for n in (1, 2)}}
+"""run name -> (DUT mode, DUT arguments, sender arguments, DUT processes)."""
 ROUNDS = 3
 ONLY = os.environ["AMESH_FWD_MODES"].split(",") if os.environ.get("AMESH_FWD_MODES") else list(RUNS)
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -49,7 +53,7 @@ def _py(ns: str, *args: str, **kw: object) -> subprocess.Popen:
 
 
 def run_mode(run: str, seconds: float, codes: str, mapfile: str, epoch: int) -> float:
-    mode, dut_args, send_args = RUNS[run]
+    mode, dut_args, send_args, workers = RUNS[run]
     sink = _py("sink", "benchmarks.relays", "sink", "--seconds", str(seconds + 2.5),
                stdout=subprocess.PIPE, text=True)
     extra = []
@@ -58,16 +62,18 @@ def run_mode(run: str, seconds: float, codes: str, mapfile: str, epoch: int) -> 
                          "--listen", f"{SINK}:{sw.SYNC_PORT}", "--peer", f"ba={DUT_OUT}:{sw.SYNC_PORT}",
                          "--key", "bench-sync-key-0123456789", "--idle", "60",
                          "--max-seconds", str(seconds + 3), stdout=subprocess.DEVNULL))
-    dut = _py("dut", "benchmarks.relays", mode, "--seconds", str(seconds + 1.5), "--map", mapfile,
-              *dut_args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    duts = [_py("dut", "benchmarks.relays", mode, "--seconds", str(seconds + 1.5), "--map", mapfile,
+                *dut_args, *(["--worker", str(k)] if run.startswith("workers") else []),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(workers)]
     time.sleep(1.0)
     sender = _py("src", "benchmarks.relays", "send", "--seconds", str(seconds), "--codes", codes,
                  "--epoch", str(epoch), *send_args, stdout=subprocess.PIPE, text=True)
     sender.wait(timeout=seconds + 30)
     out, _ = sink.communicate(timeout=seconds + 30)
-    _, err = dut.communicate(timeout=30)
-    if dut.returncode:
-        print(f"  {run} failed: {err.strip()[-600:]}", file=sys.stderr)
+    for dut in duts:
+        _, err = dut.communicate(timeout=30)
+        if dut.returncode:
+            print(f"  {run} failed: {err.strip()[-600:]}", file=sys.stderr)
     for p in extra:
         p.kill()
         p.wait()
@@ -116,6 +122,12 @@ def main(seconds: float = 3.0) -> dict[str, object]:
     for p in POLICIES:
         r = rates[f"sync-{p}"]
         print(f"{p:<40}{r:>12,.0f}{spread[f'sync-{p}']:>12}{r / off if off else 0.0:>22.2f}")
+    one = rates["workers-1"]
+    print("\nworkers per instance (SO_REUSEPORT, flows on 8 outer source ports, sync off)")
+    print(f"{'workers':<40}{'packets/s':>12}{'range':>12}{'rate / one':>22}")
+    for n in (1, 2):
+        r = rates[f"workers-{n}"]
+        print(f"{n:<40}{r:>12,.0f}{spread[f'workers-{n}']:>12}{r / one if one else 0.0:>22.2f}")
     return {**rates, "runs": runs}
 
 

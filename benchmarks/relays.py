@@ -55,19 +55,27 @@ def _udp4(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> byt
     return bytes(ip) + udp
 
 
-def send(seconds: float, codes: list[int], epoch: int, new_every: int) -> None:
+def send(seconds: float, codes: list[int], epoch: int, new_every: int, sources: int = 1) -> None:
     """Blast the packets with sendmmsg, 64 per call: the sender shares the
-    machine with the DUT, so it must spend as little CPU per packet as it can."""
+    machine with the DUT, so it must spend as little CPU per packet as it can.
+    With `sources` > 1 the flows are spread over that many sockets (outer UDP
+    source ports), as an upstream that picks the source port per flow does,
+    so SO_REUSEPORT can spread them over workers and keep each on one."""
     from dataplane.mmsg import BatchSender
 
     pkts = packets(codes, epoch, new_every, int(seconds * 400_000))
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    tx = BatchSender(s)
-    batches = [[(p, (DUT_IN, PORT)) for p in pkts[i:i + 64]] for i in range(0, len(pkts), 64)]
+    txs = []
+    for _ in range(sources):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        txs.append(BatchSender(s))
+    per = [[p for i, p in enumerate(pkts) if i % FLOWS % sources == k] for k in range(sources)]
+    batches = [(txs[k], [(p, (DUT_IN, PORT)) for p in per[k][i:i + 64]])
+               for i in range(0, max(len(x) for x in per), 64) for k in range(sources) if per[k][i:i + 64]]
     n, i, end = 0, 0, time.monotonic() + seconds
     while time.monotonic() < end:
-        n += tx.send(batches[i])
+        tx, batch = batches[i]
+        n += tx.send(batch)
         i = (i + 1) % len(batches)
     print(json.dumps({"sent": n, "rate": n / seconds}), flush=True)
 
@@ -100,7 +108,8 @@ def sink(seconds: float) -> None:
     print(json.dumps({"packets": n, "rate": n / span, "bins": sorted(bins.items())}), flush=True)
 
 
-def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None) -> None:  # type: ignore[no-untyped-def]
+def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None,  # type: ignore[no-untyped-def]
+           reuseport: bool = False) -> None:
     """Receive on the fabric port, `work(datagrams, now)` -> datagrams for
     the sink, send them; one syscall per packet, or recvmmsg/sendmmsg batches
     (then `work` gets a whole batch)."""
@@ -110,6 +119,8 @@ def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None) -> Non
 
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    if reuseport:  # several workers on one port: the kernel spreads flows by 4-tuple hash
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     rx.bind((DUT_IN, PORT))
     rx.setblocking(False)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -224,7 +235,10 @@ def scapy_naive(seconds: float) -> None:
     hold.close()
 
 
-def instance(seconds: float, mapfile: str, batched: bool = False, policy: str = "async") -> None:
+def instance(seconds: float, mapfile: str, batched: bool = False, policy: str = "async",
+             worker: int | None = None) -> None:
+    """The instance; as worker K of several (SO_REUSEPORT on the fabric
+    port, its own sync port), when `worker` is given."""
     from dataplane import syncwire as sw
     from dataplane.events import Send
     from dataplane.node import ServiceNode
@@ -238,14 +252,14 @@ def instance(seconds: float, mapfile: str, batched: bool = False, policy: str = 
     node = ServiceNode("ba", m, create("firewall"))
     rep = Replicator(node, sw.Keyring({1: b"bench-sync-key-0123456789"}, 1), time.time_ns() // 1000,
                      Policy(policy))
-    sync = UdpSync(rep, (DUT_OUT, sw.SYNC_PORT), {"bb": (SINK, sw.SYNC_PORT)})
+    sync = UdpSync(rep, (DUT_OUT, sw.SYNC_PORT + (worker or 0)), {"bb": (SINK, sw.SYNC_PORT)})
 
     def work(datas: list[bytes], now: float) -> list[bytes]:
         outs = rep.process_batch([node.from_fabric(d, "ingress", now) for d in datas], now)
         return [ev.data for ev in sync.emit(outs) if isinstance(ev, Send)]
 
     _relay(seconds, work, batched, on_tick=lambda now: sync.emit(rep.tick(now)),
-           extra=(sync.sock, lambda now: sync.emit(sync.drain(now))))
+           extra=(sync.sock, lambda now: sync.emit(sync.drain(now))), reuseport=worker is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,13 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epoch", type=int, default=1)
     ap.add_argument("--new-every", type=int, default=0, help="send: open a new flow every N packets")
     ap.add_argument("--policy", default="async", help="instance: sync policy")
+    ap.add_argument("--worker", type=int, default=None, help="instance: worker number (SO_REUSEPORT)")
+    ap.add_argument("--sources", type=int, default=1, help="send: outer source ports (sockets)")
     args = ap.parse_args(argv)
     if args.mode == "send":
-        send(args.seconds, [int(c) for c in args.codes.split(",")], args.epoch, args.new_every)
+        send(args.seconds, [int(c) for c in args.codes.split(",")], args.epoch, args.new_every,
+             args.sources)
     elif args.mode == "sink":
         sink(args.seconds)
     elif args.mode.startswith("instance"):
-        instance(args.seconds, args.map, batched=args.mode.endswith("mmsg"), policy=args.policy)
+        instance(args.seconds, args.map, batched=args.mode.endswith("mmsg"), policy=args.policy,
+                 worker=args.worker)
     elif args.mode.startswith("bare"):
         bare(args.seconds, batched=args.mode.endswith("mmsg"))
     else:
