@@ -29,11 +29,11 @@ from pathlib import Path
 
 from pyroute2 import netns as pr_netns
 
-from benchmarks.relays import DUT_IN, DUT_OUT, SINK, SRC
+from benchmarks.relays import DUT_IN, DUT_OUT, FLOWS, SINK, SRC
 from dataplane import syncwire as sw
 from dataplane.lab import netns
 from dataplane.lab.build import link_pair
-from tests.conftest import pair_map
+from tests.conftest import codes_led_by, pair_map
 
 NS = {"src": "amp-src", "dut": "amp-dut", "sink": "amp-sink"}
 MODES = ["bare", "bare-mmsg", "instance", "instance-mmsg", "scapy-kept", "scapy-naive"]
@@ -82,7 +82,7 @@ def run_mode(run: str, seconds: float, codes: str, mapfile: str, epoch: int) -> 
 
 def main(seconds: float = 3.0) -> dict[str, object]:
     m = pair_map()
-    codes = ",".join(str(c) for c in [c for c in range(200_000) if m.primary("B", c) == "ba"][:1000])
+    codes = ",".join(str(c) for c in codes_led_by(m, "ba", FLOWS))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(m.to_json())
     os.chmod(f.name, 0o644)

@@ -24,7 +24,7 @@ from dataplane.replicator import Policy, Replicator
 from dataplane.servicemap import ServiceMap
 from dataplane.services import create
 from dataplane.syncudp import UdpSync, free_udp_port
-from tests.conftest import pair_map, tcp
+from tests.conftest import codes_led_by, pair_map, tcp
 
 KEY = "benchmark-key-0123456789abcdef01"
 PACKETS = 20_000
@@ -83,7 +83,7 @@ def _sends(outs: list) -> int:
 def _scenario(m: ServiceMap, per_flow: int) -> list[bytes]:
     """PACKETS packets in flows of `per_flow` packets: a SYN (mirrored)
     followed by data segments (not mirrored until the sync stride)."""
-    codes = [c for c in range(400_000) if m.primary("B", c) == "ba"][:PACKETS // per_flow]
+    codes = codes_led_by(m, "ba", PACKETS // per_flow)
     out = []
     for i, c in enumerate(codes):
         hdr = wire.pack(1, 1, c, 1, m.epoch)

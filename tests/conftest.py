@@ -49,6 +49,17 @@ def pair_map(buckets: int = 1024) -> ServiceMap:
     return m
 
 
+def codes_led_by(m: ServiceMap, name: str, n: int = 1, service: str = "B") -> list[int]:
+    """The first `n` affinity codes whose primary in `service` is `name`."""
+    out: list[int] = []
+    code = 0
+    while len(out) < n:
+        if m.primary(service, code) == name:
+            out.append(code)
+        code += 1
+    return out
+
+
 def need_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("namespace labs need root (CI runs as root)")

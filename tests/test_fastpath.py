@@ -20,7 +20,7 @@ from dataplane.events import Send
 from dataplane.node import ServiceNode
 from dataplane.servicemap import InstanceState
 from dataplane.services import create
-from tests.conftest import pair_map, tcp, udp
+from tests.conftest import codes_led_by, pair_map, tcp, udp
 
 CLIENT, SERVER = "10.1.0.10", "10.2.0.10"
 
@@ -95,7 +95,7 @@ def test_cache_gives_the_same_results_as_the_full_path(kind, seed):
     options = {"inspect_limit": 3000} if kind == "inspection" else {}
     cached = ServiceNode("ba", m, create(kind, **options), capacity=10)
     full = ServiceNode("ba", m, create(kind, **options), capacity=10, exact_match=False)
-    codes = [c for c in range(5000) if m.primary("B", c) == "ba"]
+    codes = codes_led_by(m, "ba", 11)
     flows = [Flow(rng, codes[i], "udp" if i % 3 == 0 else "tcp", 20000 + i) for i in range(11)]
     weights = [1.0] * 10 + [0.02]  # the eleventh flow evicts one now and then
     now = 0.0
@@ -136,7 +136,7 @@ def test_cache_hit_rewrites_the_header_only():
     to the pinned hop, and counts itself."""
     m = pair_map()
     node = ServiceNode("ba", m, create("firewall"))
-    code = next(c for c in range(5000) if m.primary("B", c) == "ba")
+    code = codes_led_by(m, "ba")[0]
     pkt = wire.pack(1, 1, code, 1, m.epoch) + udp(payload=b"hello")
     first = node.from_fabric(pkt, "ingress", 0.0)
     second = node.from_fabric(pkt, "ingress", 0.1)

@@ -12,7 +12,7 @@ from dataplane.node import ServiceNode
 from dataplane.replicator import Policy, Replicator, SyncSend
 from dataplane.services import create
 from dataplane.simlink import SimLink
-from tests.conftest import tcp
+from tests.conftest import codes_led_by, tcp
 from tests.test_node import lab_map
 
 KEYS = sw.Keyring({1: b"r" * 32}, 1)
@@ -55,7 +55,7 @@ class Pair:
             self.step()
 
     def code_led_by(self, name):
-        return next(c for c in range(10_000) if self.map.primary("B", c) == name)
+        return codes_led_by(self.map, name)[0]
 
     def packet(self, name, sport, flags="S", seq=1, code=None):
         code = self.code_led_by(name) if code is None else code

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataplane import header as wire
 from dataplane.resend import ResendBuffer
 from dataplane.servicemap import InstanceState
-from tests.conftest import pair_map, udp
+from tests.conftest import codes_led_by, pair_map, udp
 
 
 def test_packets_to_a_hop_declared_dead_go_to_the_new_primary():
     old = pair_map()
-    code = next(c for c in range(5000) if old.primary("B", c) == "ba")
+    code = codes_led_by(old, "ba")[0]
     new = old.copy()
     new.set_state("ba", InstanceState.DEAD)
     buf = ResendBuffer(window=0.030)
@@ -30,7 +30,7 @@ def test_packets_to_a_hop_declared_dead_go_to_the_new_primary():
 
 def test_nothing_moves_when_no_hop_dies_or_no_instance_is_left():
     old = pair_map()
-    code = next(c for c in range(5000) if old.primary("B", c) == "ba")
+    code = codes_led_by(old, "ba")[0]
     buf = ResendBuffer(window=0.030)
     buf.record(0.0, "ba", wire.pack(1, 1, code, 1, old.epoch) + udp())
     joined = old.copy()

@@ -13,7 +13,7 @@ from dataplane.node import INGRESS, ServiceNode
 from dataplane.replicator import Replicator
 from dataplane.services import create
 from dataplane.syncudp import UdpSync, digest, free_udp_port
-from tests.conftest import pair_map, tcp
+from tests.conftest import codes_led_by, pair_map, tcp
 
 KEY = "0123456789abcdef0123456789abcdef"
 
@@ -31,7 +31,7 @@ def test_two_processes_on_loopback(tmp_path):
         node = ServiceNode("ba", m, create("firewall"))
         rep = Replicator(node, sw.Keyring({1: KEY.encode()}, 1), time.time_ns() // 1000)
         shell = UdpSync(rep, ("127.0.0.1", pa), {"bb": ("127.0.0.1", pb)})
-        codes = [c for c in range(20_000) if m.primary("B", c) == "ba"][:2000]
+        codes = codes_led_by(m, "ba", 2000)
         deadline = time.monotonic() + 20
         sent = 0
         while time.monotonic() < deadline:
