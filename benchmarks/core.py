@@ -46,11 +46,9 @@ def _setup() -> dict:
     hdr = wire.pack(1, 1, code, 1, m.epoch)
     node = ServiceNode(m.primary("B", code), m, create("firewall"))
     full = ServiceNode(m.primary("B", code), m, create("firewall"), exact_match=False)
-    for n, flags, seq, ack in ((node, "S", 999, 0), (full, "S", 999, 0)):
-        n.from_fabric(hdr + tcp(flags=flags, seq=seq, ack=ack), "aa", 0.0)
-    # the server's SYN/ACK and the client's ACK: established, as the firewall's fast check wants
-    for n in (node, full):
-        rev = wire.pack(1, 2, code, 1, m.epoch, int(wire.Flags.REVERSE))
+    rev = wire.pack(1, 2, code, 1, m.epoch, int(wire.Flags.REVERSE))
+    for n in (node, full):  # a handshake: established, as the firewall's fast check wants
+        n.from_fabric(hdr + tcp(flags="S", seq=999), "aa", 0.0)
         n.from_fabric(rev + tcp("10.2.0.10", "10.1.0.10", 80, 40000, flags="SA", seq=5000, ack=1000),
                       "egress", 0.0)
         n.from_fabric(hdr + tcp(flags="A", seq=1000, ack=5001), "aa", 0.0)
