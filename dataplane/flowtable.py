@@ -98,9 +98,7 @@ class FlowTable:
         if e is None:
             self.counters["misses"] += 1
             return None
-        self._flows.move_to_end(key)
-        e.last_seen = now
-        self.counters["hits"] += 1
+        self.seen(e, now)
         return e
 
     def insert(self, key: FlowKey, now: float, state: Any = None) -> FlowEntry:

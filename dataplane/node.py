@@ -150,8 +150,9 @@ class ServiceNode(Node):
 
     def from_fabric(self, data: bytes, src: str | None, now: float) -> list[Event]:
         """An encapsulated packet from upstream (or downstream, for replies)."""
-        if len(data) >= 44 and data[20] == 0x45:
-            hit = self._fast.get(data[:20] + data[32:44])
+        exact = data[:20] + data[32:44] if len(data) >= 44 and data[20] == 0x45 else None
+        if exact is not None:
+            hit = self._fast.get(exact)
             if hit is not None:
                 events = self._fast_path(hit, data, src, now)
                 if events is not None:
@@ -215,19 +216,18 @@ class ServiceNode(Node):
                          h.ttl - 1, h.next_proto, words=h.length >> 2)
         events.append(Send(hop, head + data[20:]))  # options travel on
         self.counters["forwarded"] += 1
-        if (not rerouted and h.length == 20 and inner.l4 == 40 and inner.proto in _FAST_PROTOS
-                and inner.family == 4 and not inner.fragment and h.epoch >= self.map.epoch
+        if (exact is not None and not rerouted and h.length == 20 and inner.l4 == 40
+                and inner.proto in _FAST_PROTOS and not inner.fragment and h.epoch >= self.map.epoch
                 and self._fast_check is not None):
-            self._remember(data, entry, src, inner.proto, not reverse, hop, head)
+            self._remember(exact, entry, src, inner.proto, not reverse, hop, head)
         return events
 
-    def _remember(self, data: bytes, entry: FlowEntry, src: str | None, proto: int,
+    def _remember(self, exact: bytes, entry: FlowEntry, src: str | None, proto: int,
                   forward: bool, hop: str, head: bytes) -> None:
         """Cache a packet's way through the full path for the next ones."""
         if len(self._fast) >= FAST_ENTRIES:
             self._fast.pop(next(iter(self._fast)))
-        self._fast[data[:20] + data[32:44]] = (entry, entry.version, self.flows.generation, src,
-                                               proto, forward, hop, head)
+        self._fast[exact] = (entry, entry.version, self.flows.generation, src, proto, forward, hop, head)
 
     def _fast_path(self, hit: tuple, data: bytes, src: str | None, now: float) -> list[Event] | None:
         """Forward a cache hit, or None when anything it depends on moved."""
