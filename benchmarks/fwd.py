@@ -38,10 +38,10 @@ from tests.conftest import codes_led_by, pair_map
 NS = {"src": "amp-src", "dut": "amp-dut", "sink": "amp-sink"}
 MODES = ["bare", "bare-mmsg", "instance", "instance-mmsg", "scapy-kept", "scapy-naive"]
 POLICIES = ["off", "async", "ordered", "acked"]
-RUNS = {**{m: (m, [], [], 1) for m in MODES},
-        **{f"sync-{p}": ("instance-mmsg", ["--policy", p], ["--new-every", "10"], 1) for p in POLICIES},
+RUNS = {**{m: (m, [], [], None) for m in MODES},
+        **{f"sync-{p}": ("instance-mmsg", ["--policy", p], ["--new-every", "10"], None) for p in POLICIES},
         **{f"workers-{n}": ("instance-mmsg", ["--policy", "off"], ["--sources", "8"], n) for n in (1, 2)}}
-"""run name -> (DUT mode, DUT arguments, sender arguments, DUT processes)."""
+"""run name -> (DUT mode, DUT arguments, sender arguments, SO_REUSEPORT workers or None)."""
 ROUNDS = 3
 ONLY = os.environ["AMESH_FWD_MODES"].split(",") if os.environ.get("AMESH_FWD_MODES") else list(RUNS)
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -63,8 +63,8 @@ def run_mode(run: str, seconds: float, codes: str, mapfile: str, epoch: int) -> 
                          "--key", "bench-sync-key-0123456789", "--idle", "60",
                          "--max-seconds", str(seconds + 3), stdout=subprocess.DEVNULL))
     duts = [_py("dut", "benchmarks.relays", mode, "--seconds", str(seconds + 1.5), "--map", mapfile,
-                *dut_args, *(["--worker", str(k)] if run.startswith("workers") else []),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(workers)]
+                *dut_args, *(["--worker", str(k)] if workers else []),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(workers or 1)]
     time.sleep(1.0)
     sender = _py("src", "benchmarks.relays", "send", "--seconds", str(seconds), "--codes", codes,
                  "--epoch", str(epoch), *send_args, stdout=subprocess.PIPE, text=True)

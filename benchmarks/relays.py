@@ -69,7 +69,7 @@ def send(seconds: float, codes: list[int], epoch: int, new_every: int, sources: 
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         txs.append(BatchSender(s))
-    per = [[p for i, p in enumerate(pkts) if i % FLOWS % sources == k] for k in range(sources)]
+    per = [pkts[k::sources] for k in range(sources)]  # flow i on socket i % sources
     batches = [(txs[k], [(p, (DUT_IN, PORT)) for p in per[k][i:i + 64]])
                for i in range(0, max(len(x) for x in per), 64) for k in range(sources) if per[k][i:i + 64]]
     n, i, end = 0, 0, time.monotonic() + seconds
