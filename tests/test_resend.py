@@ -24,7 +24,7 @@ def test_packets_to_a_hop_declared_dead_go_to_the_new_primary():
     h = wire.decode(out[0].data)
     assert h.epoch == new.epoch and h.flags & wire.Flags.REROUTED and h.code == code
     assert out[0].data[20:] == pkt[20:]
-    assert buf.reroute(new, new, 0.101) == []   # nothing is sent twice
+    assert buf.reroute(old, new, 0.101) == []   # the same map again: nothing is sent twice
     assert [hop for _, hop, _ in buf.sent] == ["egress"]
 
 

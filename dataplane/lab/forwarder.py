@@ -591,10 +591,11 @@ class Forwarder:
         """Build the bucket tables of the next single failure, one per tick,
         once the map has been quiet for PREPARE_AFTER (not during a failover)."""
         m = self.map
-        if m.epoch != self._prepared[0]:
+        epoch, since, missing = self._prepared
+        if m.epoch != epoch:
             self._prepared = (m.epoch, now, True)
-        elif self._prepared[2] and now - self._prepared[1] >= PREPARE_AFTER:
-            self._prepared = (m.epoch, self._prepared[1], m.prepare_failures(budget=1) > 0)
+        elif missing and now - since >= PREPARE_AFTER:
+            self._prepared = (epoch, since, m.prepare_failures(budget=1) > 0)
 
     def _start_heartbeats(self) -> None:
         """Heartbeats come from a child process at real-time priority.
