@@ -250,9 +250,6 @@ class ServiceMap:
         service = self._where.get(name)
         return service is not None and self.services[service][name].state in _ALIVE
 
-    def eligible(self, service: str) -> list[str]:
-        return sorted(n for n, i in self._service(service).items() if i.state in _ELIGIBLE)
-
     def table(self, service: str) -> BucketTable:
         t = self._tables.get(service)
         if t is None:
