@@ -42,16 +42,13 @@ def one_round(run: LabRun, sha: dict[str, str], i: int) -> tuple[float | None, i
     curl.wait(timeout=60)
     t.join(timeout=60)
     bad = (curl.returncode != 0) + sum(1 for r in rows if r["error"] or r["sha256"] != sha["small"])
-    firsts = [e["time"] for inst in topo.services["B"].members if inst != victim
-              for e in run.ask(inst, "status")["events"]
-              if e["event"] == "took_over" and e["time"] >= t_kill]
+    gap = run.failover_gap(victim, t_kill)
     lost = sum(run.ask(inst, "status")["counters"].get("flows_lost", 0)
                for inst in topo.services["B"].members if inst != victim)
     false = sum(1 for e in run.ask(topo.controller, "status")["events"]
                 if e["event"] == "declared_dead" and e["peer"] != victim and e["time"] >= start)
     faults.restart(topo, run.state, victim)
     run.wait_state((victim,), "active", timeout=10)
-    gap = (min(firsts) - t_kill) * 1000 if firsts else None
     return gap, bad, lost, false
 
 

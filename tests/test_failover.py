@@ -91,17 +91,6 @@ def rst_capture(run: LabRun):  # type: ignore[no-untyped-def]
     return stop
 
 
-def gap_ms(run: LabRun, victim: str, t_kill: float) -> float | None:
-    """Kill to the first packet served by a promoted instance."""
-    firsts = []
-    for inst in run.topo.services["B"].members:
-        if inst == victim:
-            continue
-        firsts += [e["time"] for e in run.ask(inst, "status")["events"]
-                   if e["event"] == "took_over" and e["time"] >= t_kill]
-    return round((min(firsts) - t_kill) * 1000, 1) if firsts else None
-
-
 def test_kill_primary_during_50_transfers_all_complete_without_rst(fresh):
     stop_rst = rst_capture(fresh)
     tr = Transfers(fresh)
@@ -113,7 +102,7 @@ def test_kill_primary_during_50_transfers_all_complete_without_rst(fresh):
     promoted = counters(fresh, tuple(i for i in B if i != victim), "took_over")
     assert promoted > 0
     print(f"\nkilled {victim}: {len(rows)} transfers OK, {promoted} flows taken over, "
-          f"failover gap {gap_ms(fresh, victim, t_kill)} ms")
+          f"failover gap {fresh.failover_gap(victim, t_kill)} ms")
 
 
 @WITH_CONTROL

@@ -109,6 +109,17 @@ class LabRun:
             time.sleep(0.05)
         return False
 
+    def failover_gap(self, victim: str, t_kill: float) -> float | None:
+        """Milliseconds from the kill of `victim` to the first packet served by
+        a promoted instance of its service (the first `took_over` event), or
+        None when none was served."""
+        service = self.topo.service_of(victim)
+        assert service is not None
+        firsts = [e["time"] for inst in service.members if inst != victim
+                  for e in self.ask(inst, "status")["events"]
+                  if e["event"] == "took_over" and e["time"] >= t_kill]
+        return round((min(firsts) - t_kill) * 1000, 1) if firsts else None
+
     def stop_procs(self) -> None:
         for p in self.procs:
             if p.poll() is None:
