@@ -11,13 +11,13 @@ from __future__ import annotations
 import timeit
 from pathlib import Path
 
-from dataplane import header as wire
-from dataplane.affinity import AffinityHasher
-from dataplane.flowtable import FlowTable
-from dataplane.node import EGRESS, INGRESS, ServiceNode, flow_key
-from dataplane.packet import parse
-from dataplane.servicemap import Chain, ServiceMap, Tenant
-from dataplane.services import create
+from dataplane.core import header as wire
+from dataplane.core.affinity import AffinityHasher
+from dataplane.core.flowtable import FlowTable
+from dataplane.core.node import EGRESS, INGRESS, ServiceNode, flow_key
+from dataplane.core.packet import parse
+from dataplane.core.servicemap import Chain, ServiceMap, Tenant
+from dataplane.core.services import create
 from tests.conftest import tcp
 
 OUT = Path(__file__).parent / "out"

@@ -30,7 +30,7 @@ from pathlib import Path
 from pyroute2 import netns as pr_netns
 
 from benchmarks.relays import DUT_IN, DUT_OUT, FLOWS, SINK, SRC
-from dataplane import syncwire as sw
+from dataplane.core import syncwire as sw
 from dataplane.lab import netns
 from dataplane.lab.build import link_pair
 from tests.conftest import codes_led_by, pair_map
@@ -58,7 +58,7 @@ def run_mode(run: str, seconds: float, codes: str, mapfile: str, epoch: int) -> 
                stdout=subprocess.PIPE, text=True)
     extra = []
     if mode.startswith("instance"):
-        extra.append(_py("sink", "dataplane.syncudp", "--map", mapfile, "--me", "bb",
+        extra.append(_py("sink", "dataplane.shells.syncudp", "--map", mapfile, "--me", "bb",
                          "--listen", f"{SINK}:{sw.SYNC_PORT}", "--peer", f"ba={DUT_OUT}:{sw.SYNC_PORT}",
                          "--key", "bench-sync-key-0123456789", "--idle", "60",
                          "--max-seconds", str(seconds + 3), stdout=subprocess.DEVNULL))

@@ -22,8 +22,8 @@ import struct
 import sys
 import time
 
-from dataplane import header as wire
-from dataplane.packet import checksum
+from dataplane.core import header as wire
+from dataplane.core.packet import checksum
 
 SRC, DUT_IN, DUT_OUT, SINK = "10.98.0.1", "10.98.0.2", "10.98.1.2", "10.98.1.3"
 PORT = wire.UDP_PORT
@@ -61,7 +61,7 @@ def send(seconds: float, codes: list[int], epoch: int, new_every: int, sources: 
     With `sources` > 1 the flows are spread over that many sockets (outer UDP
     source ports), as an upstream that picks the source port per flow does,
     so SO_REUSEPORT can spread them over workers and keep each on one."""
-    from dataplane.mmsg import BatchSender
+    from dataplane.shells.mmsg import BatchSender
 
     pkts = packets(codes, epoch, new_every, int(seconds * 400_000))
     txs = []
@@ -84,7 +84,7 @@ def sink(seconds: float) -> None:
     """Count arrivals with recvmmsg (cheap: the sink shares the machine too)."""
     import select
 
-    from dataplane.mmsg import BatchReceiver
+    from dataplane.shells.mmsg import BatchReceiver
 
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
@@ -115,7 +115,7 @@ def _relay(seconds: float, work, batched: bool, on_tick=None, extra=None,  # typ
     (then `work` gets a whole batch)."""
     import selectors
 
-    from dataplane.mmsg import BatchReceiver, BatchSender
+    from dataplane.shells.mmsg import BatchReceiver, BatchSender
 
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
@@ -239,13 +239,13 @@ def instance(seconds: float, mapfile: str, batched: bool = False, policy: str = 
              worker: int | None = None) -> None:
     """The instance; as worker K of several (SO_REUSEPORT on the fabric
     port, its own sync port), when `worker` is given."""
-    from dataplane import syncwire as sw
-    from dataplane.events import Send
-    from dataplane.node import ServiceNode
-    from dataplane.replicator import Policy, Replicator
-    from dataplane.servicemap import ServiceMap
-    from dataplane.services import create
-    from dataplane.syncudp import UdpSync
+    from dataplane.core import syncwire as sw
+    from dataplane.core.events import Send
+    from dataplane.core.node import ServiceNode
+    from dataplane.core.replicator import Policy, Replicator
+    from dataplane.core.servicemap import ServiceMap
+    from dataplane.core.services import create
+    from dataplane.shells.syncudp import UdpSync
 
     with open(mapfile) as f:
         m = ServiceMap.from_json(f.read())

@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 import tracemalloc
 
-from dataplane import syncwire as sw
-from dataplane.events import FlowUpdate
-from dataplane.flowtable import FlowTable
-from dataplane.services.firewall import FlowState, Kind
-from dataplane.syncchannel import Apply, BulkDone, SyncChannel, SyncConfig, Transmit
+from dataplane.core import syncwire as sw
+from dataplane.core.events import FlowUpdate
+from dataplane.core.flowtable import FlowTable
+from dataplane.core.services.firewall import FlowState, Kind
+from dataplane.core.syncchannel import Apply, BulkDone, SyncChannel, SyncConfig, Transmit
 
 
 def bytes_per_entry(n: int) -> float:
@@ -81,7 +81,7 @@ def map_at_64() -> dict[str, float]:
     table memory, primary lookup cost, and balance."""
     import timeit
 
-    from dataplane.servicemap import ServiceMap
+    from dataplane.core.servicemap import ServiceMap
 
     m = ServiceMap()
     m.add_service("B", [f"i{n:02d}" for n in range(64)])

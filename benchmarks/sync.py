@@ -2,7 +2,7 @@
 
 A primary service node forwards packets that each open a new flow (the worst
 case: every packet produces a mirrored update) while a real secondary process
-(`python -m dataplane.syncudp`) receives over UDP on loopback. Each policy
+(`python -m dataplane.shells.syncudp`) receives over UDP on loopback. Each policy
 runs the same packets; the table shows packets/s, its ratio to sync `off`,
 sync updates/s, and bytes on the wire per update (header, HMAC tag and
 record overhead included).
@@ -17,13 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from dataplane import header as wire
-from dataplane import syncwire as sw
-from dataplane.node import INGRESS, ServiceNode
-from dataplane.replicator import Policy, Replicator
-from dataplane.servicemap import ServiceMap
-from dataplane.services import create
-from dataplane.syncudp import UdpSync, free_udp_port
+from dataplane.core import header as wire
+from dataplane.core import syncwire as sw
+from dataplane.core.node import INGRESS, ServiceNode
+from dataplane.core.replicator import Policy, Replicator
+from dataplane.core.servicemap import ServiceMap
+from dataplane.core.services import create
+from dataplane.shells.syncudp import UdpSync, free_udp_port
 from tests.conftest import codes_led_by, pair_map, tcp
 
 KEY = "benchmark-key-0123456789abcdef01"
@@ -33,7 +33,7 @@ PACKETS = 20_000
 def run_policy(policy: Policy, mapfile: str, packets: list[bytes]) -> dict[str, float]:
     m = ServiceMap.from_json(Path(mapfile).read_text())
     pa, pb = free_udp_port(), free_udp_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dataplane.syncudp", "--map", mapfile, "--me", "bb",
+    proc = subprocess.Popen([sys.executable, "-m", "dataplane.shells.syncudp", "--map", mapfile, "--me", "bb",
                              "--listen", f"127.0.0.1:{pb}", "--peer", f"ba=127.0.0.1:{pa}",
                              "--key", KEY, "--idle", "0.5", "--max-seconds", "60"],
                             stdout=subprocess.PIPE, text=True)

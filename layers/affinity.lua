@@ -87,7 +87,7 @@ function affinity.prefs_changed()
   end
 end
 
--- State-sync datagrams (dataplane/syncwire.py): header, records, HMAC tag.
+-- State-sync datagrams (dataplane/core/syncwire.py): header, records, HMAC tag.
 
 local sync = Proto("affinity_sync", "Affinity-mesh state sync")
 local record_names = { [1] = "HELLO", [2] = "HEARTBEAT", [3] = "ACK", [4] = "NACK",

@@ -51,7 +51,7 @@ value length in bytes (1 byte), value, zero padding to 4 bytes; a reader
 skips types it does not know, type 0 pads to the end. Type 1 (GSO, 10
 bytes: flags, gso_type, then hdr_len, gso_size, csum_start, csum_offset as
 16-bit big-endian) carries a host's virtio_net_hdr from edge to edge when the
-lab carries TCP super-frames (`dataplane.header.pack_gso`).
+lab carries TCP super-frames (`dataplane.core.header.pack_gso`).
 
 Bindings: UDP destination (or source) port 6886 by default (change it with
 ``set_udp_port``), EtherType 0x88B5 (IEEE local experimental), and above the
@@ -69,7 +69,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, bind_bottom_up, bind_layers, split_layers
 
-from dataplane import header as wire
+from dataplane.core import header as wire
 
 NEXT_PROTO_NAMES = {int(p): p.name for p in wire.NextProto}
 FLAG_BITS = ["reserved", "reverse", "rerouted", "oam"]

@@ -14,10 +14,10 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from dataplane import header as wire
-from dataplane.affinity import AffinityHasher
-from dataplane.packet import ICMP as ICMP_PROTO, ICMPV6 as ICMPV6_PROTO
-from dataplane.packet import TCP as TCP_PROTO, UDP as UDP_PROTO
+from dataplane.core import header as wire
+from dataplane.core.affinity import AffinityHasher
+from dataplane.core.packet import ICMP as ICMP_PROTO, ICMPV6 as ICMPV6_PROTO
+from dataplane.core.packet import TCP as TCP_PROTO, UDP as UDP_PROTO
 from layers.affinity import Affinity
 
 ENCAPS = ("udp", "ether", "none")

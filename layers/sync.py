@@ -1,4 +1,4 @@
-"""Scapy layer for state-sync datagrams (see `dataplane/syncwire.py` for the
+"""Scapy layer for state-sync datagrams (see `dataplane/core/syncwire.py` for the
 layout and the meaning of each record), so sync traffic can be crafted,
 captured and decoded like the data path.
 
@@ -15,7 +15,7 @@ from scapy.fields import (ByteEnumField, ByteField, FieldLenField, LongField, Pa
 from scapy.layers.inet import UDP
 from scapy.packet import Packet, bind_bottom_up, bind_layers
 
-from dataplane import syncwire as sw
+from dataplane.core import syncwire as sw
 
 RECORD_TYPES = {int(t): t.name for t in sw.RecordType}
 

@@ -8,9 +8,9 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
-from dataplane.node import EGRESS, INGRESS
-from dataplane.packet import Inner, parse
-from dataplane.servicemap import Chain, ServiceMap, Tenant
+from dataplane.core.node import EGRESS, INGRESS
+from dataplane.core.packet import Inner, parse
+from dataplane.core.servicemap import Chain, ServiceMap, Tenant
 
 
 def tcp(src: str = "10.1.0.10", dst: str = "10.2.0.10", sport: int = 40000, dport: int = 80,

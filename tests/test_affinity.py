@@ -10,8 +10,8 @@ from hypothesis import given, strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.packet import Raw
 
-from dataplane.affinity import AffinityHasher, flow_endpoints
-from dataplane.packet import parse
+from dataplane.core.affinity import AffinityHasher, flow_endpoints
+from dataplane.core.packet import parse
 
 H = AffinityHasher(b"test-secret")
 V4 = st.ip_addresses(v=4).map(str)
@@ -54,7 +54,7 @@ def test_pinned_vector_is_stable_across_processes():
         bytes([10, 0, 0, 2]) + struct.pack("!H", 80)
     expected = int.from_bytes(hashlib.blake2b(msg, key=b"test-secret", digest_size=4).digest(), "big")
     assert H.code_of(7, "10.0.0.2", 80, "10.0.0.1", 1000, 6) == expected
-    code = "from dataplane.affinity import AffinityHasher as A; " \
+    code = "from dataplane.core.affinity import AffinityHasher as A; " \
            "print(A(b'test-secret').code_of(7, '10.0.0.1', 1000, '10.0.0.2', 80, 6))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": ""}, check=True).stdout

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from dataplane.cli import main
+from dataplane.cli.main import main
 
 
 def invoke(*args):

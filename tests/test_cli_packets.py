@@ -9,7 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dataplane.cli import main
+from dataplane.cli.main import main
 from layers.craft import CraftSpec, affinity_code
 
 

@@ -293,7 +293,7 @@ def test_hung_forwarder_is_declared_dead_and_its_heartbeats_die_with_it(fresh):
     """A SIGSTOPped forwarder goes silent (its heartbeat process sees the loop
     stop) and is declared dead; once continued it learns it was declared
     dead and rejoins. A killed forwarder takes its heartbeat process along."""
-    from dataplane.lab.forwarder import HANG_AFTER
+    from dataplane.shells.forwarder import HANG_AFTER
 
     victim = "bc"
     m = fresh.map()

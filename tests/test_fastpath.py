@@ -15,11 +15,11 @@ import random
 
 import pytest
 
-from dataplane import header as wire
-from dataplane.events import Send
-from dataplane.node import ServiceNode
-from dataplane.servicemap import InstanceState
-from dataplane.services import create
+from dataplane.core import header as wire
+from dataplane.core.events import Send
+from dataplane.core.node import ServiceNode
+from dataplane.core.servicemap import InstanceState
+from dataplane.core.services import create
 from tests.conftest import codes_led_by, pair_map, tcp, udp
 
 CLIENT, SERVER = "10.1.0.10", "10.2.0.10"

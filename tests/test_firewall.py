@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, strategies as st
 from scapy.layers.inet import ICMP, IP
 
-from dataplane.packet import parse
-from dataplane.services import Action
-from dataplane.services.firewall import Firewall, FlowState, Kind, TcpState
+from dataplane.core.packet import parse
+from dataplane.core.services import Action
+from dataplane.core.services.firewall import Firewall, FlowState, Kind, TcpState
 from tests.conftest import tcp, udp
 
 FW = Firewall(deny_ports=[23])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.flowtable import FlowTable
+from dataplane.core.flowtable import FlowTable
 
 
 def key(i: int):

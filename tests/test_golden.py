@@ -115,7 +115,7 @@ def test_garbage_on_every_port_is_counted_and_harmless(lab):
     from scapy.layers.inet import UDP
     from scapy.layers.l2 import Ether
 
-    from dataplane import syncwire as sw
+    from dataplane.core import syncwire as sw
 
     rnd = [_os.urandom(n) for n in (1, 7, 19, 20, 40, 64, 200, 1400) for _ in range(5)]
     pkts = [Ether() / IP(src="10.99.0.250", dst="10.99.0.12") / UDP(sport=1, dport=port) / data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane import header as wire
+from dataplane.core import header as wire
 
 GOOD = wire.pack(chain=9, index=2, code=0xABC, client=5, epoch=3)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.packet import parse
-from dataplane.services import Action
-from dataplane.services.inspection import FlowAction, Inspection
+from dataplane.core.packet import parse
+from dataplane.core.services import Action
+from dataplane.core.services.inspection import FlowAction, Inspection
 from tests.conftest import tcp
 
 RULES = [{"name": "exfil", "pattern": "SECRET-TOKEN"}]

@@ -9,7 +9,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from dataplane import header as wire
+from dataplane.core import header as wire
 from layers.affinity import Affinity, set_udp_port
 
 H = dict(chain=0x123456, index=3, code=0xDEADBEEF, client=42, epoch=7)

@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
-from dataplane import syncwire as sw
-from dataplane.events import FlowUpdate
+from dataplane.core import syncwire as sw
+from dataplane.core.events import FlowUpdate
 from layers.sync import AffinitySync, SyncRecord, signed
 
 KEYS = sw.Keyring({3: b"s" * 32}, 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.liveness import FailureDetector, Health
+from dataplane.core.liveness import FailureDetector, Health
 
 
 def test_declared_dead_after_misses_and_not_before():

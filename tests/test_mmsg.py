@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from dataplane.mmsg import BatchReceiver, BatchSender
+from dataplane.shells.mmsg import BatchReceiver, BatchSender
 
 
 def test_batch_round_trip():

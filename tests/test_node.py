@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane import header as wire
-from dataplane.affinity import AffinityHasher
-from dataplane.events import Deliver, Drop, Mirror, Send, TookOver
-from dataplane.node import EGRESS, INGRESS, EgressNode, IngressNode, ServiceNode
-from dataplane.servicemap import Chain, InstanceState, ServiceMap, Tenant
-from dataplane.services import create
+from dataplane.core import header as wire
+from dataplane.core.affinity import AffinityHasher
+from dataplane.core.events import Deliver, Drop, Mirror, Send, TookOver
+from dataplane.core.node import EGRESS, INGRESS, EgressNode, IngressNode, ServiceNode
+from dataplane.core.servicemap import Chain, InstanceState, ServiceMap, Tenant
+from dataplane.core.services import create
 from tests.conftest import tcp, udp
 
 HASHER = AffinityHasher(b"node-tests")

@@ -8,7 +8,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.packet import Raw
 
-from dataplane.packet import TCP_ACK, TCP_PSH, PacketError, parse
+from dataplane.core.packet import TCP_ACK, TCP_PSH, PacketError, parse
 
 
 def test_tcp_fields():
@@ -74,7 +74,7 @@ def test_garbage_raises_only_packet_error(data, first):
 @pytest.mark.parametrize("ip", [IP(src="10.1.0.1", dst="10.2.0.2"),
                                 IPv6(src="2001:db8::1", dst="2001:db8::2")])
 def test_tcp_reset_has_valid_checksums(ip):
-    from dataplane.packet import tcp_reset
+    from dataplane.core.packet import tcp_reset
     cls = type(ip)
     raw = tcp_reset(parse(bytes(ip / TCP(sport=1234, dport=23, flags="S", seq=99))))
     pkt = cls(raw)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane import header as wire
-from dataplane import syncwire as sw
-from dataplane.events import Send
-from dataplane.liveness import Declared, Health
-from dataplane.node import ServiceNode
-from dataplane.replicator import Policy, Replicator, SyncSend
-from dataplane.services import create
-from dataplane.simlink import SimLink
+from dataplane.core import header as wire
+from dataplane.core import syncwire as sw
+from dataplane.core.events import Send
+from dataplane.core.liveness import Declared, Health
+from dataplane.core.node import ServiceNode
+from dataplane.core.replicator import Policy, Replicator, SyncSend
+from dataplane.core.services import create
+from dataplane.sim.simlink import SimLink
 from tests.conftest import codes_led_by, tcp
 from tests.test_node import lab_map
 
@@ -189,8 +189,8 @@ def test_secondary_dies_then_the_primary_flows_survive_both(policy):
     """bb (secondary) dies: ba bulk-syncs bc, the new secondary. Then ba dies:
     bc is promoted with that state and serves mid-stream packets. Control:
     with sync off, bc drops them all as misdelivery."""
-    from dataplane.events import TookOver
-    from dataplane.servicemap import InstanceState
+    from dataplane.core.events import TookOver
+    from dataplane.core.servicemap import InstanceState
 
     p = Pair(policy)
     p.run(0.05)

@@ -3,9 +3,9 @@ to the new primary, and nothing else."""
 
 from __future__ import annotations
 
-from dataplane import header as wire
-from dataplane.resend import ResendBuffer
-from dataplane.servicemap import InstanceState
+from dataplane.core import header as wire
+from dataplane.core.resend import ResendBuffer
+from dataplane.core.servicemap import InstanceState
 from tests.conftest import codes_led_by, pair_map, udp
 
 

@@ -7,9 +7,9 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dataplane import servicemap
-from dataplane.mapdiff import diff, plan
-from dataplane.servicemap import (DEFAULT_BUCKETS, Chain, Instance, InstanceState, MapError,
+from dataplane.core import servicemap
+from dataplane.core.mapdiff import diff, plan
+from dataplane.core.servicemap import (DEFAULT_BUCKETS, Chain, Instance, InstanceState, MapError,
                                   ServiceMap, Tenant)
 
 NAMES = st.lists(st.text("abcdefghij0123456789", min_size=1, max_size=6), min_size=2, max_size=12,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataplane.simulation import run_claim1
+from dataplane.sim.simulation import run_claim1
 
 
 def test_stream_survives_primary_death_with_sync():

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from dataplane import syncwire as sw
-from dataplane.events import FlowUpdate
-from dataplane.simlink import Faults, SimLink
-from dataplane.syncchannel import (Apply, BulkDone, BulkProgress, InSync, PeerRestarted,
+from dataplane.core import syncwire as sw
+from dataplane.core.events import FlowUpdate
+from dataplane.sim.simlink import Faults, SimLink
+from dataplane.core.syncchannel import (Apply, BulkDone, BulkProgress, InSync, PeerRestarted,
                                    Rejected, ResyncFlows, State, SyncChannel, SyncConfig, Transmit)
 
 KEYS = sw.Keyring({1: b"k" * 32}, current=1)

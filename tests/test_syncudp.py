@@ -7,12 +7,12 @@ import subprocess
 import sys
 import time
 
-from dataplane import header as wire
-from dataplane import syncwire as sw
-from dataplane.node import INGRESS, ServiceNode
-from dataplane.replicator import Replicator
-from dataplane.services import create
-from dataplane.syncudp import UdpSync, digest, free_udp_port
+from dataplane.core import header as wire
+from dataplane.core import syncwire as sw
+from dataplane.core.node import INGRESS, ServiceNode
+from dataplane.core.replicator import Replicator
+from dataplane.core.services import create
+from dataplane.shells.syncudp import UdpSync, digest, free_udp_port
 from tests.conftest import codes_led_by, pair_map, tcp
 
 KEY = "0123456789abcdef0123456789abcdef"
@@ -22,7 +22,7 @@ def test_two_processes_on_loopback(tmp_path):
     m = pair_map()
     (tmp_path / "map.json").write_text(m.to_json())
     pa, pb = free_udp_port(), free_udp_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dataplane.syncudp", "--map", str(tmp_path / "map.json"),
+    proc = subprocess.Popen([sys.executable, "-m", "dataplane.shells.syncudp", "--map", str(tmp_path / "map.json"),
                              "--me", "bb", "--listen", f"127.0.0.1:{pb}", "--peer", f"ba=127.0.0.1:{pa}",
                              "--key", KEY, "--idle", "0.5", "--max-seconds", "30"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

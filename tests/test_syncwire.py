@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane import syncwire as sw
-from dataplane.events import FlowUpdate
+from dataplane.core import syncwire as sw
+from dataplane.core.events import FlowUpdate
 
 V4 = (1, 12345, 17, b"\x0a\x01\x00\x0a", 20000, b"\x0a\x02\x00\x0a", 53)
 V6 = (1, 5, 6, bytes(16), 1, bytes(15) + b"\x01", 2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dataplane.cli import main
+from dataplane.cli.main import main
 from dataplane.lab.topology import TopologyError, load
 
 DEFAULT = Path(__file__).resolve().parents[1] / "labs" / "default.toml"

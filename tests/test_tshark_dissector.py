@@ -79,8 +79,8 @@ def test_tshark_sees_sync_datagrams(shared_dir):
     from scapy.layers.inet import IP, UDP
     from scapy.packet import Raw
 
-    from dataplane import syncwire as sw
-    from dataplane.events import FlowUpdate
+    from dataplane.core import syncwire as sw
+    from dataplane.core.events import FlowUpdate
 
     keys = sw.Keyring({2: b"t" * 32}, 2)
     upd = FlowUpdate((1, 5, 6, b"\x0a\x00\x00\x01", 1, b"\x0a\x00\x00\x02", 80), 3, b"st")

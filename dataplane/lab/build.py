@@ -192,7 +192,7 @@ def link_pair(a: str, ifa: str, ipa: str, b: str, ifb: str, ipb: str, prefixlen:
 def start_node(topo: Topology, state: LabState, node: str) -> Proc:
     """Start (or restart) a node's forwarder inside its namespace."""
     rd = run_dir(topo.name)
-    argv = [sys.executable, "-m", "dataplane.lab.forwarder", "--topology", os.path.abspath(topo.path),
+    argv = [sys.executable, "-m", "dataplane.shells.forwarder", "--topology", os.path.abspath(topo.path),
             "--node", node, "--run-dir", str(rd)]
     logf = open(rd / f"{node}.log", "ab")
     try:

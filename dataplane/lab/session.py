@@ -85,7 +85,7 @@ class LabRun:
         return self.ask(node, "flows")["flows"]
 
     def map(self) -> Any:
-        from dataplane.servicemap import ServiceMap
+        from dataplane.core.servicemap import ServiceMap
 
         return ServiceMap.from_dict(self.ask(self.topo.controller, "map")["map"])
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataplane.affinity import AffinityHasher
-from dataplane.node import EGRESS, INGRESS
-from dataplane.servicemap import Chain, Instance, InstanceState, ServiceMap, Tenant
-from dataplane.services import create
+from dataplane.core.affinity import AffinityHasher
+from dataplane.core.node import EGRESS, INGRESS
+from dataplane.core.servicemap import Chain, Instance, InstanceState, ServiceMap, Tenant
+from dataplane.core.services import create
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 PREFIX = re.compile(r"^[a-z][a-z0-9]{0,3}$")
@@ -92,7 +92,7 @@ class Topology:
     services: dict[str, ServiceSpec]
     tenants: list[dict[str, Any]]
     gso: bool = False
-    """Carry the hosts' TCP super-frames whole (see `dataplane.lab.forwarder`)."""
+    """Carry the hosts' TCP super-frames whole (see `dataplane.shells.forwarder`)."""
 
     # -- derived ------------------------------------------------------------------
 

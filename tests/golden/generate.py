@@ -29,8 +29,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 from scapy.utils import wrpcap
 
-from dataplane import header as wire
-from dataplane.affinity import AffinityHasher
+from dataplane.core import header as wire
+from dataplane.core.affinity import AffinityHasher
 from dataplane.lab.topology import Topology, load
 from layers.affinity import Affinity
 

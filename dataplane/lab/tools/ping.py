@@ -11,7 +11,7 @@ import socket
 import struct
 import time
 
-from dataplane.packet import checksum
+from dataplane.core.packet import checksum
 
 
 def main() -> None:

@@ -26,13 +26,13 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 
-from dataplane import syncwire as sw
-from dataplane.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send
-from dataplane.flowtable import FlowKey
-from dataplane.liveness import Declared, FailureDetector
-from dataplane.node import ServiceNode
-from dataplane.servicemap import InstanceState, ServiceMap
-from dataplane.syncchannel import (Apply, PeerRestarted, ResyncFlows, ResyncRequested, SyncChannel,
+from dataplane.core import syncwire as sw
+from dataplane.core.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send
+from dataplane.core.flowtable import FlowKey
+from dataplane.core.liveness import Declared, FailureDetector
+from dataplane.core.node import ServiceNode
+from dataplane.core.servicemap import InstanceState, ServiceMap
+from dataplane.core.syncchannel import (Apply, PeerRestarted, ResyncFlows, ResyncRequested, SyncChannel,
                                    SyncConfig, SyncEvent, Transmit)
 
 

@@ -12,7 +12,7 @@ common packet of a known flow on raw bytes: it returns True when the packet is
 forwarded with no change worth mirroring (updating `state` in place if it
 must), and False, touching nothing, for anything else, which then takes
 `process`. The node's exact-match cache calls it instead of parsing the
-packet (`dataplane.node`); a service without it always takes `process`.
+packet (`dataplane.core.node`); a service without it always takes `process`.
 
 A lab topology names services by their registry name (`SERVICES`).
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from dataplane.packet import Inner
+from dataplane.core.packet import Inner
 
 
 class Action(str, Enum):
@@ -68,9 +68,9 @@ class Service(Protocol):
 
 def registry() -> dict[str, type]:
     """Service classes by the name a topology uses."""
-    from dataplane.services.firewall import Firewall
-    from dataplane.services.inspection import Inspection
-    from dataplane.services.passthrough import Passthrough
+    from dataplane.core.services.firewall import Firewall
+    from dataplane.core.services.inspection import Inspection
+    from dataplane.core.services.passthrough import Passthrough
 
     return {"firewall": Firewall, "inspection": Inspection, "passthrough": Passthrough}
 

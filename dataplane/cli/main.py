@@ -1,6 +1,6 @@
 """`amesh`: the command line of affinity-mesh.
 
-The group lives here; each family of commands sits in its own `cli_*` module
+The group lives here; each family of commands sits in its own module of `dataplane.cli`
 and is attached below, so this file stays the table of contents.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from dataplane import cli_demo, cli_lab, cli_map, cli_packets
+from dataplane.cli import demo as cli_demo, lab as cli_lab, map as cli_map, packets as cli_packets
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

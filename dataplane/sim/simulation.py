@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from dataplane import header as wire
-from dataplane.affinity import AffinityHasher
-from dataplane.events import Deliver, Drop, Event, Mirror, Send, TookOver
-from dataplane.node import EGRESS, INGRESS, EgressNode, IngressNode, Node, ServiceNode
-from dataplane.servicemap import Chain, InstanceState, ServiceMap, Tenant
-from dataplane.services import create
+from dataplane.core import header as wire
+from dataplane.core.affinity import AffinityHasher
+from dataplane.core.events import Deliver, Drop, Event, Mirror, Send, TookOver
+from dataplane.core.node import EGRESS, INGRESS, EgressNode, IngressNode, Node, ServiceNode
+from dataplane.core.servicemap import Chain, InstanceState, ServiceMap, Tenant
+from dataplane.core.services import create
 
 CLIENT, SERVER = "10.1.0.10", "10.2.0.10"
 SECRET = b"claim-1-simulation"

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from dataplane import header as wire
-from dataplane.cli_types import CODE, FLAG_LIST, IP_ADDRESS, PORT, U8, U24, U32
+from dataplane.core import header as wire
+from dataplane.cli.params import CODE, FLAG_LIST, IP_ADDRESS, PORT, U8, U24, U32
 
 
 def spec_from(opts: dict[str, Any]) -> Any:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dataplane.packet import Inner
-from dataplane.services import FORWARD, Action, Verdict
+from dataplane.core.packet import Inner
+from dataplane.core.services import FORWARD, Action, Verdict
 
 _NEW = Verdict(Action.FORWARD, mirror=True)
 

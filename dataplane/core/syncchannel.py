@@ -56,10 +56,10 @@ from dataclasses import dataclass
 from enum import Enum
 from itertools import islice
 
-from dataplane import syncwire as sw
-from dataplane.events import FlowUpdate
-from dataplane.flowtable import FlowKey
-from dataplane.syncwire import Record, RecordType, SyncError
+from dataplane.core import syncwire as sw
+from dataplane.core.events import FlowUpdate
+from dataplane.core.flowtable import FlowKey
+from dataplane.core.syncwire import Record, RecordType, SyncError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from dataplane import header as wire
+from dataplane.core import header as wire
 
 
 class IPAddressType(click.ParamType):

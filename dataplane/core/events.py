@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataplane.flowtable import FlowKey
+from dataplane.core.flowtable import FlowKey
 
 
 @dataclass(slots=True)

@@ -70,8 +70,8 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from dataplane.events import FlowUpdate
-from dataplane.flowtable import FlowKey
+from dataplane.core.events import FlowUpdate
+from dataplane.core.flowtable import FlowKey
 
 VERSION = 1
 SYNC_PORT = 6887

@@ -1,7 +1,7 @@
 """The thin UDP shell of the sync channel, and a standalone secondary.
 
 `UdpSync` moves a `Replicator`'s datagrams over one UDP socket (peers by
-name -> address). `python -m dataplane.syncudp` runs a secondary instance in
+name -> address). `python -m dataplane.shells.syncudp` runs a secondary instance in
 its own process: it receives and applies mirrored flows until it has been
 idle for `--idle` seconds, then prints a JSON line with the digest of its
 replica table, so a test or an operator can compare both ends.
@@ -18,12 +18,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from dataplane import syncwire as sw
-from dataplane.events import FlowUpdate
-from dataplane.node import ServiceNode
-from dataplane.replicator import Out, Replicator, SyncSend
-from dataplane.servicemap import ServiceMap
-from dataplane.services import create
+from dataplane.core import syncwire as sw
+from dataplane.core.events import FlowUpdate
+from dataplane.core.node import ServiceNode
+from dataplane.core.replicator import Out, Replicator, SyncSend
+from dataplane.core.servicemap import ServiceMap
+from dataplane.core.services import create
 
 
 class UdpSync:

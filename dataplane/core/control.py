@@ -10,7 +10,7 @@ buckets led by their former secondaries). Every change is pushed at once to
 every forwarder, and the current map is re-pushed every `refresh` seconds,
 so a lost push or a restarted forwarder catches up without a request.
 
-Messages are sync-wire datagrams (`dataplane.syncwire`) with the same HMAC
+Messages are sync-wire datagrams (`dataplane.core.syncwire`) with the same HMAC
 and a per-sender anti-replay window; the map rides zlib-compressed.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 
-from dataplane import syncwire as sw
-from dataplane.liveness import Declared, FailureDetector, Health
-from dataplane.servicemap import InstanceState, MapError, ServiceMap
+from dataplane.core import syncwire as sw
+from dataplane.core.liveness import Declared, FailureDetector, Health
+from dataplane.core.servicemap import InstanceState, MapError, ServiceMap
 
 STATUS_DECLARED_DEAD = 1
 STATUS_IN_SYNC = 2

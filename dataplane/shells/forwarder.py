@@ -1,10 +1,10 @@
 """One lab node's process: the I/O shell around the sans-I/O core.
 
 Started inside the node's namespace by `amesh lab up`
-(``python -m dataplane.lab.forwarder --topology FILE --node NAME --run-dir DIR``).
+(``python -m dataplane.shells.forwarder --topology FILE --node NAME --run-dir DIR``).
 By role:
 
-* **controller**: `dataplane.control.Controller` on the control socket;
+* **controller**: `dataplane.core.control.Controller` on the control socket;
 * **ingress**: an AF_PACKET socket on the hosts bridge (kernel BPF: IPv4
   only; forwarding is off in the namespace, so the kernel does not route
   these packets itself) feeding `IngressNode`; replies from the fabric are
@@ -19,7 +19,7 @@ By role:
 Fabric packets are UDP datagrams to port 6886 of the next hop's fabric
 address: the kernel builds the outer IP/UDP, so captures show
 IP/UDP/Affinity/IP/... on every hop. They are received and sent in batches
-of up to 64 with recvmmsg/sendmmsg (`dataplane.mmsg`); the replicator
+of up to 64 with recvmmsg/sendmmsg (`dataplane.shells.mmsg`); the replicator
 orders a whole batch at once, so `ordered` costs one sync flush per batch.
 Every forwarder heartbeats the controller (from a child process, see
 `Forwarder._start_heartbeats`) and installs the maps it pushes.
@@ -49,22 +49,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from dataplane import header as wire
-from dataplane import syncwire as sw
-from dataplane.affinity import AffinityHasher
-from dataplane.control import ControlClient, Controller, ControlSend, MapPublished, MapReceived
-from dataplane.events import Deliver, Send, TookOver
-from dataplane.header import UDP_PORT
+from dataplane.core import header as wire
+from dataplane.core import syncwire as sw
+from dataplane.core.affinity import AffinityHasher
+from dataplane.core.control import ControlClient, Controller, ControlSend, MapPublished, MapReceived
+from dataplane.core.events import Deliver, Send, TookOver
+from dataplane.core.header import UDP_PORT
 from dataplane.lab.topology import Topology, load
-from dataplane.liveness import Declared, FailureDetector
-from dataplane.mmsg import BatchReceiver, BatchSender
-from dataplane.node import EgressNode, IngressNode, ServiceNode
-from dataplane.replicator import Policy, Replicator
-from dataplane.resend import ResendBuffer
-from dataplane.servicemap import InstanceState, ServiceMap
-from dataplane.services import create
-from dataplane.syncchannel import SyncConfig
-from dataplane.syncudp import UdpSync
+from dataplane.core.liveness import Declared, FailureDetector
+from dataplane.shells.mmsg import BatchReceiver, BatchSender
+from dataplane.core.node import EgressNode, IngressNode, ServiceNode
+from dataplane.core.replicator import Policy, Replicator
+from dataplane.core.resend import ResendBuffer
+from dataplane.core.servicemap import InstanceState, ServiceMap
+from dataplane.core.services import create
+from dataplane.core.syncchannel import SyncConfig
+from dataplane.shells.syncudp import UdpSync
 
 ETH_P_ALL, ETH_P_IP = 0x0003, 0x0800
 SOL_PACKET, PACKET_VNET_HDR = 263, 15

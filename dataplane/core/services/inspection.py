@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from dataplane.packet import UDP, Inner
-from dataplane.services import FORWARD, Action, Verdict
+from dataplane.core.packet import UDP, Inner
+from dataplane.core.services import FORWARD, Action, Verdict
 
 APP_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"GET ", "http"), (b"POST ", "http"), (b"HEAD ", "http"), (b"PUT ", "http"),

@@ -8,7 +8,7 @@ say which map routed it.
 For each service, stream affinity codes fall into `buckets` buckets
 (``code % buckets``); each bucket has an ordered candidate list computed by
 rendezvous hashing over the service's *eligible* instances (see
-`dataplane.rendezvous`): candidate 0 is the primary, 1 the secondary, and so
+`dataplane.core.rendezvous`): candidate 0 is the primary, 1 the secondary, and so
 on up to `replicas` candidates. ACTIVE and JOINING instances are eligible; a
 DEAD, DRAINING or SPARE one holds no role, so when an instance dies each of
 its buckets is led by its former secondary and the next candidate becomes
@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from dataplane.rendezvous import rank
+from dataplane.core.rendezvous import rank
 
 DEFAULT_BUCKETS = 65536
 DEFAULT_REPLICAS = 2

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import click
 
-from dataplane.cli_packets import craft_options, spec_from
+from dataplane.cli.packets import craft_options, spec_from
 
 DEFAULT_LAB = Path(__file__).resolve().parents[1] / "labs" / "default.toml"
 

@@ -79,7 +79,7 @@ def _report(r) -> None:  # type: ignore[no-untyped-def]
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def simulate(segments: int, fail_after: int, as_json: bool) -> None:
     """Claim 1 in one process with a simulated clock (no root, no lab)."""
-    from dataplane.simulation import run_claim1
+    from dataplane.sim.simulation import run_claim1
 
     if fail_after >= segments:
         raise click.BadParameter("must be smaller than --segments", param_hint="--fail-after")

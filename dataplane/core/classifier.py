@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from dataplane.affinity import AffinityHasher
-from dataplane.packet import Inner, PacketError
-from dataplane.servicemap import Chain, ServiceMap
+from dataplane.core.affinity import AffinityHasher
+from dataplane.core.packet import Inner, PacketError
+from dataplane.core.servicemap import Chain, ServiceMap
 
 
 @dataclass(frozen=True, slots=True)

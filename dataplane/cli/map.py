@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dataplane.servicemap import DEFAULT_BUCKETS, MapError
+from dataplane.core.servicemap import DEFAULT_BUCKETS, MapError
 
 
 def _parse_service(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, list[str]]:
@@ -41,7 +41,7 @@ def map_group() -> None:
 def plan_cmd(services: dict[str, list[str]], fail: tuple[str, ...], add: tuple[str, ...],
              buckets: int, replicas: int, as_json: bool) -> None:
     """What-if: buckets per instance before and after failing/adding instances."""
-    from dataplane.mapdiff import plan
+    from dataplane.core.mapdiff import plan
 
     try:
         _before, _after, diffs = plan(services, list(fail), list(add), buckets, replicas)

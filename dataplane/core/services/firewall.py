@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from dataplane.packet import (ICMP, ICMP_ECHO, ICMPV6, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+from dataplane.core.packet import (ICMP, ICMP_ECHO, ICMPV6, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
                               UDP, Inner, tcp_reset)
-from dataplane.services import FORWARD, Action, Verdict
+from dataplane.core.services import FORWARD, Action, Verdict
 
 LIBERAL_WINDOW = 1 << 30
 SYNC_STRIDE = 1 << 20

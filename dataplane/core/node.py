@@ -1,7 +1,7 @@
 """The sans-I/O forwarding core of each node: ingress, service instance, egress.
 
 Each node takes bytes (plus the name of the node they came from and the
-time) and returns events (`dataplane.events`); it keeps a flow table, a
+time) and returns events (`dataplane.core.events`); it keeps a flow table, a
 current service map and counters. The lab's forwarder processes and the
 in-process simulation are thin shells around these classes.
 
@@ -37,15 +37,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dataplane import header as wire
-from dataplane.affinity import AffinityHasher, flow_endpoints
-from dataplane.classifier import Classifier
-from dataplane.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send, TookOver
-from dataplane.flowtable import FlowEntry, FlowKey, FlowTable
-from dataplane.header import Flags, HeaderError
-from dataplane.packet import TCP, UDP, Inner, PacketError, parse
-from dataplane.servicemap import ServiceMap
-from dataplane.services import Action, Service
+from dataplane.core import header as wire
+from dataplane.core.affinity import AffinityHasher, flow_endpoints
+from dataplane.core.classifier import Classifier
+from dataplane.core.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send, TookOver
+from dataplane.core.flowtable import FlowEntry, FlowKey, FlowTable
+from dataplane.core.header import Flags, HeaderError
+from dataplane.core.packet import TCP, UDP, Inner, PacketError, parse
+from dataplane.core.servicemap import ServiceMap
+from dataplane.core.services import Action, Service
 
 _OAM, _REROUTED, _REVERSE = int(Flags.OAM), int(Flags.REROUTED), int(Flags.REVERSE)
 """Plain ints: IntFlag arithmetic costs about a microsecond per operation."""

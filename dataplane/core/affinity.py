@@ -13,7 +13,7 @@ Sorting the two endpoints makes the code symmetric. The key (the mesh secret,
 up to 64 bytes) keeps outsiders from choosing flows that all land on one
 instance: without it they could compute codes and aim at a bucket.
 
-Which "ports" enter the hash (see `dataplane.packet.Inner`):
+Which "ports" enter the hash (see `dataplane.core.packet.Inner`):
 
 * TCP, UDP, SCTP, UDP-Lite: the real ports;
 * ICMP / ICMPv6 echo request and reply: the echo identifier on both sides,
@@ -35,7 +35,7 @@ import hashlib
 import ipaddress
 import struct
 
-from dataplane.packet import Inner
+from dataplane.core.packet import Inner
 
 _HEAD = struct.Struct("!IBB")
 _PORT = struct.Struct("!H")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataplane.servicemap import Instance, InstanceState, ServiceMap
+from dataplane.core.servicemap import Instance, InstanceState, ServiceMap
 
 
 @dataclass

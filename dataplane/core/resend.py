@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from dataplane import header as wire
-from dataplane.events import Send
-from dataplane.servicemap import ServiceMap
+from dataplane.core import header as wire
+from dataplane.core.events import Send
+from dataplane.core.servicemap import ServiceMap
 
 _REROUTED = int(wire.Flags.REROUTED)
 

@@ -1,0 +1,1 @@
+"""`amesh`, the command line: `main` is the group, one module per family."""

@@ -1,0 +1,1 @@
+"""The core in one process on a simulated clock and network."""
