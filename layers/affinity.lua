@@ -87,7 +87,8 @@ function affinity.prefs_changed()
   end
 end
 
--- State-sync datagrams (dataplane/core/syncwire.py): header, records, HMAC tag.
+-- State-sync datagrams (dataplane/core/syncwire.py, wire version 2): 48-byte
+-- header, records, HMAC tag.
 
 local sync = Proto("affinity_sync", "Affinity-mesh state sync")
 local record_names = { [1] = "HELLO", [2] = "HEARTBEAT", [3] = "ACK", [4] = "NACK",
@@ -99,6 +100,8 @@ s.key_id      = ProtoField.uint8("affinity_sync.key_id", "Key id", base.DEC)
 s.sender      = ProtoField.uint32("affinity_sync.sender", "Sender node id", base.HEX)
 s.receiver    = ProtoField.uint32("affinity_sync.receiver", "Receiver node id", base.HEX)
 s.incarnation = ProtoField.uint64("affinity_sync.incarnation", "Sender incarnation", base.DEC)
+s.receiver_incarnation = ProtoField.uint64("affinity_sync.receiver_incarnation",
+  "Receiver incarnation (as the sender knows it)", base.DEC)
 s.counter     = ProtoField.uint64("affinity_sync.counter", "Datagram counter", base.DEC)
 s.seq         = ProtoField.uint64("affinity_sync.seq", "First reliable seq", base.DEC)
 s.body_len    = ProtoField.uint16("affinity_sync.body_len", "Body length", base.DEC)
@@ -108,7 +111,7 @@ s.rlen        = ProtoField.uint16("affinity_sync.record.length", "Record length"
 s.rvalue      = ProtoField.bytes("affinity_sync.record.value", "Record value")
 s.tag         = ProtoField.bytes("affinity_sync.tag", "HMAC-SHA-256-128 tag")
 
-local SYNC_HEADER, SYNC_TAG = 40, 16
+local SYNC_HEADER, SYNC_TAG = 48, 16
 
 function sync.dissector(tvb, pinfo, tree)
   if tvb:len() < SYNC_HEADER + SYNC_TAG then
@@ -121,11 +124,12 @@ function sync.dissector(tvb, pinfo, tree)
   t:add(s.sender, tvb(4, 4))
   t:add(s.receiver, tvb(8, 4))
   t:add(s.incarnation, tvb(12, 8))
-  t:add(s.counter, tvb(20, 8))
-  t:add(s.seq, tvb(28, 8))
-  t:add(s.body_len, tvb(36, 2))
-  t:add(s.count, tvb(38, 2))
-  local pos, stop = SYNC_HEADER, math.min(SYNC_HEADER + tvb(36, 2):uint(), tvb:len() - SYNC_TAG)
+  t:add(s.receiver_incarnation, tvb(20, 8))
+  t:add(s.counter, tvb(28, 8))
+  t:add(s.seq, tvb(36, 8))
+  t:add(s.body_len, tvb(44, 2))
+  t:add(s.count, tvb(46, 2))
+  local pos, stop = SYNC_HEADER, math.min(SYNC_HEADER + tvb(44, 2):uint(), tvb:len() - SYNC_TAG)
   while pos + 3 <= stop do
     local rlen = tvb(pos + 1, 2):uint()
     if pos + 3 + rlen > stop then break end

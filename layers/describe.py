@@ -21,7 +21,8 @@ HEADER_FIELDS = ("version", "flags", "ttl", "length", "next_proto", "chain", "in
                  "code", "client", "epoch")
 
 
-SYNC_FIELDS = ("version", "key_id", "sender", "receiver", "incarnation", "counter", "seq", "count")
+SYNC_FIELDS = ("version", "key_id", "sender", "receiver", "incarnation", "receiver_incarnation",
+               "counter", "seq", "count")
 
 
 def dissect(data: bytes, linktype: int) -> Packet:
@@ -81,7 +82,7 @@ def one_line(n: int, d: dict[str, Any]) -> str:
     if d.get("sync"):
         s = d["sync"]
         parts.append(f"| sync key={s['key_id']} {s['sender']:08x}>{s['receiver']:08x} "
-                     f"inc={s['incarnation']} ctr={s['counter']} seq={s['seq']} "
+                     f"inc={s['incarnation']}>{s['receiver_incarnation']} ctr={s['counter']} seq={s['seq']} "
                      f"[{','.join(s['records'])}] |")
     elif a is None:
         parts.append("(no affinity header)")

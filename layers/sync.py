@@ -38,7 +38,7 @@ class SyncRecord(Packet):
 
 
 class AffinitySync(Packet):
-    """A state-sync datagram: 40-byte header, records, 16-byte HMAC tag."""
+    """A state-sync datagram: 48-byte header, records, 16-byte HMAC tag."""
 
     name = "AffinitySync"
     fields_desc = [
@@ -49,6 +49,7 @@ class AffinitySync(Packet):
         XIntField("sender", 0),
         XIntField("receiver", 0),
         LongField("incarnation", 0),
+        LongField("receiver_incarnation", 0),
         LongField("counter", 0),
         LongField("seq", 0),
         FieldLenField("body_len", None, length_of="records", fmt="!H"),
@@ -67,6 +68,7 @@ class AffinitySync(Packet):
     def mysummary(self) -> str:
         kinds = ",".join(RECORD_TYPES.get(r.type, str(r.type)) for r in self.records)
         return self.sprintf(f"AffinitySync %AffinitySync.sender%>%AffinitySync.receiver% "
+                            f"rinc=%AffinitySync.receiver_incarnation% "
                             f"seq=%AffinitySync.seq% ctr=%AffinitySync.counter% [{kinds}]")
 
 

@@ -66,6 +66,10 @@ class World:
         self.now = 0.0
         self.a = Side("ba", "bb", 1_000, config)
         self.b = Side("bb", "ba", 2_000, config)
+        self.tapped: list[tuple[str, bytes]] = []
+        """Every datagram sent, as (to, bytes): what an eavesdropper records."""
+        self.cut: set[str] = set()
+        """Sides nothing reaches any more."""
 
     def side(self, name):
         return self.a if name == "ba" else self.b
@@ -82,7 +86,9 @@ class World:
         out = []
         for ev in events:
             if isinstance(ev, Transmit):
-                self.link.send(self.now, s.ch.peer, ev.data)
+                self.tapped.append((s.ch.peer, ev.data))
+                if s.ch.peer not in self.cut:
+                    self.link.send(self.now, s.ch.peer, ev.data)
             else:
                 out.append(ev)
         return out
@@ -227,8 +233,9 @@ def test_forced_resync():
 
 
 def good_datagram(counter=5, incarnation=1_000, keyring=KEYS, receiver="bb"):
-    return sw.encode(keyring, sw.node_id("ba"), sw.node_id(receiver), incarnation, counter, 0,
-                     [sw.hello(0, 1)])
+    """A HELLO of ba to a bb it does not know yet (receiver incarnation 0)."""
+    return sw.encode(keyring, sw.node_id("ba"), sw.node_id(receiver), incarnation, 0, counter, 0,
+                     [sw.hello(1)])
 
 
 def reasons(ch, data):
@@ -239,9 +246,9 @@ def reasons(ch, data):
     (lambda d: d[:30], "truncated"),
     (lambda d: d[:-1], "truncated"),
     (lambda d: d + b"x", "bad_length"),
-    (lambda d: bytes([2]) + d[1:], "bad_version"),
+    (lambda d: bytes([1]) + d[1:], "bad_version"),           # version 1 had no receiver incarnation
     (lambda d: d[:2] + bytes([9]) + d[3:], "unknown_key"),
-    (lambda d: d[:45] + bytes([d[45] ^ 1]) + d[46:], "bad_mac"),
+    (lambda d: d[:53] + bytes([d[53] ^ 1]) + d[54:], "bad_mac"),
     (lambda d: d[:-16] + bytes(16), "bad_mac"),
 ])
 def test_rejections(mangle, reason):
@@ -259,11 +266,14 @@ def test_forged_wrong_receiver_replay_stale_malformed():
     assert reasons(ch, d) == []
     assert reasons(ch, d) == ["replay"]
     assert reasons(ch, good_datagram(counter=6, incarnation=999)) == ["stale_incarnation"]
-    bad_body = sw.encode(KEYS, sw.node_id("ba"), sw.node_id("bb"), 1_000, 7, 1,
+    bad_body = sw.encode(KEYS, sw.node_id("ba"), sw.node_id("bb"), 1_000, 2_000, 7, 1,
                          [sw.Record(sw.RecordType.FLOW_UPSERT, b"\x00\x01")])
     assert reasons(ch, bad_body) == ["malformed"]
-    wrong_sender = sw.encode(KEYS, sw.node_id("bc"), sw.node_id("bb"), 1_000, 8, 0, [])
+    wrong_sender = sw.encode(KEYS, sw.node_id("bc"), sw.node_id("bb"), 1_000, 2_000, 8, 0, [])
     assert reasons(ch, wrong_sender) == ["wrong_sender"]
+    unbound = sw.encode(KEYS, sw.node_id("ba"), sw.node_id("bb"), 1_000, 1_999, 9, 0,
+                        [sw.Record(sw.RecordType.ACK, sw.u64(1))])
+    assert reasons(ch, unbound) == ["wrong_incarnation"]
 
 
 def test_key_rotation_under_traffic_has_zero_failures():
@@ -318,3 +328,54 @@ def test_an_older_update_never_overwrites_a_waiting_newer_one():
     w.run(0.05)
     assert w.b.replica[k] == (4, b"new")
     assert w.a.ch.stats["stale_submit"] == 1
+
+
+# -- replays across a restart (issue #14, finding 2) ----------------------------------
+
+
+def kinds(to, data):
+    return [r.type for r in sw.decode(KEYS, data, sw.node_id(to)).records]
+
+
+def test_a_replayed_hello_does_not_wedge_a_restarted_receiver():
+    """bb restarts; a HELLO of ba recorded long ago reaches it first and
+    names an old sequence number. bb must still take ba's stream (ba's real
+    HELLO resynchronises it) instead of waiting for records never coming."""
+    w = World(12)
+    for i in range(50):
+        w.a.update(i, w.now)
+        w.step()
+    w.run(0.05)
+    hello = next(d for to, d in w.tapped if to == "bb" and kinds(to, d) == [sw.RecordType.HELLO])
+    w.b = Side("bb", "ba", 5_000)                       # restarted, empty
+    w.b.handle(w.route(w.b, w.b.ch.receive(hello, w.now)), w.now)
+    for i in range(50, 60):
+        w.a.update(i, w.now)
+        w.step()
+    w.run(0.2)
+    assert w.converged() and w.b.ch.peer_in_sync
+    assert w.b.ch.stats["hello_resync"] == 1
+
+
+def test_a_replayed_ack_from_before_a_restart_is_refused():
+    """ba restarts; an ACK bb sent to ba's former self, replayed, must not
+    acknowledge what ba's new self sent and bb never got."""
+    w = World(13)
+    for i in range(20):
+        w.a.update(i, w.now)
+        w.step()
+    w.run(0.05)
+    ack = [d for to, d in w.tapped if to == "ba" and sw.RecordType.ACK in kinds(to, d)][-1]
+    w.a = Side("ba", "bb", 9_000)                       # restarted
+    w.run(0.03)
+    assert w.a.ch.state == State.ESTABLISHED
+    w.cut.add("bb")                                     # from now on nothing reaches bb
+    for i in range(100, 110):
+        w.a.update(i, w.now)
+    w.route(w.a, w.a.ch.flush(w.now))
+    queued = w.a.ch.snapshot(w.now)["resend_queue"]
+    assert queued >= 10
+    w.a.handle(w.route(w.a, w.a.ch.receive(ack, w.now)), w.now)
+    assert w.a.ch.snapshot(w.now)["resend_queue"] == queued
+    assert not w.a.ch.in_sync(w.now + 0.1)          # unacked past two RTOs
+    assert w.a.ch.rejected["wrong_incarnation"] == 1

@@ -84,7 +84,7 @@ def test_tshark_sees_sync_datagrams(shared_dir):
 
     keys = sw.Keyring({2: b"t" * 32}, 2)
     upd = FlowUpdate((1, 5, 6, b"\x0a\x00\x00\x01", 1, b"\x0a\x00\x00\x02", 80), 3, b"st")
-    data = sw.encode(keys, sw.node_id("ba"), sw.node_id("bb"), 123456789, 77, 1000,
+    data = sw.encode(keys, sw.node_id("ba"), sw.node_id("bb"), 123456789, 987654321, 77, 1000,
                      [sw.flow_record(upd), sw.Record(sw.RecordType.ACK, sw.u64(5))])
     pkt = Ether() / IP(src="10.99.0.1", dst="10.99.0.2") / UDP(sport=sw.SYNC_PORT, dport=sw.SYNC_PORT) / Raw(data)
     pcap = shared_dir / "sync.pcap"
@@ -93,7 +93,8 @@ def test_tshark_sees_sync_datagrams(shared_dir):
     shutil.copy(LUA, lua)
     for path in (pcap, lua):
         path.chmod(0o644)
-    fields = ["key_id", "sender", "receiver", "incarnation", "counter", "seq", "count"]
+    fields = ["version", "key_id", "sender", "receiver", "incarnation", "receiver_incarnation", "counter",
+              "seq", "count"]
     seen = tshark_fields(pcap, lua, "affinity_sync", fields)
     s = describe(Ether(bytes(pkt)))["sync"]
     assert seen == [{k: s[k] for k in fields}]

@@ -52,22 +52,37 @@ _SERVING = (InstanceState.ACTIVE, InstanceState.JOINING, InstanceState.DRAINING)
 
 
 class Endpoint:
-    """Signs outgoing control datagrams and checks incoming ones."""
+    """Signs outgoing control datagrams and checks incoming ones.
 
-    def __init__(self, me: str, names: list[str], keyring: sw.Keyring, incarnation: int) -> None:
+    Every datagram is bound to its receiver's incarnation as last heard from
+    it (`syncwire`), and one bound to another incarnation is refused
+    (`wrong_incarnation`): a restarted forwarder does not take a map that was
+    recorded for its former self. `hello` names the record types accepted
+    from a peer that does not know our incarnation (yet): the forwarder's
+    HEARTBEAT at the controller (its first ones, and all of them right after
+    a controller restart), nothing at a forwarder, since the controller
+    pushes only to members it has heard, bound to the incarnation it heard.
+    Other records of such a datagram (a STATUS) are dropped and counted
+    (`unbound_records`) until the sender has heard us."""
+
+    def __init__(self, me: str, names: list[str], keyring: sw.Keyring, incarnation: int,
+                 hello: frozenset[sw.RecordType] = frozenset()) -> None:
         self.me = me
         self.my_id = sw.node_id(me)
         self.keyring = keyring
         self.incarnation = incarnation
+        self.hello = hello
         self.ids = {sw.node_id(n): n for n in names}
+        self.incarnations: dict[str, int] = {}
+        """Peer -> its incarnation as last heard (what we bind our datagrams to)."""
         self._counter = 0
-        self._windows: dict[str, tuple[int, sw.ReplayWindow]] = {}
+        self._windows: dict[str, sw.ReplayWindow] = {}
         self.rejected: Counter[str] = Counter()
 
     def encode(self, to: str, records: list[sw.Record]) -> bytes:
         self._counter += 1
         return sw.encode(self.keyring, self.my_id, sw.node_id(to), self.incarnation,
-                         self._counter, 0, records)
+                         self.incarnations.get(to, 0), self._counter, 0, records)
 
     def decode(self, data: bytes) -> tuple[str, sw.Datagram] | None:
         try:
@@ -79,16 +94,25 @@ class Endpoint:
         if name is None:
             self.rejected["unknown_sender"] += 1
             return None
-        inc, window = self._windows.get(name, (0, sw.ReplayWindow()))
+        inc = self.incarnations.get(name, 0)
         if dg.incarnation < inc:
             self.rejected["stale_incarnation"] += 1
             return None
-        if dg.incarnation > inc:
-            inc, window = dg.incarnation, sw.ReplayWindow()
+        if dg.receiver_incarnation != self.incarnation:
+            hello = [r for r in dg.records if r.type in self.hello]
+            if not hello:
+                self.rejected["wrong_incarnation"] += 1
+                return None
+            self.rejected["unbound_records"] += len(dg.records) - len(hello)
+            dg.records = hello
+        window = self._windows.get(name) if dg.incarnation == inc else None
+        if window is None:
+            window = sw.ReplayWindow()
         if not window.check_and_set(dg.counter):
             self.rejected["replay"] += 1
             return None
-        self._windows[name] = (inc, window)
+        self.incarnations[name] = dg.incarnation
+        self._windows[name] = window
         return name, dg
 
 
@@ -111,7 +135,8 @@ class Controller:
                     detector.watch(n, now)  # silence from now on counts
         self.map = smap
         self.members = [n for insts in smap.services.values() for n in insts]
-        self.endpoint = Endpoint(name, self.members, keyring, incarnation)
+        self.endpoint = Endpoint(name, self.members, keyring, incarnation,
+                                 hello=frozenset({sw.RecordType.HEARTBEAT}))
         self.detector = detector
         self.refresh = refresh
         self._last_push = -1.0
@@ -184,8 +209,10 @@ class Controller:
         self._last_push = now
         rec = map_record(self.map)
         # dead members too: one that was only partitioned must learn it was
-        # declared dead (and stop serving) as soon as it is reachable again
-        return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members]
+        # declared dead (and stop serving) as soon as it is reachable again;
+        # not to members never heard: a push is bound to an incarnation heard
+        heard = self.endpoint.incarnations
+        return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members if n in heard]
 
     def set_state(self, name: str, state: InstanceState, reason: str, now: float) -> MapPublished:
         """Publish a new epoch with `name` in `state` (operator or detector)."""

@@ -18,6 +18,22 @@ from a known peer means it restarted: it lost its replicas, so our unacked
 records for its old self are dropped (counted) and `PeerRestarted` tells the
 node to bulk-sync it; a *smaller* one is refused (`stale_incarnation`).
 
+*Bound to both lives.* Every datagram names the receiver's incarnation as
+the sender knows it, and a datagram bound to another incarnation of ours is
+refused (`wrong_incarnation`): after a restart, nothing recorded from the
+peer before it (an ACK of records our new self never sent, a NACK, a
+RESYNC) can be replayed to us, although our replay window is new. The one
+exception is a datagram holding only a HELLO, which is how a peer that does
+not know us yet speaks first. A replayed HELLO can therefore arrive, and it
+can name an old sequence number; so a HELLO from a known peer whose next
+sequence number lies *beyond* what we expect moves our expectation up to it
+(`hello_resync`): a peer's HELLO names the first record it still holds for
+us, everything before it was acknowledged by us or dropped for our former
+self, so waiting for it would wedge the stream (the same happens without an
+attacker when a HELLO sent before the peer learnt of our restart arrives
+first). A HELLO naming a sequence number below our expectation changes
+nothing.
+
 *Reliability* (in the spirit of conntrackd's FTFW, without its silent loss).
 Submitted updates wait in a pending set keyed by flow, so a newer update of
 a flow replaces an unsent older one (counted `coalesced`). The sender
@@ -167,7 +183,8 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.ESTABLISHED, "hello"): State.KNOWN,
     (State.ESTABLISHED, "hello_ack"): State.ESTABLISHED,
 }
-"""'hello': a HELLO that does not show our incarnation; 'hello_ack': one that does."""
+"""'hello': a HELLO not bound to our incarnation (the peer does not know us
+yet); 'hello_ack': one bound to it."""
 
 
 class _Bulk:
@@ -316,7 +333,7 @@ class SyncChannel:
     def _transmit(self, seq: int, records: list[Record]) -> Transmit:
         self._counter += 1
         data = sw.encode(self.keyring, self.my_id, self.peer_id, self.incarnation,
-                         self._counter, seq, records)
+                         self.peer_incarnation, self._counter, seq, records)
         self.stats["datagrams_sent"] += 1
         self.stats["bytes_sent"] += len(data)
         return Transmit(data)
@@ -451,7 +468,7 @@ class SyncChannel:
             nack = self._nack(now)
             if nack is not None:
                 records.append(nack)
-        if now - self._last_heartbeat >= cfg.heartbeat:
+        if now - self._last_heartbeat >= cfg.heartbeat and self.peer_incarnation:
             self._last_heartbeat = now
             records.append(Record(RecordType.HEARTBEAT, sw.u64(int(now * 1e6))))
             if self.peer_incarnation and not any(r.type == RecordType.ACK for r in records):
@@ -469,8 +486,7 @@ class SyncChannel:
     def _hello(self, now: float) -> Transmit:
         self._last_hello = now
         base = next(iter(self._unacked)) if self._unacked else self.next_seq
-        return self._transmit(0, [sw.hello(self.peer_incarnation, base,
-                                           answer_me=self.state != State.ESTABLISHED)])
+        return self._transmit(0, [sw.hello(base, answer_me=self.state != State.ESTABLISHED)])
 
     def _ack(self, now: float) -> Record:
         self._unacked_in = 0
@@ -495,21 +511,29 @@ class SyncChannel:
             dg = sw.decode(self.keyring, data, self.my_id)
         except SyncError as exc:
             return self._reject(exc.reason)
+        return self.accept(dg, now)
+
+    def accept(self, dg: sw.Datagram, now: float) -> list[SyncEvent]:
+        """A datagram whose tag `syncwire.decode` checked: the rest of `receive`."""
         if dg.sender != self.peer_id:
             return self._reject("wrong_sender")
         if dg.incarnation < self.peer_incarnation:
             return self._reject("stale_incarnation")
-        hello_rec = next((r for r in dg.records if r.type == RecordType.HELLO), None)
         out: list[SyncEvent] = []
+        bound = dg.receiver_incarnation == self.incarnation
         new_peer = dg.incarnation > self.peer_incarnation
-        if new_peer:
-            if hello_rec is None:
-                self.stats["unknown_incarnation"] += 1
-                return [self._hello(now)]
-            try:
-                out.extend(self._new_peer(dg.incarnation, sw.read_hello(hello_rec.value)[1]))
-            except SyncError as exc:
-                return self._reject(exc.reason)
+        if not bound or new_peer:
+            hello_rec = next((r for r in dg.records if r.type == RecordType.HELLO), None)
+            if not bound and (hello_rec is None or len(dg.records) != 1):
+                return self._reject("wrong_incarnation")
+            if new_peer:
+                if hello_rec is None:
+                    self.stats["unknown_incarnation"] += 1
+                    return [self._hello(now)]
+                try:
+                    out.extend(self._new_peer(dg.incarnation, sw.read_hello(hello_rec.value)[0]))
+                except SyncError as exc:
+                    return self._reject(exc.reason)
         if not self._window.check_and_set(dg.counter):
             return self._reject("replay")
         self.last_heard = now
@@ -521,7 +545,7 @@ class SyncChannel:
                     out.extend(self._reliable(seq, rec, now))
                     seq += 1
                 else:
-                    out.extend(self._control(rec, now, new_peer))
+                    out.extend(self._control(rec, now, new_peer, bound))
         except SyncError as exc:
             out.extend(self._reject(exc.reason))
         if self._unacked_in >= self.config.ack_every:
@@ -554,16 +578,19 @@ class SyncChannel:
             self.acked_upto = self.next_seq
         return [PeerRestarted(first)]
 
-    def _control(self, rec: Record, now: float, new_peer: bool) -> list[SyncEvent]:
+    def _control(self, rec: Record, now: float, new_peer: bool, bound: bool) -> list[SyncEvent]:
         t = rec.type
         if t == RecordType.HELLO:
-            seen, _base, answer_me = sw.read_hello(rec.value)
-            kind = "hello_ack" if seen == self.incarnation else "hello"
+            base, answer_me = sw.read_hello(rec.value)
+            out: list[SyncEvent] = []
+            if not new_peer and base > self.expected:
+                out.extend(self._resync_to(base, now))
+            kind = "hello_ack" if bound else "hello"
             self.state = TRANSITIONS[(self.state, kind)]
             # answer a peer that does not know us yet, that we just met, or
             # that is not established (it needs to see that we know it)
-            reply = kind == "hello" or new_peer or answer_me
-            out: list[SyncEvent] = [self._hello(now)] if reply else []
+            if kind == "hello" or new_peer or answer_me:
+                out.append(self._hello(now))
             return out + self._flush(now, force=True)
         if t == RecordType.ACK:
             return self._on_ack(sw.read_u64(rec.value), now)
@@ -576,6 +603,13 @@ class SyncChannel:
             self.stats["resync_requests"] += 1
             return [ResyncRequested()]
         return []  # HEARTBEAT: being heard is all it says
+
+    def _resync_to(self, base: int, now: float) -> list[SyncEvent]:
+        """The peer holds nothing for us below `base`: expect it from there."""
+        self.stats["hello_resync"] += 1
+        self._buffer = {s: r for s, r in self._buffer.items() if s >= base}
+        self.expected = base
+        return self._drain(now)
 
     def _reliable(self, seq: int, rec: Record, now: float) -> list[SyncEvent]:
         if seq < self.expected or seq in self._buffer:

@@ -1,19 +1,21 @@
 """The state-sync wire format: datagrams of records, authenticated.
 
-Every datagram (UDP, default port 6887) is a 40-byte header, a body of
+Every datagram (UDP, default port 6887) is a 48-byte header, a body of
 records, and a 16-byte HMAC-SHA-256-128 tag (RFC 4868 truncation) over
 everything before it::
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
     +---------------+---------------+---------------+---------------+
-    |  Version (1)  |    Flags      |    Key id     |   Reserved    |
+    |  Version (2)  |    Flags      |    Key id     |   Reserved    |
     +---------------+---------------+---------------+---------------+
     |                     Sender node id (32)                       |
     +---------------------------------------------------------------+
     |                    Receiver node id (32)                      |
     +---------------------------------------------------------------+
     |              Sender incarnation (64, microseconds)            |
+    +---------------------------------------------------------------+
+    |     Receiver incarnation (64), as the sender knows it; 0: none |
     +---------------------------------------------------------------+
     |          Datagram counter (64, anti-replay, +1 per datagram)  |
     +---------------------------------------------------------------+
@@ -31,6 +33,15 @@ receiver is refused, so one captured datagram cannot be replayed to a third
 node. The incarnation is the sender's start time in microseconds: a restart
 shows as a larger incarnation, and an older one is refused.
 
+The *receiver* incarnation binds a datagram to one life of its receiver: a
+receiver refuses a datagram bound to another incarnation of itself
+(`wrong_incarnation`), so what was recorded before it restarted cannot be
+replayed to it afterwards (its anti-replay window is new, and would let it
+through). Only a HELLO, the message that introduces a sender to a receiver
+it does not know yet, may carry another value (0, or an older incarnation);
+the channel treats it so that a replayed one costs nothing but an answer
+(`dataplane.core.syncchannel`). Version 1 had no such field and is refused.
+
 Records. *Reliable* records (UPSERT, DELETE, BULK_BEGIN, BULK_END) are
 numbered consecutively from the header's sequence number; the others ride
 along unnumbered:
@@ -38,7 +49,7 @@ along unnumbered:
 =========== ==== ===========================================================
 type        code value
 =========== ==== ===========================================================
-HELLO        1   peer incarnation seen (u64, 0 = none); next seq (u64);
+HELLO        1   next seq (u64): the sender's first unacknowledged record;
                  flags (u8, 1 = "answer me": the sender is not established)
 HEARTBEAT    2   sender's clock (u64 us)
 ACK          3   cumulative: every reliable seq below this was received (u64)
@@ -54,8 +65,9 @@ STATUS      12   control channel: instance to controller, u32 map epoch held,
 =========== ==== ===========================================================
 
 The control channel between the controller and every forwarder (UDP 6888)
-uses the same datagram format, keys and anti-replay rules: HEARTBEAT and
-STATUS from forwarders, MAP pushes from the controller.
+uses the same datagram format and anti-replay rules, under its own keys:
+HEARTBEAT and STATUS from forwarders, MAP pushes from the controller. There
+the forwarder's HEARTBEAT plays the HELLO (`dataplane.core.control`).
 
 Flow key: chain u32, code u32, proto u8, family u8 (4|6), lo ip, lo port
 u16, hi ip, hi port u16. Hop: u8 length + name (0 = none). State: u16
@@ -73,14 +85,14 @@ from enum import IntEnum
 from dataplane.core.events import FlowUpdate
 from dataplane.core.flowtable import FlowKey
 
-VERSION = 1
+VERSION = 2
 SYNC_PORT = 6887
 CONTROL_PORT = 6888
 TAG_LEN = 16
 MAX_DATAGRAM = 1400
 """Datagrams are kept under a typical fabric MTU so they are never fragmented."""
 
-_HDR = struct.Struct("!BBBBIIQQQHH")
+_HDR = struct.Struct("!BBBBIIQQQQHH")
 HEADER_LEN = _HDR.size
 _REC = struct.Struct("!BH")
 _U64 = struct.Struct("!Q")
@@ -139,6 +151,7 @@ class Datagram:
     sender: int
     receiver: int
     incarnation: int
+    receiver_incarnation: int
     counter: int
     seq: int
     records: list[Record] = field(default_factory=list)
@@ -175,11 +188,11 @@ def tag(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()[:TAG_LEN]
 
 
-def encode(keyring: Keyring, sender: int, receiver: int, incarnation: int, counter: int,
-           seq: int, records: list[Record]) -> bytes:
+def encode(keyring: Keyring, sender: int, receiver: int, incarnation: int,
+           receiver_incarnation: int, counter: int, seq: int, records: list[Record]) -> bytes:
     body = b"".join(_REC.pack(r.type, len(r.value)) + r.value for r in records)
-    head = _HDR.pack(VERSION, 0, keyring.current, 0, sender, receiver, incarnation, counter, seq,
-                     len(body), len(records))
+    head = _HDR.pack(VERSION, 0, keyring.current, 0, sender, receiver, incarnation,
+                     receiver_incarnation, counter, seq, len(body), len(records))
     data = head + body
     return data + tag(keyring.keys[keyring.current], data)
 
@@ -190,7 +203,7 @@ def decode(keyring: Keyring, data: bytes, me: int) -> Datagram:
     The tag is checked before any body field is believed."""
     if len(data) < HEADER_LEN + TAG_LEN:
         raise SyncError("truncated")
-    (version, _flags, kid, _res, sender, receiver, inc, counter, seq,
+    (version, _flags, kid, _res, sender, receiver, inc, rinc, counter, seq,
      body_len, count) = _HDR.unpack_from(data)
     if version != VERSION:
         raise SyncError("bad_version")
@@ -219,7 +232,7 @@ def decode(keyring: Keyring, data: bytes, me: int) -> Datagram:
         pos += rlen
     if pos != end:
         raise SyncError("malformed", "trailing bytes in body")
-    return Datagram(kid, sender, receiver, inc, counter, seq, records)
+    return Datagram(kid, sender, receiver, inc, rinc, counter, seq, records)
 
 
 class ReplayWindow:
@@ -260,16 +273,15 @@ def read_u64(value: bytes, offset: int = 0) -> int:
 HELLO_ANSWER_ME = 1
 
 
-def hello(peer_incarnation: int, next_seq: int, answer_me: bool = True) -> Record:
-    return Record(RecordType.HELLO, u64(peer_incarnation) + u64(next_seq)
-                  + bytes([HELLO_ANSWER_ME if answer_me else 0]))
+def hello(next_seq: int, answer_me: bool = True) -> Record:
+    return Record(RecordType.HELLO, u64(next_seq) + bytes([HELLO_ANSWER_ME if answer_me else 0]))
 
 
-def read_hello(value: bytes) -> tuple[int, int, bool]:
-    """(peer incarnation seen, next seq, answer me)."""
-    if len(value) != 17:
+def read_hello(value: bytes) -> tuple[int, bool]:
+    """(next seq, answer me)."""
+    if len(value) != 9:
         raise SyncError("malformed", "hello record")
-    return read_u64(value), read_u64(value, 8), bool(value[16] & HELLO_ANSWER_ME)
+    return read_u64(value), bool(value[8] & HELLO_ANSWER_ME)
 
 
 def ranges(kind: RecordType, spans: list[tuple[int, int]]) -> Record:

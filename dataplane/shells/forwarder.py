@@ -135,17 +135,20 @@ def plain(value: Any) -> Any:
 
 class Pulse:
     """What the packet loop tells its heartbeat process, in shared memory:
-    the time of its last round, the epoch it holds, and its status flags."""
+    the time of its last round, the epoch it holds, its status flags, and
+    the controller's incarnation as heard in its pushes (the heartbeats are
+    bound to it: `dataplane.core.control.Endpoint`)."""
 
-    _LAYOUT = struct.Struct("=dQ??")
+    _LAYOUT = struct.Struct("=dQ??Q")
 
     def __init__(self) -> None:
         self.mem = mmap.mmap(-1, self._LAYOUT.size)  # anonymous, MAP_SHARED: survives fork
 
-    def write(self, last_round: float, epoch: int, in_sync: bool, declared_dead: bool) -> None:
-        self._LAYOUT.pack_into(self.mem, 0, last_round, epoch, in_sync, declared_dead)
+    def write(self, last_round: float, epoch: int, in_sync: bool, declared_dead: bool,
+              controller: int) -> None:
+        self._LAYOUT.pack_into(self.mem, 0, last_round, epoch, in_sync, declared_dead, controller)
 
-    def read(self) -> tuple[float, int, bool, bool]:
+    def read(self) -> tuple[float, int, bool, bool, int]:
         return self._LAYOUT.unpack_from(self.mem, 0)
 
 
@@ -554,6 +557,7 @@ class Forwarder:
         out["resend"] = {"resent": self.resend.resent, "unroutable": self.resend.unroutable}
         if self.rep is not None:
             out["sync"] = self.rep.snapshot(now)
+        out["control_rejected"] = dict(self.client.endpoint.rejected)
         return out
 
     def flows(self, now: float) -> list[dict[str, Any]]:
@@ -627,7 +631,9 @@ class Forwarder:
             client = self.client
             while os.getppid() == parent:
                 now = time.monotonic()
-                last, client.epoch, client.in_sync, client.declared_dead = self.pulse.read()
+                last, client.epoch, client.in_sync, client.declared_dead, ctl_inc = self.pulse.read()
+                if ctl_inc:
+                    client.endpoint.incarnations[client.controller] = ctl_inc
                 if now - last <= HANG_AFTER:
                     for send in client.tick(now):
                         try:
@@ -639,8 +645,9 @@ class Forwarder:
             os._exit(0)
 
     def _pulse(self) -> None:
-        self.pulse.write(time.monotonic(), self.client.epoch, self.client.in_sync,
-                         self.client.declared_dead)
+        client = self.client
+        self.pulse.write(time.monotonic(), client.epoch, client.in_sync, client.declared_dead,
+                         client.endpoint.incarnations.get(client.controller, 0))
 
     def run(self) -> None:
         log(self.name, f"{self.role} up on {self.ip} pid {os.getpid()} epoch {self.map.epoch}")

@@ -1,0 +1,64 @@
+"""The control channel: maps pushed to forwarders, heartbeats and status back."""
+
+from __future__ import annotations
+
+from dataplane.core import syncwire as sw
+from dataplane.core.control import ControlClient, Controller, ControlSend, MapReceived
+from dataplane.core.liveness import FailureDetector
+from dataplane.core.servicemap import InstanceState
+from tests.conftest import pair_map
+
+KEYS = sw.Keyring({1: b"c" * 32}, 1)
+
+
+def controller(smap=None, keys=KEYS):
+    return Controller("ctl", smap or pair_map(), keys, 7_000, FailureDetector(0.005, 4, 1.0))
+
+
+def pushes(events, to):
+    return [e.data for e in events if isinstance(e, ControlSend) and e.to == to]
+
+
+def test_a_recorded_map_is_refused_by_a_restarted_forwarder():
+    """A map that declared ba dead, recorded and replayed to ba after its
+    restart, must not make the new ba stop serving; the controller's next
+    push, bound to the incarnation it hears from the new ba, installs."""
+    ctl = controller()
+    old = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    for send in old.tick(0.0):
+        ctl.receive(send.data, 0.0)
+    ctl.set_state("ba", InstanceState.DEAD, "test", 0.01)
+    recorded = pushes(ctl.push(0.01), "ba")[0]
+    assert [type(e) for e in old.receive(recorded)] == [MapReceived]      # its own incarnation: taken
+    new = ControlClient("ba", "ctl", pair_map(), KEYS, 200)               # ba restarted
+    assert new.receive(recorded) == []
+    assert new.endpoint.rejected["wrong_incarnation"] == 1
+    for send in new.tick(0.02):
+        ctl.receive(send.data, 0.02)
+    got = new.receive(pushes(ctl.push(0.03), "ba")[0])
+    assert [e.smap.epoch for e in got] == [ctl.map.epoch]
+
+
+def test_a_forwarder_that_has_not_heard_the_controller_is_heard_but_its_status_waits():
+    """The heartbeat is the control channel's HELLO: taken from a forwarder
+    that does not know the controller's incarnation yet (a new forwarder, or
+    any forwarder right after a controller restart); its STATUS, which can
+    make a joining instance lead, only once bound to the controller."""
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    for send in client.tick(0.0):
+        ctl.receive(send.data, 0.0)
+    assert ctl.detector.health("ba").value == "alive" and "ba" not in ctl.held
+    assert ctl.endpoint.rejected["unbound_records"] == 1
+    client.receive(pushes(ctl.push(0.01), "ba")[0])           # now it knows the controller
+    for send in client.tick(0.02):
+        ctl.receive(send.data, 0.02)
+    assert ctl.held["ba"] == ctl.map.epoch
+
+
+def test_a_new_controller_pushes_only_to_members_it_has_heard():
+    ctl = controller()
+    assert pushes(ctl.push(0.0), "ba") == []
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    assert [e.to for e in ctl.push(0.01)] == ["ba"]
