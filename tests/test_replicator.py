@@ -236,3 +236,21 @@ def test_joining_is_in_sync_after_peer_bulks_or_at_once_when_nothing_is_mirrored
     p.run(0.05)                                        # first contact: every peer sends a bulk
     assert p.reps["ba"].synced_since(0) and not p.reps["ba"].synced_since(10**6)
     assert Pair(Policy.OFF).reps["ba"].synced_since(10**6)
+
+
+def test_a_datagram_opens_a_channel_only_once_checked_and_only_for_a_service_peer():
+    """Unsigned (or wrongly signed) datagrams must not make channel objects,
+    nor may one claiming to come from this instance, another service's
+    instance or an unknown node (issue #14, finding 10)."""
+    p = Pair()
+    rep = p.reps["ba"]
+    del rep.channels["bc"]
+    forged = sw.Keyring({1: b"x" * 32}, 1)
+    for sender in ("ba", "bc", "aa", "ingress", "nobody"):
+        data = sw.encode(forged, sw.node_id(sender), sw.node_id("ba"), 5, 0, 1, 0, [sw.hello(1)])
+        assert rep.receive(data, 0.0) == []
+    assert set(rep.channels) == {"bb"}
+    assert rep.counters["unknown_sender"] == 4 and rep.rejected["bad_mac"] == 1
+    good = sw.encode(KEYS, sw.node_id("bc"), sw.node_id("ba"), 5, 0, 2, 0, [sw.hello(1)])
+    assert any(isinstance(o, SyncSend) for o in rep.receive(good, 0.0))
+    assert set(rep.channels) == {"bb", "bc"} and rep.channels["bc"].peer_incarnation == 5

@@ -79,8 +79,11 @@ class Replicator:
         self.hold_timeout = hold_timeout
         self.channels: dict[str, SyncChannel] = {}
         self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        """Refusals of datagrams from a peer that has no channel yet (a
+        channel counts its own)."""
         self._held: list[_Held] = []
-        self._ids: dict[int, str] = {}
+        self._ids: tuple[int, dict[int, str]] = (-1, {})
         self._heard: dict[str, float] = {}
         self._epoch = -1
         self._open_channels()
@@ -156,12 +159,25 @@ class Replicator:
     # -- sync side ----------------------------------------------------------------------
 
     def receive(self, data: bytes, now: float) -> list[Out]:
-        """A sync datagram from some peer: routed by its sender id."""
+        """A sync datagram from some peer: routed by its sender id.
+
+        Only another instance of this service has a channel, and one is made
+        only for a datagram whose tag checked: unsigned datagrams, or ones
+        claiming to come from this instance or another service's, cost a
+        counted refusal and leave nothing behind."""
         peer = self._peer_of(data)
         if peer is None:
             self.counters["unknown_sender"] += 1
             return []
-        return self._handle(peer, self.channel(peer).receive(data, now), now) + self._release(now)
+        ch = self.channels.get(peer)
+        if ch is not None:
+            return self._handle(peer, ch.receive(data, now), now) + self._release(now)
+        try:
+            dg = sw.decode(self.keyring, data, sw.node_id(self.node.name))
+        except sw.SyncError as exc:
+            self.rejected[exc.reason] += 1
+            return []
+        return self._handle(peer, self.channel(peer).accept(dg, now), now) + self._release(now)
 
     def tick(self, now: float) -> list[Out]:
         self._open_channels()
@@ -215,12 +231,15 @@ class Replicator:
         return all(p in self.channels and self.channels[p].synced_epoch >= epoch for p in peers)
 
     def _peer_of(self, data: bytes) -> str | None:
+        """The other instance of this service a datagram claims to come from."""
         if len(data) < 8:
             return None
-        sender = int.from_bytes(data[4:8], "big")
-        if sender not in self._ids:
-            self._ids = {sw.node_id(n): n for insts in self.node.map.services.values() for n in insts}
-        return self._ids.get(sender)
+        m = self.node.map
+        epoch, ids = self._ids
+        if epoch != m.epoch:
+            ids = {sw.node_id(n): n for n in m.services[self.node.service_name] if n != self.node.name}
+            self._ids = (m.epoch, ids)
+        return ids.get(int.from_bytes(data[4:8], "big"))
 
     def _handle(self, peer: str, events: list[SyncEvent], now: float) -> list[Out]:
         out: list[Out] = []
@@ -269,7 +288,7 @@ class Replicator:
 
     def snapshot(self, now: float) -> dict[str, object]:
         return {"policy": self.policy.value, "held": len(self._held),
-                "counters": dict(self.counters),
+                "counters": dict(self.counters), "rejected": dict(self.rejected),
                 "stale_updates_ignored": self.node.counters["stale_updates"],
                 "peers": {p: ch.snapshot(now) for p, ch in sorted(self.channels.items())},
                 "health": {p: self.detector.health(p).value for p in sorted(self.detector.peers)}}
