@@ -189,6 +189,17 @@ def test_malformed_fabric_packets_are_dropped_and_counted(data, reason):
     assert node.drops[reason] == 1
 
 
+def test_a_packet_that_would_leave_with_ttl_0_is_dropped_and_counted():
+    """TTL 1 in means TTL 0 out: dropped before it changes any state (issue
+    #14, finding 9: such a packet, kept for resending, broke the reroute)."""
+    node = Mesh().nodes["ba"]
+    sent = [e for e in node.from_fabric(fabric_packet(ttl=2), "aa", 0.0) if isinstance(e, Send)]
+    assert wire.decode(sent[0].data).ttl == 1
+    for data in (fabric_packet(ttl=1, code=6), fabric_packet(ttl=1)):   # a new flow; a known one
+        assert [type(e) for e in node.from_fabric(data, "aa", 0.0)] == [Drop]
+    assert node.drops["ttl_expired"] == 2 and len(node.flows) == 1
+
+
 def test_ingress_refusals():
     mesh = Mesh()
     ing = mesh.nodes[INGRESS]

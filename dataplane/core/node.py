@@ -163,6 +163,8 @@ class ServiceNode(Node):
         if h.flags & _OAM:
             self.counters["oam"] += 1
             return []
+        if h.ttl == 1:
+            return self._drop("ttl_expired")  # it would leave with TTL 0
         chain = self.map.chains.get(h.chain)
         if chain is None:
             return self._drop("unknown_chain")

@@ -16,6 +16,9 @@ dead instance did forward before dying arrive twice (TCP ignores them; a UDP
 application sees a duplicate as it would from the network). Hops that die
 for other reasons than a map (a partition the map does not reflect) are not
 retried: only the map decides who is dead.
+
+`reroute` runs inside the map install, so it never raises: a kept packet it
+cannot read again (`bad`) or route (`unroutable`) is counted and left out.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections import deque
 
 from dataplane.core import header as wire
 from dataplane.core.events import Send
-from dataplane.core.servicemap import ServiceMap
+from dataplane.core.servicemap import MapError, ServiceMap
 
 _REROUTED = int(wire.Flags.REROUTED)
 
@@ -37,6 +40,7 @@ class ResendBuffer:
         self.sent: deque[tuple[float, str, bytes]] = deque()
         self.resent = 0
         self.unroutable = 0
+        self.bad = 0
 
     def record(self, now: float, hop: str, data: bytes) -> None:
         self.sent.append((now, hop, data))
@@ -49,7 +53,8 @@ class ResendBuffer:
     def reroute(self, old: ServiceMap, new: ServiceMap, now: float) -> list[Send]:
         """The recent packets to hops alive in `old` and dead in `new`, sent
         again to each packet's new primary. Counted in `resent`; a packet
-        whose service has no live instance left counts in `unroutable`."""
+        whose service has no live instance left counts in `unroutable`, one
+        whose header does not decode (TTL 0 included) in `bad`."""
         self.expire(now)
         dead = {h for _, h, _ in self.sent if old.is_alive(h) and not new.is_alive(h)}
         if not dead:
@@ -60,9 +65,16 @@ class ResendBuffer:
             if hop not in dead:
                 keep.append(item)
                 continue
+            try:
+                h = wire.decode(data)
+            except wire.HeaderError:
+                self.bad += 1
+                continue
             service = old.service_of(hop)
-            h = wire.decode(data)  # our own packets: valid by construction
-            target = new.primary(service, h.code) if service is not None else None
+            try:
+                target = new.primary(service, h.code) if service is not None else None
+            except MapError:  # the service is gone from the new map
+                target = None
             if target is None:
                 self.unroutable += 1
                 continue

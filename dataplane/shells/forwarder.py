@@ -554,7 +554,8 @@ class Forwarder:
         out["counters"] = dict(self.node.counters)
         out["drops"] = dict(self.node.drops)
         out["flow_table"] = {"flows": len(self.node.flows), **dict(self.node.flows.counters)}
-        out["resend"] = {"resent": self.resend.resent, "unroutable": self.resend.unroutable}
+        out["resend"] = {"resent": self.resend.resent, "unroutable": self.resend.unroutable,
+                         "bad": self.resend.bad}
         if self.rep is not None:
             out["sync"] = self.rep.snapshot(now)
         out["control_rejected"] = dict(self.client.endpoint.rejected)
