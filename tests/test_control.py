@@ -62,3 +62,26 @@ def test_a_new_controller_pushes_only_to_members_it_has_heard():
     client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
     ctl.receive(client.tick(0.0)[0].data, 0.0)
     assert [e.to for e in ctl.push(0.01)] == ["ba"]
+
+
+def test_pairwise_control_keys_carry_heartbeats_and_maps_for_their_pair_only():
+    master = b"m" * 32
+    members = ["ingress", "ba", "bb", "egress"]
+    ctl = controller(keys=sw.Keyring({1: master}, 1, pairwise=True,
+                                     senders=[sw.node_id(n) for n in members]))
+
+    def ring(name):
+        return sw.Keyring({1: sw.pair_key(master, sw.node_id("ctl"), sw.node_id(name))}, 1,
+                          senders=[sw.node_id("ctl")])
+
+    ba, bb = (ControlClient(n, "ctl", ctl.map, ring(n), 100 + i) for i, n in enumerate(("ba", "bb")))
+    for client in (ba, bb):
+        ctl.receive(client.tick(0.0)[0].data, 0.0)
+    ctl.set_state("ba", InstanceState.DRAINING, "test", 0.01)
+    out = ctl.push(0.01)
+    assert [e.smap.epoch for e in ba.receive(pushes(out, "ba")[0])] == [ctl.map.epoch]
+    assert bb.receive(pushes(out, "ba")[0]) == []             # another pair's datagram
+    assert bb.endpoint.rejected["bad_mac"] == 1
+    spoof = ControlClient("bb", "ctl", ctl.map, ring("ba"), 300)   # ba's key, bb's name
+    ctl.receive(spoof.tick(0.0)[0].data, 0.02)
+    assert ctl.endpoint.rejected["bad_mac"] == 1

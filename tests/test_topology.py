@@ -51,6 +51,15 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('[timers]', '[timer]', "timer: unknown section"),
     ('store = "embedded"', 'store = "etcd"', "controller.store: 'etcd': only 'embedded' is supported"),
     ('prefix = "am"', 'prefix = "much-too-long"', "lab.prefix"),
+    ('control_key = "affinity-mesh-lab-control-key-1"', 'sync_key = "affinity-mesh-lab-sync-key-1"',
+     "lab.sync_key: replaced by lab.control_key (the controller's) and services.<name>.sync_key"),
+    ('control_key = "affinity-mesh-lab-control-key-1"', 'control_key = "short"',
+     "lab.control_key: must be at least 16 bytes"),
+    ('sync_key = "affinity-mesh-lab-B-sync-key-1"', '', "services.B.sync_key: missing"),
+    ('sync_key = "affinity-mesh-lab-B-sync-key-1"', 'sync_key = "affinity-mesh-lab-A-sync-key-1"',
+     "services.B.sync_key: the same as services.A.sync_key: every key must differ"),
+    ('sync_key = "affinity-mesh-lab-B-sync-key-1"', 'sync_key = "affinity-mesh-lab-control-key-1"',
+     "services.B.sync_key: the same as lab.control_key"),
 ])
 def test_precise_errors(tmp_path, old, new, needle):
     path = variant(tmp_path, old, new)
@@ -81,3 +90,20 @@ def test_validate_command(tmp_path):
     bad = variant(tmp_path, 'policy = "async"', 'policy = "x"')
     res = CliRunner().invoke(main, ["lab", "validate", bad])
     assert res.exit_code == 1 and "lab.policy" in res.output and "Traceback" not in res.output
+
+
+def test_keys_are_per_service_and_per_forwarder():
+    """Issue #14, finding 7: an instance holds its service's sync key (bound
+    to that service's members) and its own control key, nothing else."""
+    from dataplane.core import syncwire as sw
+
+    t = load(DEFAULT)
+    ba, aa = t.sync_keyring("ba"), t.sync_keyring("aa")
+    assert ba.keys != aa.keys and ba.senders[1] == {sw.node_id(n) for n in ("ba", "bb", "bc", "bd")}
+    ctl = t.control_keyring("ctl")
+    assert ctl.pairwise and t.control_key in ctl.keys.values()
+    mine, theirs = t.control_keyring("ba"), t.control_keyring("bb")
+    assert not mine.pairwise and mine.keys != theirs.keys and t.control_key not in mine.keys.values()
+    assert mine.senders[1] == {sw.node_id("ctl")}
+    with pytest.raises(ValueError, match="not a service instance"):
+        t.sync_keyring("ingress")

@@ -79,6 +79,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -158,20 +159,42 @@ class Datagram:
 
 
 class Keyring:
-    """HMAC keys by id: sends with `current`, accepts every key it holds, so
-    two keys are accepted during a rotation."""
+    """The HMAC keys of one purpose (one service's sync channels, or the
+    control channel), by key id.
 
-    def __init__(self, keys: dict[int, bytes], current: int) -> None:
+    Sends with `current` and accepts every key it holds, so two keys are
+    accepted during a rotation. Each key is bound to the node ids allowed to
+    sign with it (`senders`; None: any): a datagram claiming another sender
+    under it is refused (`key_not_for_sender`) before its tag is computed.
+
+    A *pairwise* keyring holds master keys: the key of a datagram between
+    nodes a and b is `pair_key(master, a, b)`. The controller holds the
+    master; each forwarder is given only its own pair key (a plain keyring),
+    so it can neither sign as the controller to another forwarder nor as
+    another forwarder to the controller."""
+
+    def __init__(self, keys: dict[int, bytes], current: int, senders: Iterable[int] | None = None,
+                 pairwise: bool = False) -> None:
         if current not in keys:
             raise ValueError(f"current key id {current} not in keyring")
+        self.keys: dict[int, bytes] = {}
+        self.senders: dict[int, frozenset[int] | None] = {}
+        bound = None if senders is None else frozenset(senders)
         for kid, key in keys.items():
-            if not 0 <= kid <= 255 or len(key) < 16:
-                raise ValueError(f"key {kid}: ids are 0-255 and keys at least 16 bytes")
-        self.keys = dict(keys)
+            self._set(kid, key, bound)
         self.current = current
+        self.pairwise = pairwise
+        self._pairs: dict[tuple[int, int, int], bytes] = {}
+
+    def _set(self, kid: int, key: bytes, senders: frozenset[int] | None) -> None:
+        if not 0 <= kid <= 255 or len(key) < 16:
+            raise ValueError(f"key {kid}: ids are 0-255 and keys at least 16 bytes")
+        self.keys[kid] = key
+        self.senders[kid] = senders
 
     def add(self, kid: int, key: bytes) -> None:
-        self.keys[kid] = key
+        """A second key of the same purpose, bound to the same senders."""
+        self._set(kid, key, self.senders[self.current])
 
     def use(self, kid: int) -> None:
         if kid not in self.keys:
@@ -182,6 +205,39 @@ class Keyring:
         if kid == self.current:
             raise ValueError("cannot retire the key in use")
         self.keys.pop(kid, None)
+        self.senders.pop(kid, None)
+        self._pairs.clear()
+
+    def signing_key(self, sender: int, receiver: int) -> bytes:
+        key = self.keys[self.current]
+        return self._pair(self.current, key, sender, receiver) if self.pairwise else key
+
+    def verifying_key(self, kid: int, sender: int, receiver: int) -> bytes:
+        """The key a datagram under `kid` from `sender` must be signed with;
+        raise SyncError when there is none or the sender may not use it."""
+        key = self.keys.get(kid)
+        if key is None:
+            raise SyncError("unknown_key", f"key id {kid}")
+        allowed = self.senders[kid]
+        if allowed is not None and sender not in allowed:
+            raise SyncError("key_not_for_sender", f"key id {kid}")
+        return self._pair(kid, key, sender, receiver) if self.pairwise else key
+
+    def _pair(self, kid: int, master: bytes, a: int, b: int) -> bytes:
+        k = (kid, a, b) if a < b else (kid, b, a)
+        key = self._pairs.get(k)
+        if key is None:
+            if len(self._pairs) >= 4096:
+                self._pairs.clear()
+            key = self._pairs[k] = pair_key(master, a, b)
+        return key
+
+
+def pair_key(master: bytes, a: int, b: int) -> bytes:
+    """The key of nodes `a` and `b` (either order) under a master key."""
+    lo, hi = (a, b) if a < b else (b, a)
+    return hmac.new(master, b"affinity-mesh pair key" + struct.pack("!II", lo, hi),
+                    hashlib.sha256).digest()
 
 
 def tag(key: bytes, data: bytes) -> bytes:
@@ -194,7 +250,7 @@ def encode(keyring: Keyring, sender: int, receiver: int, incarnation: int,
     head = _HDR.pack(VERSION, 0, keyring.current, 0, sender, receiver, incarnation,
                      receiver_incarnation, counter, seq, len(body), len(records))
     data = head + body
-    return data + tag(keyring.keys[keyring.current], data)
+    return data + tag(keyring.signing_key(sender, receiver), data)
 
 
 def decode(keyring: Keyring, data: bytes, me: int) -> Datagram:
@@ -209,9 +265,7 @@ def decode(keyring: Keyring, data: bytes, me: int) -> Datagram:
         raise SyncError("bad_version")
     if len(data) != HEADER_LEN + body_len + TAG_LEN:
         raise SyncError("truncated" if len(data) < HEADER_LEN + body_len + TAG_LEN else "bad_length")
-    key = keyring.keys.get(kid)
-    if key is None:
-        raise SyncError("unknown_key", f"key id {kid}")
+    key = keyring.verifying_key(kid, sender, receiver)
     if not hmac.compare_digest(tag(key, data[:-TAG_LEN]), data[-TAG_LEN:]):
         raise SyncError("bad_mac")
     if receiver != me:

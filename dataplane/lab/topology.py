@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataplane.core import syncwire as sw
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.node import EGRESS, INGRESS
 from dataplane.core.servicemap import Chain, Instance, InstanceState, ServiceMap, Tenant
@@ -48,6 +49,8 @@ class ServiceSpec:
     name: str
     kind: str
     instances: list[str]
+    sync_key: bytes
+    """HMAC key of the sync channels between this service's instances only."""
     options: dict[str, Any] = field(default_factory=dict)
     spares: list[str] = field(default_factory=list)
     """Instances that run but hold no role until `amesh lab scale-out`."""
@@ -80,7 +83,8 @@ class Topology:
     prefix: str
     buckets: int
     secret: bytes
-    sync_key: bytes
+    control_key: bytes
+    """The controller's master key: each forwarder gets only its own pair key."""
     policy: str
     timers: Timers
     subnet: ipaddress.IPv4Network
@@ -143,6 +147,22 @@ class Topology:
 
     def service_of(self, node: str) -> ServiceSpec | None:
         return next((s for s in self.services.values() if node in s.members), None)
+
+    def sync_keyring(self, node: str) -> sw.Keyring:
+        """An instance's sync keys: its service's key, bound to its members."""
+        spec = self.service_of(node)
+        if spec is None:
+            raise ValueError(f"{node!r} is not a service instance")
+        return sw.Keyring({1: spec.sync_key}, 1, senders=[sw.node_id(n) for n in spec.members])
+
+    def control_keyring(self, node: str) -> sw.Keyring:
+        """The controller's: the master key, pairwise, bound to the forwarders;
+        a forwarder's: its pair key with the controller, bound to the controller."""
+        ctl = sw.node_id(self.controller)
+        if node == self.controller:
+            return sw.Keyring({1: self.control_key}, 1, pairwise=True,
+                              senders=[sw.node_id(n) for n in self.forwarders() if n != node])
+        return sw.Keyring({1: sw.pair_key(self.control_key, ctl, sw.node_id(node))}, 1, senders=[ctl])
 
     def all_nodes(self) -> list[str]:
         return [*self.hosts, *self.forwarders()]
@@ -208,6 +228,12 @@ class _Validator:
         self.names[value] = role
         return value
 
+    def key(self, table: dict[str, Any], key: str, where: str) -> bytes:
+        value = self.get(table, key, where, str).encode()
+        if len(value) < 16:
+            raise self.fail(f"{where}.{key}", "must be at least 16 bytes")
+        return value
+
     def iface(self, value: Any, key: str) -> ipaddress.IPv4Interface:
         try:
             iface = ipaddress.IPv4Interface(value)
@@ -233,9 +259,11 @@ class _Validator:
         secret = self.get(lab, "secret", "lab", str).encode()
         if not 1 <= len(secret) <= 64:
             raise self.fail("lab.secret", "must be 1 to 64 bytes")
-        sync_key = self.get(lab, "sync_key", "lab", str).encode()
-        if len(sync_key) < 16:
-            raise self.fail("lab.sync_key", "must be at least 16 bytes")
+        if "sync_key" in lab:
+            raise self.fail("lab.sync_key", "replaced by lab.control_key (the controller's) and "
+                            "services.<name>.sync_key (one per service): one key for both let "
+                            "any instance sign maps")
+        control_key = self.key(lab, "control_key", "lab")
         policy = self.get(lab, "policy", "lab", str, "async")
         if policy not in POLICIES:
             raise self.fail("lab.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
@@ -265,7 +293,13 @@ class _Validator:
         n_fabric = 3 + sum(len(s.members) for s in services.values())
         if FIRST_INSTANCE_HOST + n_fabric > subnet.num_addresses - 1:
             raise self.fail("fabric.subnet", f"too small for {n_fabric} fabric nodes")
-        return Topology(self.path, name, prefix, buckets, secret, sync_key, policy, timers, subnet,
+        keys = {"lab.control_key": control_key}
+        for sname, spec in services.items():
+            other = next((k for k, v in keys.items() if v == spec.sync_key), None)
+            if other is not None:
+                raise self.fail(f"services.{sname}.sync_key", f"the same as {other}: every key must differ")
+            keys[f"services.{sname}.sync_key"] = spec.sync_key
+        return Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
                         services, tenants, gso)
 
@@ -321,12 +355,13 @@ class _Validator:
             spares = self.get(s, "spares", where, list, [])
             for i, inst in enumerate(spares):
                 self.name(inst, f"{where}.spares[{i}]", f"spare of service {sname}")
+            sync_key = self.key(s, "sync_key", where)
             options = self.get(s, "options", where, dict, {})
             try:
                 create(kind, **options)
             except (TypeError, ValueError) as exc:
                 raise self.fail(where, f"service kind {kind!r} with these options: {exc}") from None
-            out[sname] = ServiceSpec(sname, kind, list(insts), options, list(spares))
+            out[sname] = ServiceSpec(sname, kind, list(insts), sync_key, options, list(spares))
         return out
 
     def tenants(self, services: dict[str, ServiceSpec]) -> list[dict[str, Any]]:

@@ -199,7 +199,7 @@ class Forwarder:
         self.topo, self.name, self.run_dir = topo, node, run_dir
         self.role = topo.role(node)
         initial = topo.build_map()
-        self.keyring = sw.Keyring({1: topo.sync_key}, 1)
+        self.control_keys = topo.control_keyring(node)
         self.incarnation = time.time_ns() // 1000
         self.ip = topo.fabric_ip(node)
         self.sel = selectors.DefaultSelector()
@@ -221,11 +221,11 @@ class Forwarder:
         """(epoch, when it was installed, failure tables still missing)."""
         timers = topo.timers
         if self.role == "controller":
-            self.ctl = Controller(node, initial, self.keyring, self.incarnation,
+            self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
                                   timers.map_refresh, run_dir / f"{node}-map.json", time.monotonic())
         else:
-            self.client = ControlClient(node, topo.controller, initial, self.keyring,
+            self.client = ControlClient(node, topo.controller, initial, self.control_keys,
                                         self.incarnation, timers.heartbeat)
             self.fabric = self._udp(UDP_PORT, self._on_fabric)
             self.rx, self.tx = BatchReceiver(self.fabric, size=65536), BatchSender(self.fabric)
@@ -238,6 +238,16 @@ class Forwarder:
         self.query.listen(8)
         self.query.setblocking(False)
         self.sel.register(self.query, selectors.EVENT_READ, self._on_query)
+
+    def close(self) -> None:
+        """Close every socket (the process exits after `run`; tests call this)."""
+        for key in list(self.sel.get_map().values()):
+            self.sel.unregister(key.fileobj)
+            key.fileobj.close()
+        if self.packet is not None:
+            self.packet.close()
+        self.sel.close()
+        (self.run_dir / f"{self.name}.sock").unlink(missing_ok=True)
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -284,7 +294,7 @@ class Forwarder:
         if self.sync is not None:
             self.sel.unregister(self.sync.sock)
             self.sync.close()
-        self.rep = Replicator(self.node, self.keyring, self.incarnation,
+        self.rep = Replicator(self.node, topo.sync_keyring(self.name), self.incarnation,
                               Policy(topo.policy), SyncConfig(heartbeat=SYNC_HEARTBEAT),
                               FailureDetector(SYNC_HEARTBEAT, topo.timers.misses, topo.timers.holddown))
         spec = topo.service_of(self.name)
