@@ -85,3 +85,23 @@ def test_pairwise_control_keys_carry_heartbeats_and_maps_for_their_pair_only():
     spoof = ControlClient("bb", "ctl", ctl.map, ring("ba"), 300)   # ba's key, bb's name
     ctl.receive(spoof.tick(0.0)[0].data, 0.02)
     assert ctl.endpoint.rejected["bad_mac"] == 1
+
+
+def test_a_zlib_bomb_map_is_refused_without_inflating_it():
+    """Issue #14, finding 8: a MAP record inflates at most MAX_MAP_BYTES."""
+    import tracemalloc
+    import zlib
+
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    bomb = zlib.compress(b"[" + b" " * (60 << 20) + b"]", 9)
+    data = ctl.endpoint.encode("ba", [sw.Record(sw.RecordType.MAP, bomb)])
+    assert len(data) < 65_000                               # one UDP datagram
+    tracemalloc.start()
+    try:
+        assert client.receive(data) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20 and client.counters["map_too_big"] == 1

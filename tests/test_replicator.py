@@ -254,3 +254,20 @@ def test_a_datagram_opens_a_channel_only_once_checked_and_only_for_a_service_pee
     good = sw.encode(KEYS, sw.node_id("bc"), sw.node_id("ba"), 5, 0, 2, 0, [sw.hello(1)])
     assert any(isinstance(o, SyncSend) for o in rep.receive(good, 0.0))
     assert set(rep.channels) == {"bb", "bc"} and rep.channels["bc"].peer_incarnation == 5
+
+
+def test_a_datagram_of_resync_requests_starts_one_bulk_not_hundreds():
+    """Issue #14, finding 8: a running bulk absorbs further requests (at
+    most one more follows it), and the peer still ends up in sync."""
+    p = Pair()
+    sec = led_by_ba(p, 20, 44000)
+    ch = p.reps["ba"].channels[sec]
+    started = ch.stats["bulk_started"]
+    data = p.reps[sec].channels["ba"]._transmit(0, [sw.Record(sw.RecordType.RESYNC, b"")] * 400).data
+    assert len(data) <= sw.MAX_DATAGRAM
+    p.out("ba", p.reps["ba"].receive(data, p.now))
+    p.run(0.1)
+    assert ch.stats["bulk_started"] - started == 2 and p.reps["ba"].counters["bulk_coalesced"] == 399
+    expected = {k: v for k, v in leads(p.reps["ba"]).items()
+                if p.map.secondary("B", k[1], exclude="ba") == sec}
+    assert replicas(p.reps[sec]) == expected and not ch._bulks

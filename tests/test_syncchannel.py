@@ -379,3 +379,56 @@ def test_a_replayed_ack_from_before_a_restart_is_refused():
     assert w.a.ch.snapshot(w.now)["resend_queue"] == queued
     assert not w.a.ch.in_sync(w.now + 0.1)          # unacked past two RTOs
     assert w.a.ch.rejected["wrong_incarnation"] == 1
+
+
+# -- amplification (issue #14, finding 8) ----------------------------------------------
+
+
+def nack_everything(w, counter, spans=87):
+    """A NACK bb could send (it holds the key): the whole sequence space, over and over."""
+    return sw.encode(KEYS, sw.node_id("bb"), sw.node_id("ba"), 2_000, 1_000, counter, 0,
+                     [sw.ranges(sw.RecordType.NACK, [(0, 2**64 - 1)] * spans)])
+
+
+def retransmitted(w, data):
+    """Records ba sends again for one datagram, and the bytes."""
+    before = w.a.ch.stats["retransmitted"]
+    out = [e for e in w.a.ch.receive(data, w.now) if isinstance(e, Transmit)]
+    return w.a.ch.stats["retransmitted"] - before, sum(len(e.data) for e in out)
+
+
+def test_repeated_nacks_are_not_answered_in_full_each_time():
+    w = World(14)
+    w.run(0.02)
+    w.cut.add("bb")                                     # nothing is acked from here on
+    for i in range(500):
+        w.a.update(i, w.now)
+    w.route(w.a, w.a.ch.flush(w.now))
+    first, _ = retransmitted(w, nack_everything(w, 10**6))
+    assert first == 500                                 # once: everything outstanding
+    again = [retransmitted(w, nack_everything(w, 10**6 + n))[0] for n in range(1, 10)]
+    assert again == [0] * 9                             # the same ranges at once: nothing twice
+    assert w.a.ch.stats["retransmit_held_off"] == 9 * 500
+
+
+def test_retransmission_is_rate_limited():
+    """NACKs spaced past the hold-off still get no more than the token bucket."""
+    cfg = SyncConfig(resend_queue=8192)
+    w = World(15, config=cfg)
+    w.run(0.02)
+    w.cut.add("bb")
+    for i in range(4000):
+        w.a.update(i, w.now)
+    w.route(w.a, w.a.ch.flush(w.now))
+    sent = sent_bytes = received_bytes = 0
+    for n in range(100):                                # 100 NACKs over 0.5 s
+        w.now += 0.005
+        data = nack_everything(w, 10**6 + n)
+        got, nbytes = retransmitted(w, data)
+        sent += got
+        sent_bytes += nbytes
+        received_bytes += len(data)
+    limit = cfg.retransmit_rate * 0.5 + cfg.retransmit_burst * 4
+    assert sent <= limit and w.a.ch.stats["retransmit_limited"] > 0
+    print(f"\n100 NACKs of {received_bytes // 100} bytes: {sent} records ({sent_bytes} bytes) sent again, "
+          f"{sent_bytes / received_bytes:.1f}x the bytes received")

@@ -29,6 +29,9 @@ from dataplane.core.servicemap import InstanceState, MapError, ServiceMap
 STATUS_DECLARED_DEAD = 1
 STATUS_IN_SYNC = 2
 """Every live peer completed a bulk to the sender as of the epoch it holds."""
+MAX_MAP_BYTES = 1 << 20
+"""The most a MAP record inflates to (the lab's map is a few KB): zlib can
+inflate a datagram a thousandfold, so it is stopped at this size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,20 @@ class Endpoint:
 
 def map_record(smap: ServiceMap) -> sw.Record:
     return sw.Record(sw.RecordType.MAP, zlib.compress(smap.to_json().encode()))
+
+
+class MapTooBig(ValueError):
+    """A MAP record that inflates past MAX_MAP_BYTES (or ends early)."""
+
+
+def read_map_record(value: bytes) -> bytes:
+    """The map JSON of a MAP record, inflated at most to MAX_MAP_BYTES;
+    raise MapTooBig past that, zlib.error when it is not zlib."""
+    d = zlib.decompressobj()
+    text = d.decompress(value, MAX_MAP_BYTES)
+    if d.unconsumed_tail or not d.eof:
+        raise MapTooBig(f"map larger than {MAX_MAP_BYTES} bytes, or truncated")
+    return text
 
 
 class Controller:
@@ -274,10 +291,13 @@ class ControlClient:
             if rec.type != sw.RecordType.MAP:
                 continue
             try:
-                doc = json.loads(zlib.decompress(rec.value))
+                doc = json.loads(read_map_record(rec.value))
                 if int(doc.get("epoch", 0)) <= self.epoch:
                     continue  # the periodic re-push of a map we hold
                 smap = ServiceMap.from_dict(doc)
+            except MapTooBig:
+                self.counters["map_too_big"] += 1
+                continue
             except (zlib.error, ValueError, TypeError, AttributeError, MapError):
                 self.counters["bad_map"] += 1
                 continue

@@ -16,7 +16,10 @@ acked      as ordered, and the packet that opened a flow (version 1) is held
 
 It also answers the channel's requests: a peer that (re)started or asked for
 a resync gets a bulk of every flow this node leads and that peer mirrors; a
-`ResyncFlows` gets the current state of those flows. Heartbeats heard on the
+`ResyncFlows` gets the current state of those flows. Full bulks are
+coalesced per peer: while one runs, any number of further requests (a
+datagram can hold hundreds of RESYNC records) make one more bulk, started
+when it ends from the state of that moment (`bulk_coalesced`). Heartbeats heard on the
 channels feed a failure detector whose verdicts come out as `Declared`.
 """
 
@@ -85,6 +88,10 @@ class Replicator:
         self._held: list[_Held] = []
         self._ids: tuple[int, dict[int, str]] = (-1, {})
         self._heard: dict[str, float] = {}
+        self._full_bulks: dict[str, int] = {}
+        """Peer -> id of the last full bulk started to it."""
+        self._bulk_wanted: set[str] = set()
+        """Peers that asked for a full bulk while one was running."""
         self._epoch = -1
         self._open_channels()
 
@@ -181,6 +188,10 @@ class Replicator:
 
     def tick(self, now: float) -> list[Out]:
         self._open_channels()
+        for peer in list(self._bulk_wanted):
+            if not self.channels[peer].bulk_running(self._full_bulks[peer]):
+                self._bulk_wanted.discard(peer)
+                self._full_bulk(peer, now)
         out: list[Out] = []
         for peer, ch in list(self.channels.items()):
             out.extend(self._handle(peer, ch.tick(now), now))
@@ -250,7 +261,7 @@ class Replicator:
             elif isinstance(ev, Apply):
                 self.node.apply_update(ev.update, now)
             elif isinstance(ev, (PeerRestarted, ResyncRequested)) and self.policy != Policy.OFF:
-                ch.start_bulk(self._mirrored_by(peer), now, self.node.map.epoch)
+                self._full_bulk(peer, now)
             elif isinstance(ev, ResyncFlows):
                 for key in ev.keys:
                     entry = self.node.flows.get(key)
@@ -262,6 +273,17 @@ class Replicator:
             self._heard[peer] = ch.last_heard
             out.extend(self.detector.heard(peer, ch.last_heard))
         return out
+
+    def _full_bulk(self, peer: str, now: float) -> None:
+        """A bulk of everything `peer` mirrors, unless one is running: then
+        one more when it ends."""
+        running = self._full_bulks.get(peer)
+        if running is not None and self.channels[peer].bulk_running(running):
+            self._bulk_wanted.add(peer)
+            self.counters["bulk_coalesced"] += 1
+            return
+        self._full_bulks[peer] = self.channels[peer].start_bulk(self._mirrored_by(peer), now,
+                                                                self.node.map.epoch)
 
     def _mirrored_by(self, peer: str) -> list[FlowUpdate]:
         node = self.node

@@ -94,6 +94,14 @@ class SyncConfig:
     reorder_buffer: int = 16384
     bulk_rate: float = 200_000.0
     retransmit_burst: int = 256
+    """Records resent on one RTO; four times this, the most resent at once."""
+    retransmit_rate: float = 50_000.0
+    """Token bucket of every retransmission (records/s): NACKs, however
+    many, never make a channel send more than this again."""
+    retransmit_holdoff: float = 0.004
+    """A record resent less than this ago is not resent on a NACK (the gap
+    is in flight): a burst of NACKs of one range is answered once. Below
+    the receiver's `nack_interval`, so its own repeated NACK is answered."""
 
 
 # -- events ------------------------------------------------------------------------
@@ -224,12 +232,14 @@ class SyncChannel:
         self._end_tokens: dict[object, _Bulk] = {}
         self._key_seq: dict[FlowKey, int] = {}
         """flow key -> seq of its latest sent, unacked record"""
-        self._unacked: OrderedDict[int, tuple[Record, FlowKey | None, float, float]] = OrderedDict()
-        """seq -> (record, flow key, first sent, last sent)"""
+        self._unacked: OrderedDict[int, tuple[Record, FlowKey | None, float, float | None]] = OrderedDict()
+        """seq -> (record, flow key, first sent, last resent or None)"""
         self._resync_keys: set[FlowKey] = set()
         self.acked_upto = 1
         self._bulks: list[_Bulk] = []
         self._bulk_ids = 0
+        self._rtx_tokens = float(self.config.retransmit_burst * 4)
+        self._rtx_at = 0.0
         self._last_hello = -1.0
         self._last_heartbeat = -1.0
         self._last_tick: float | None = None
@@ -274,6 +284,11 @@ class SyncChannel:
         """True when the peer acknowledged every update of `key` submitted so
         far (the `acked` policy releases a held packet on this)."""
         return key not in self._pending and key not in self._key_seq and key not in self._resync_keys
+
+    def bulk_running(self, bulk_id: int) -> bool:
+        """True until the bulk `bulk_id` is acknowledged whole (or dropped
+        because the peer restarted)."""
+        return any(b.id == bulk_id for b in self._bulks)
 
     def start_bulk(self, updates: Iterable[FlowUpdate], now: float, epoch: int = 0) -> int:
         """Stream `updates` as one bulk transfer, stamped with the sender's
@@ -357,7 +372,7 @@ class SyncChannel:
             if bulk is not None:
                 bulk.end_seq = seq
             self.next_seq += 1
-            self._unacked[seq] = (rec, key, now, now)
+            self._unacked[seq] = (rec, key, now, None)
             if key is not None:
                 self._key_seq[key] = seq
             items.append((seq, rec))
@@ -385,15 +400,47 @@ class SyncChannel:
             out.append(self._transmit(first, run))
         return out
 
-    def _retransmit(self, seqs: Iterable[int], now: float) -> list[SyncEvent]:
+    def _retransmit(self, seqs: Iterable[int], now: float, holdoff: float = 0.0) -> list[SyncEvent]:
+        """Send these unacked records again, as the token bucket allows;
+        skip those already resent less than `holdoff` ago."""
+        cap = self.config.retransmit_burst * 4
+        tokens = min(cap, self._rtx_tokens + (now - self._rtx_at) * self.config.retransmit_rate)
+        self._rtx_at = now
         items = []
         for s in seqs:
-            if s in self._unacked:
-                rec, key, first, _last = self._unacked[s]
-                self._unacked[s] = (rec, key, first, now)
-                items.append((s, rec))
+            entry = self._unacked.get(s)
+            if entry is None:
+                continue
+            rec, key, first, last = entry
+            if last is not None and now - last < holdoff:
+                self.stats["retransmit_held_off"] += 1
+                continue
+            if tokens < 1:
+                self.stats["retransmit_limited"] += 1
+                break
+            tokens -= 1
+            self._unacked[s] = (rec, key, first, now)
+            items.append((s, rec))
+        self._rtx_tokens = tokens
         self.stats["retransmitted"] += len(items)
         return self._send_runs(items)
+
+    def _on_nack(self, spans: list[tuple[int, int]], now: float) -> list[SyncEvent]:
+        """Resend what a NACK names, clamped to what is outstanding, each
+        record once however often the ranges repeat or overlap."""
+        self.stats["nacks_received"] += 1
+        lo, hi = self.acked_upto, self.next_seq - 1
+        clamped = sorted((max(a, lo), min(b, hi)) for a, b in spans if a <= hi and b >= lo and a <= b)
+        seqs: list[int] = []
+        limit = self.config.retransmit_burst * 4
+        top = lo - 1
+        for a, b in clamped:
+            for s in range(max(a, top + 1), b + 1):
+                if len(seqs) >= limit:
+                    break
+                seqs.append(s)
+            top = max(top, b)
+        return self._retransmit(seqs, now, self.config.retransmit_holdoff)
 
     def _on_ack(self, upto: int, now: float) -> list[SyncEvent]:
         if upto <= self.acked_upto:
@@ -477,8 +524,8 @@ class SyncChannel:
             out.append(self._transmit(0, records))
         if self._unacked and self.state == State.ESTABLISHED:
             seq0 = next(iter(self._unacked))
-            _rec, _key, _first, last = self._unacked[seq0]
-            if now - last >= cfg.rto:
+            _rec, _key, first, last = self._unacked[seq0]
+            if now - (first if last is None else last) >= cfg.rto:
                 self.stats["timeouts"] += 1
                 out.extend(self._retransmit(list(islice(self._unacked, cfg.retransmit_burst)), now))
         return out
@@ -595,10 +642,7 @@ class SyncChannel:
         if t == RecordType.ACK:
             return self._on_ack(sw.read_u64(rec.value), now)
         if t == RecordType.NACK:
-            spans = sw.read_ranges(rec.value)
-            self.stats["nacks_received"] += 1
-            seqs = [s for a, b in spans for s in range(max(a, self.acked_upto), min(b, self.next_seq - 1) + 1)]
-            return self._retransmit(seqs[: self.config.retransmit_burst * 4], now)
+            return self._on_nack(sw.read_ranges(rec.value), now)
         if t == RecordType.RESYNC:
             self.stats["resync_requests"] += 1
             return [ResyncRequested()]
