@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dataplane.core import syncwire as sw
 from dataplane.core.control import ControlClient, Controller, ControlSend, MapReceived
 from dataplane.core.liveness import FailureDetector
@@ -105,3 +107,22 @@ def test_a_zlib_bomb_map_is_refused_without_inflating_it():
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20 and client.counters["map_too_big"] == 1
+
+
+@pytest.mark.parametrize("text", [
+    b'{"epoch": 1e999, "buckets": 64, "replicas": 2, "services": {}}',
+    b'{"epoch": 99, "buckets": 1e999, "replicas": 2, "services": {}}',
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"epoch": 99, "buckets": 64, "replicas": 2, "services": {"B": [{"name": 5}]}}',
+    b'{"epoch": 99, "buckets": 64, "replicas": 2, "services": {}, "tenants": '
+    b'[{"id": 1, "name": "t", "prefixes": ["junk"]}]}',
+])
+def test_a_signed_bad_map_is_a_counted_refusal(text):
+    """Issue #14, finding 6: nothing in a MAP record raises out of the client."""
+    import zlib
+
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    data = ctl.endpoint.encode("ba", [sw.Record(sw.RecordType.MAP, zlib.compress(text))])
+    assert client.receive(data) == [] and client.counters["bad_map"] == 1

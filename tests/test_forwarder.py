@@ -9,15 +9,19 @@ started.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from dataplane.core import header as wire
 from dataplane.core import syncwire as sw
 from dataplane.core.control import map_record
+from dataplane.core.header import UDP_PORT
 from dataplane.core.servicemap import InstanceState
 from dataplane.lab.topology import load
 from dataplane.shells.forwarder import Forwarder
+from tests.conftest import codes_led_by, tcp
 
 DEFAULT = Path(__file__).resolve().parents[1] / "labs" / "default.toml"
 SUBNET = "127.86.0.0/24"
@@ -62,3 +66,78 @@ def test_an_instance_of_one_service_cannot_sign_as_another_services(mesh):
     data = sw.encode(ba.rep.keyring, sw.node_id("aa"), sw.node_id("ab"), 1, 0, 1, 0, [sw.hello(1)])
     assert ab.rep.receive(data, 0.0) == []
     assert ab.rep.channels["aa"].rejected["bad_mac"] == 1 and ab.rep.channels["aa"].peer_incarnation == 0
+
+
+def fabric_socket(mesh, node: str) -> socket.socket:
+    """A UDP socket on `node`'s fabric address (the node itself is not running)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((mesh.topo.fabric_ip(node), UDP_PORT))
+    s.settimeout(0.5)
+    return s
+
+
+def poll_until(fwd: Forwarder, sink: socket.socket, rounds: int = 50) -> list[bytes]:
+    """Run the forwarder's loop until the sink has something (bounded)."""
+    got: list[bytes] = []
+    sink.setblocking(False)
+    for _ in range(rounds):
+        fwd.poll(0.005)
+        try:
+            while True:
+                got.append(sink.recv(65535))
+        except BlockingIOError:
+            pass
+        if got:
+            break
+    return got
+
+
+def syn(fwd: Forwarder, sport: int, marker: bytes = b"") -> bytes:
+    code = codes_led_by(fwd.map, fwd.name)[0]
+    return wire.pack(1, 1, code, 1, fwd.map.epoch) + tcp(sport=sport, payload=marker)
+
+
+def test_an_exception_in_a_packet_handler_costs_that_packet_not_the_process(mesh):
+    """Issue #14, finding 6: the loop counts an exception of one packet's
+    handling as `internal_error` (by handler), logs it, and forwards on."""
+    ba = mesh("ba")
+    upstream, sink = fabric_socket(mesh, "aa"), fabric_socket(mesh, "egress")
+    real = ba.node.from_fabric
+
+    def flaky(data, src, now):
+        if data.endswith(b"BOOM"):
+            raise RuntimeError("injected")
+        return real(data, src, now)
+
+    ba.node.from_fabric = flaky
+    try:
+        upstream.sendto(syn(ba, 40000, b"BOOM"), (ba.ip, UDP_PORT))
+        upstream.sendto(syn(ba, 40001), (ba.ip, UDP_PORT))
+        got = poll_until(ba, sink)
+        assert len(got) == 1 and got[0].endswith(syn(ba, 40001)[20:])
+        assert ba.status(0.0)["internal_error"] == {"fabric": 1}
+        original_tick = ba.tick
+        ba.tick = lambda now: (_ for _ in ()).throw(RuntimeError("injected in the tick"))
+        ba.poll(0.002)
+        ba.tick = original_tick
+        upstream.sendto(syn(ba, 40002), (ba.ip, UDP_PORT))
+        assert len(poll_until(ba, sink)) == 1
+        assert ba.status(0.0)["internal_error"] == {"fabric": 1, "tick": 1}
+    finally:
+        upstream.close()
+        sink.close()
+
+
+def test_fabric_packets_from_an_address_that_is_no_node_are_counted_and_dropped(mesh):
+    """Issue #14, finding 9."""
+    ba = mesh("ba")
+    sink = fabric_socket(mesh, "egress")
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.86.0.200", 0))
+    try:
+        stranger.sendto(syn(ba, 40003), (ba.ip, UDP_PORT))
+        assert poll_until(ba, sink, rounds=20) == []
+        assert ba.node.drops["not_a_node"] == 1 and ba.node.counters["forwarded"] == 0
+    finally:
+        stranger.close()
+        sink.close()

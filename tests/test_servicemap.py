@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -204,3 +206,77 @@ def test_bad_construction():
         m.add_instance("B", Instance("ba"))
     with pytest.raises(MapError):
         m.set_state("zz", InstanceState.DEAD)
+
+
+# -- documents from the wire (issue #14, finding 6) --------------------------------------
+
+
+def good_doc() -> dict:
+    m = make(["ba", "bb"], buckets=64)
+    m.add_service("A", [Instance("aa", "10.99.0.10")])
+    m.add_tenant(Tenant(1, "t1", ["10.1.0.0/16"]))
+    m.add_chain(Chain(1, 1, ["A", "B"], [80]))
+    return m.to_dict()
+
+
+def _set(path: str, value):
+    """A change to a good document at a dotted path (list indexes as numbers)."""
+    def change(doc):
+        *parts, last = path.split(".")
+        node = doc
+        for p in parts:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+        return doc
+    return change
+
+
+@pytest.mark.parametrize("change,needle", [
+    (_set("epoch", float("inf")), "epoch"),                 # JSON 1e999
+    (_set("epoch", 2**32), "epoch"),
+    (_set("epoch", True), "epoch"),
+    (_set("buckets", float("inf")), "buckets"),
+    (_set("buckets", "64"), "buckets"),
+    (_set("replicas", 0), "replicas"),
+    (_set("chains.0.services", []), "chains[0].services"),
+    (_set("chains.0.services", ["A", "C"]), "chains[0].services[1]: unknown service 'C'"),
+    (_set("chains.0.id", 2**24), "chains[0].id"),
+    (_set("chains.0.tenant", 9), "chains[0].tenant: unknown tenant 9"),
+    (_set("chains.0.match_dports", [70000]), "chains[0].match_dports[0]"),
+    (_set("tenants.0.prefixes", ["junk"]), "tenants[0].prefixes[0]: 'junk'"),
+    (_set("tenants.0.id", 2**32), "tenants[0].id"),
+    (_set("tenants.0.name", 5), "tenants[0].name"),
+    (_set("services.B.0.name", 5), "services.B[0].name"),
+    (_set("services.B.0.name", "Bad Name"), "services.B[0].name"),
+    (_set("services.B.0.address", "10.99.0.300"), "services.B[0].address"),
+    (_set("services.B.0.state", "zombie"), "services.B[0].state"),
+    (_set("services.A.0.name", "ba"), "services.A[0].name: 'ba' is also in service B"),
+    (_set("services.B", {"name": "ba"}), "services.B: expected a list"),
+    (_set("services.bad name!", []), "services: service name 'bad name!'"),
+    (_set("tenants", {}), "tenants: expected a list"),
+    (_set("table_digests.C", "0" * 32), "table_digests: unknown service 'C'"),
+])
+def test_every_field_of_a_document_is_checked(change, needle):
+    with pytest.raises(MapError, match=re.escape(needle)):
+        ServiceMap.from_dict(change(good_doc()))
+
+
+def test_a_good_document_passes_and_a_non_document_is_refused():
+    assert ServiceMap.from_dict(good_doc()).chains[1].services == ["A", "B"]
+    for doc in ([], "map", None, 5):
+        with pytest.raises(MapError, match="expected a JSON object"):
+            ServiceMap.from_dict(doc)
+
+
+def test_json_text_is_bounded_in_size_and_depth_before_it_is_parsed():
+    with pytest.raises(MapError, match="nested deeper"):
+        ServiceMap.from_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MapError, match="larger than"):
+        ServiceMap.from_json(" " * (servicemap.MAX_MAP_JSON + 1))
+    deep_string = '{"x": "' + "[" * 1000 + '"}'      # brackets inside a string do not count
+    with pytest.raises(MapError, match="epoch"):
+        ServiceMap.from_json(deep_string)
+    assert ServiceMap.from_json(json.dumps(good_doc())).epoch == good_doc()["epoch"]

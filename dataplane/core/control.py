@@ -16,7 +16,6 @@ and a per-sender anti-replay window; the map rides zlib-compressed.
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 from collections import Counter
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 
 from dataplane.core import syncwire as sw
 from dataplane.core.liveness import Declared, FailureDetector, Health
-from dataplane.core.servicemap import InstanceState, MapError, ServiceMap
+from dataplane.core.servicemap import InstanceState, MapError, ServiceMap, load_json
 
 STATUS_DECLARED_DEAD = 1
 STATUS_IN_SYNC = 2
@@ -291,14 +290,15 @@ class ControlClient:
             if rec.type != sw.RecordType.MAP:
                 continue
             try:
-                doc = json.loads(read_map_record(rec.value))
-                if int(doc.get("epoch", 0)) <= self.epoch:
+                doc = load_json(read_map_record(rec.value))
+                epoch = doc.get("epoch") if isinstance(doc, dict) else None
+                if type(epoch) is int and epoch <= self.epoch:
                     continue  # the periodic re-push of a map we hold
                 smap = ServiceMap.from_dict(doc)
             except MapTooBig:
                 self.counters["map_too_big"] += 1
                 continue
-            except (zlib.error, ValueError, TypeError, AttributeError, MapError):
+            except (zlib.error, MapError):
                 self.counters["bad_map"] += 1
                 continue
             self.epoch = smap.epoch

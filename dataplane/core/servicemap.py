@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import json
+import re
 from array import array
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -57,6 +59,14 @@ DEFAULT_REPLICAS = 2
 NO_INSTANCE = 0xFFFF
 TABLE_CACHE = 256
 """Tables kept process-wide (each 4 bytes per bucket at 2 replicas)."""
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
+"""Instance (and every lab node) name: the topology's rule (a namespace
+name is a prefix, a dash and this, within Linux's 15 characters)."""
+SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+MAX_MAP_JSON = 1 << 20
+"""Largest map document accepted, in bytes of JSON."""
+MAX_MAP_DEPTH = 8
+"""Deepest nesting of a map document (a real one has 4 levels)."""
 
 
 def _never_lead(ranks: list[array], joining: set[int]) -> None:
@@ -340,7 +350,11 @@ class ServiceMap:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ServiceMap:
-        """Parse and check a map document (its tables against its digests)."""
+        """Parse and check a map document (its tables against its digests).
+
+        Every field is checked first (`check_document`): a map comes signed,
+        but one bad field would otherwise break every node that installs it."""
+        check_document(doc)
         try:
             m = cls(int(doc["buckets"]), int(doc["replicas"]))
             for s, insts in doc["services"].items():
@@ -362,11 +376,8 @@ class ServiceMap:
         return m
 
     @classmethod
-    def from_json(cls, text: str) -> ServiceMap:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise MapError(f"not JSON: {exc}") from None
+    def from_json(cls, text: str | bytes) -> ServiceMap:
+        return cls.from_dict(load_json(text))
 
     def table_digest(self, service: str) -> str:
         t = self.table(service)
@@ -382,3 +393,140 @@ class ServiceMap:
         return isinstance(other, ServiceMap) and self.to_dict() == other.to_dict()
 
     __hash__ = None  # type: ignore[assignment]
+
+
+# -- documents from outside ---------------------------------------------------------------
+#
+# A map document arrives signed by the controller or read from its store, but
+# signed is not sane: a bug, a wrong topology or a holder of the control key
+# could publish a document that breaks every node at once (an epoch of 1e999
+# is a float infinity, which int() refuses with OverflowError; a chain with no
+# services or a prefix "junk" fails only when the first packet needs it; a
+# chain id of 2**24 no longer fits the header). So the text is bounded in size
+# and nesting before it is parsed, and every field a node uses is checked,
+# type and range, before anything is built. Keys it does not know are left
+# alone (a newer controller may add some).
+
+
+def load_json(text: str | bytes) -> Any:
+    """Parse a map document's JSON, bounded in size and nesting; MapError if not."""
+    if len(text) > MAX_MAP_JSON:
+        raise MapError(f"map document larger than {MAX_MAP_JSON} bytes")
+    raw = text.encode() if isinstance(text, str) else bytes(text)
+    bare = _JSON_STRING.sub(b"", raw)         # brackets inside strings do not nest
+    depth = 0
+    for c in bare.translate(None, _NOT_BRACKETS):
+        depth += 1 if c in _OPENING else -1
+        if depth > MAX_MAP_DEPTH:
+            raise MapError(f"map document nested deeper than {MAX_MAP_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MapError(f"not JSON: {exc}") from None
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_OPENING = frozenset(b"[{")
+_STATES = frozenset(s.value for s in InstanceState)
+
+
+def check_document(doc: Any) -> None:
+    """Raise MapError naming the first field of a map document that is not
+    what a node can use: `chains[0].services[1]: unknown service 'C'`."""
+    if not isinstance(doc, dict):
+        raise MapError(f"expected a JSON object, got {type(doc).__name__}")
+    _int(doc, "epoch", "epoch", 0, 2**32 - 1)   # the header carries it in 32 bits
+    _int(doc, "buckets", "buckets", 1, 1 << 20)
+    _int(doc, "replicas", "replicas", 1, 8)
+    services = _get(doc, "services", "services", dict)
+    where: dict[str, str] = {}
+    for sname, insts in services.items():
+        if not SERVICE_NAME.match(sname):
+            raise MapError(f"services: service name {sname!r} must match {SERVICE_NAME.pattern}")
+        if not isinstance(insts, list):
+            raise MapError(f"services.{sname}: expected a list, got {type(insts).__name__}")
+        for i, inst in enumerate(insts):
+            at = f"services.{sname}[{i}]"
+            if not isinstance(inst, dict):
+                raise MapError(f"{at}: expected an object")
+            name = _get(inst, "name", f"{at}.name", str)
+            if not NAME.match(name):
+                raise MapError(f"{at}.name: {name!r} must match {NAME.pattern}")
+            if name in where:
+                raise MapError(f"{at}.name: {name!r} is also in service {where[name]}")
+            where[name] = sname
+            address = _get(inst, "address", f"{at}.address", str, "")
+            if address:
+                try:
+                    ipaddress.IPv4Address(address)
+                except ValueError:
+                    raise MapError(f"{at}.address: {address!r} is not an IPv4 address") from None
+            state = _get(inst, "state", f"{at}.state", str, "active")
+            if state not in _STATES:
+                raise MapError(f"{at}.state: {state!r} is not one of {', '.join(sorted(_STATES))}")
+    tenants: set[int] = set()
+    for i, t in enumerate(_get(doc, "tenants", "tenants", list, [])):
+        at = f"tenants[{i}]"
+        if not isinstance(t, dict):
+            raise MapError(f"{at}: expected an object")
+        tid = _int(t, "id", f"{at}.id", 0, 2**32 - 1)   # the header's client id
+        if tid in tenants:
+            raise MapError(f"{at}.id: {tid} appears twice")
+        tenants.add(tid)
+        if len(_get(t, "name", f"{at}.name", str)) > 64:
+            raise MapError(f"{at}.name: longer than 64 characters")
+        for j, prefix in enumerate(_get(t, "prefixes", f"{at}.prefixes", list)):
+            try:
+                ipaddress.ip_network(prefix, strict=False)
+            except (ValueError, TypeError):
+                raise MapError(f"{at}.prefixes[{j}]: {prefix!r} is not an IP network") from None
+    chains: set[int] = set()
+    for i, c in enumerate(_get(doc, "chains", "chains", list, [])):
+        at = f"chains[{i}]"
+        if not isinstance(c, dict):
+            raise MapError(f"{at}: expected an object")
+        cid = _int(c, "id", f"{at}.id", 0, 2**24 - 1)   # the header's chain field
+        if cid in chains:
+            raise MapError(f"{at}.id: {cid} appears twice")
+        chains.add(cid)
+        tenant = _int(c, "tenant", f"{at}.tenant", 0, 2**32 - 1)
+        if tenant not in tenants:
+            raise MapError(f"{at}.tenant: unknown tenant {tenant}")
+        svcs = _get(c, "services", f"{at}.services", list)
+        if not 1 <= len(svcs) <= 255:                    # the header's service index
+            raise MapError(f"{at}.services: a chain has 1 to 255 services, not {len(svcs)}")
+        for j, svc in enumerate(svcs):
+            if not isinstance(svc, str) or svc not in services:
+                raise MapError(f"{at}.services[{j}]: unknown service {svc!r}")
+        for j, port in enumerate(_get(c, "match_dports", f"{at}.match_dports", list, [])):
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+                raise MapError(f"{at}.match_dports[{j}]: {port!r} is not a port")
+    for sname, digest in _get(doc, "table_digests", "table_digests", dict, {}).items():
+        if sname not in services:
+            raise MapError(f"table_digests: unknown service {sname!r}")
+        if not isinstance(digest, str):
+            raise MapError(f"table_digests.{sname}: expected a string")
+
+
+def _get(table: dict[str, Any], key: str, at: str, kind: type, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise MapError(f"{at}: missing")
+        return default
+    value = table[key]
+    if not isinstance(value, kind):
+        raise MapError(f"{at}: expected a {_KINDS.get(kind, kind.__name__)}, got {type(value).__name__}")
+    return value
+
+
+def _int(table: dict[str, Any], key: str, at: str, lo: int, hi: int) -> int:
+    value = table.get(key)
+    if key not in table:
+        raise MapError(f"{at}: missing")
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise MapError(f"{at}: {value!r} is not an integer in {lo}..{hi}")
+    return value
+
+
+_KINDS = {dict: "JSON object", list: "list", str: "string"}

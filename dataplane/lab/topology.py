@@ -17,10 +17,9 @@ from typing import Any
 from dataplane.core import syncwire as sw
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.node import EGRESS, INGRESS
-from dataplane.core.servicemap import Chain, Instance, InstanceState, ServiceMap, Tenant
+from dataplane.core.servicemap import NAME, SERVICE_NAME, Chain, Instance, InstanceState, ServiceMap, Tenant
 from dataplane.core.services import create
 
-NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 PREFIX = re.compile(r"^[a-z][a-z0-9]{0,3}$")
 POLICIES = ("off", "async", "ordered", "acked")
 FIRST_INSTANCE_HOST = 10
@@ -344,6 +343,8 @@ class _Validator:
             raise self.fail("services", "at least one service is needed")
         for sname, s in table.items():
             where = f"services.{sname}"
+            if not SERVICE_NAME.match(sname):
+                raise self.fail(where, f"service name {sname!r} must match {SERVICE_NAME.pattern}")
             if not isinstance(s, dict):
                 raise self.fail(where, "expected a table")
             kind = self.get(s, "kind", where, str)

@@ -26,6 +26,13 @@ Every forwarder heartbeats the controller (from a child process, see
 
 A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
 (status, flows, map, resync) for `amesh lab status`, `amesh flows`, ...
+
+One bad input never stops the process: an exception while handling one
+packet, sync datagram, control message or query (or in a tick) is caught by
+the loop, counted in `internal_error` by handler (status shows it), logged
+with its traceback at most once a second per handler, and the loop carries
+on; a batch loses only the packet that raised. Fabric packets from an
+address that is no node of the map are dropped (`not_a_node`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import socket
 import struct
 import sys
 import time
+import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from enum import Enum
@@ -92,6 +101,8 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 EXPIRE_EVERY = 1.0
 HOSTS_BRIDGE = "hbr0"
+ERROR_LOG_EVERY = 1.0
+"""At most one traceback per handler per this many seconds in the log."""
 
 
 def log(node: str, msg: str) -> None:
@@ -219,6 +230,9 @@ class Forwarder:
         self._last_expire = 0.0
         self._prepared: tuple[int, float, bool] = (-1, 0.0, True)
         """(epoch, when it was installed, failure tables still missing)."""
+        self.internal_errors: Counter[str] = Counter()
+        self._error_logged: dict[str, float] = {}
+        self._next_tick = time.monotonic()
         timers = topo.timers
         if self.role == "controller":
             self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
@@ -311,7 +325,8 @@ class Forwarder:
         """Fabric addresses by node name, and node names by packed address."""
         epoch, by_name, by_ip = self._addr_cache
         if epoch != self.map.epoch:
-            by_name = {n: i.address for insts in self.map.services.values() for n, i in insts.items()}
+            by_name = {n: i.address for insts in self.map.services.values() for n, i in insts.items()
+                       if i.address}
             by_name[self.topo.controller] = self.topo.fabric_ip(self.topo.controller)
             by_ip = {socket.inet_aton(a): n for n, a in by_name.items()}
             self._addr_cache = (self.map.epoch, by_name, by_ip)
@@ -322,12 +337,23 @@ class Forwarder:
     def _on_fabric(self, sock: socket.socket, now: float) -> None:
         _, by_ip = self._addresses()
         from_fabric = self.node.from_fabric
+        drops = self.node.drops
         for _ in range(4):
             got = self.rx.recv()
             if not self.serving:
-                self.node.drops["declared_dead"] += len(got)
+                drops["declared_dead"] += len(got)
             elif got:
-                self._emit_batch([from_fabric(data, by_ip.get(src), now) for data, src in got], now)
+                batch = []
+                for data, src in got:
+                    hop = by_ip.get(src)
+                    if hop is None:
+                        drops["not_a_node"] += 1
+                        continue
+                    try:
+                        batch.append(from_fabric(data, hop, now))
+                    except Exception as exc:
+                        self._internal_error("fabric", exc)
+                self._emit_batch(batch, now)
             if len(got) < self.rx.batch:
                 return
 
@@ -351,12 +377,18 @@ class Forwarder:
                 if vnet[0] or vnet[1]:  # a super-frame, or a checksum left to the receiver
                     options = wire.pack_gso(*vnet)
                     self.node.counters["super_frames"] += vnet[1] != 0
-            batch.append(handler(frame[skip + 14:], now, options))
+            try:
+                batch.append(handler(frame[skip + 14:], now, options))
+            except Exception as exc:
+                self._internal_error("host", exc)
         self._emit_batch(batch, now)
 
     def _on_sync(self, sock: socket.socket, now: float) -> None:
         assert self.sync is not None
-        self._out(self.sync.emit(self.sync.drain(now)), now)
+        self._out(self.sync.emit(self.sync.drain(now, on_error=self._sync_error)), now)
+
+    def _sync_error(self, exc: Exception) -> None:
+        self._internal_error("sync", exc)
 
     def _on_control(self, sock: socket.socket, now: float) -> None:
         for _ in range(64):
@@ -364,12 +396,15 @@ class Forwarder:
                 data = sock.recv(65535)
             except BlockingIOError:
                 return
-            if self.role == "controller":
-                self._controller_out(self.ctl.receive(data, now))
-            else:
-                for ev in self.client.receive(data):
-                    if isinstance(ev, MapReceived):
-                        self._install(ev.smap, now)
+            try:
+                if self.role == "controller":
+                    self._controller_out(self.ctl.receive(data, now))
+                else:
+                    for ev in self.client.receive(data):
+                        if isinstance(ev, MapReceived):
+                            self._install(ev.smap, now)
+            except Exception as exc:
+                self._internal_error("control", exc)
 
     def _on_query(self, sock: socket.socket, now: float) -> None:
         try:
@@ -380,13 +415,26 @@ class Forwarder:
             conn.settimeout(1.0)
             try:
                 req = json.loads(conn.makefile("r").readline() or "{}")
-                reply = self.answer(req, now)
+                reply = self.answer(req, now) if isinstance(req, dict) else {"error": "expected a JSON object"}
             except (OSError, ValueError) as exc:
                 reply = {"error": str(exc)}
+            except Exception as exc:
+                self._internal_error("query", exc)
+                reply = {"error": f"internal error: {exc!r}"}
             try:
                 conn.sendall((json.dumps(reply) + "\n").encode())
             except OSError:
                 pass
+
+    def _internal_error(self, where: str, exc: BaseException) -> None:
+        """Count an exception of handler `where`; log it, rate-limited."""
+        self.internal_errors[where] += 1
+        now = time.monotonic()
+        if now - self._error_logged.get(where, -ERROR_LOG_EVERY) >= ERROR_LOG_EVERY:
+            self._error_logged[where] = now
+            log(self.name, f"internal_error in {where} ({self.internal_errors[where]} so far; "
+                           f"one traceback a second per handler):\n"
+                + "".join(traceback.format_exception(exc)).rstrip())
 
     # -- output -------------------------------------------------------------------------------
 
@@ -555,6 +603,7 @@ class Forwarder:
         out: dict[str, Any] = {"node": self.name, "role": self.role, "pid": os.getpid(),
                                "ready": True, "epoch": self.map.epoch, "serving": self.serving,
                                "incarnation": self.incarnation, "uptime": round(time.time() - self.started, 3),
+                               "internal_error": dict(self.internal_errors),
                                "events": self.events_log[-50:]}
         if self.role == "controller":
             out["health"] = {p: self.ctl.detector.health(p).value for p in self.ctl.members}
@@ -666,18 +715,29 @@ class Forwarder:
             realtime()
         else:
             self._start_heartbeats()
-        next_tick = time.monotonic()
+        self._next_tick = time.monotonic()
         while self.running:
             if self.role != "controller":
                 self._pulse()
-            timeout = max(0.0, next_tick - time.monotonic())
-            for key, _mask in self.sel.select(timeout):
-                key.data(key.fileobj, time.monotonic())
-            now = time.monotonic()
-            if now >= next_tick:
-                self.tick(now)
-                next_tick = now + TICK
+            self.poll(max(0.0, self._next_tick - time.monotonic()))
         log(self.name, "stopping")
+
+    def poll(self, timeout: float) -> None:
+        """One round of the loop: the handlers of the sockets ready within
+        `timeout`, then the tick when due. An exception of any of them is
+        counted and logged (`_internal_error`), never raised."""
+        for key, _mask in self.sel.select(timeout):
+            try:
+                key.data(key.fileobj, time.monotonic())
+            except Exception as exc:
+                self._internal_error(key.data.__name__.removeprefix("_on_"), exc)
+        now = time.monotonic()
+        if now >= self._next_tick:
+            try:
+                self.tick(now)
+            except Exception as exc:
+                self._internal_error("tick", exc)
+            self._next_tick = now + TICK
 
 
 def main(argv: list[str] | None = None) -> int:

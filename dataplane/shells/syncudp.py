@@ -62,15 +62,24 @@ class UdpSync:
                 rest.append(o)
         return rest
 
-    def drain(self, now: float, limit: int = 1024) -> list[Out]:
-        """Read what is waiting on the socket (bounded) and process it."""
+    def drain(self, now: float, limit: int = 1024,
+              on_error: Callable[[Exception], None] | None = None) -> list[Out]:
+        """Read what is waiting on the socket (bounded) and process it. With
+        `on_error`, an exception while processing one datagram is handed to
+        it and costs only that datagram."""
         out: list[Out] = []
         for _ in range(limit):
             try:
                 data = self.sock.recv(65535)
             except BlockingIOError:
                 break
-            out.extend(self.rep.receive(data, now))
+            if on_error is None:
+                out.extend(self.rep.receive(data, now))
+                continue
+            try:
+                out.extend(self.rep.receive(data, now))
+            except Exception as exc:
+                on_error(exc)
         return out
 
     def close(self) -> None:
