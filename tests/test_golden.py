@@ -129,3 +129,28 @@ def test_garbage_on_every_port_is_counted_and_harmless(lab):
     assert dropped >= len(rnd) - 1          # every fabric datagram dropped with a reason
     rejected = sum(sum(p["rejected"].values()) for p in after["sync"]["peers"].values())
     assert rejected + after["sync"]["counters"].get("unknown_sender", 0) > 0
+
+
+def test_a_client_reaches_its_edges_own_sockets_only_to_be_refused(lab):
+    """The ingress namespace accepts packets for its fabric address on any
+    link (Linux's weak host model), so a client can address the ingress's
+    fabric and control sockets: the fabric socket drops them (not a node),
+    the control socket refuses them (no key), and the ingress's classifier
+    drops the UDP to the fabric port (a steering attempt)."""
+    from scapy.layers.inet import UDP
+
+    from dataplane.core import syncwire as sw
+
+    ingress = lab.topo.fabric_ip("ingress")
+    before = lab.ask("ingress", "status")
+    pkts = [IP(src="10.1.0.10", dst=ingress) / UDP(sport=40000, dport=port) / (b"\x10" + bytes(99))
+            for port in (6886, sw.CONTROL_PORT)]
+    send(lab.topo, "client", pkts)
+    time.sleep(0.3)
+    after = lab.ask("ingress", "status")
+    assert after["pid"] == before["pid"] and not after["internal_error"]
+    grew = {k: v - before["drops"].get(k, 0) for k, v in after["drops"].items() if v != before["drops"].get(k, 0)}
+    rejected = sum(after["control_rejected"].values()) - sum(before["control_rejected"].values())
+    print(f"\ningress drops grew by {grew}, control refusals by {rejected}")
+    assert grew.get("steering_attempt") == 1
+    assert grew.get("not_a_node") == 1 and rejected == 1
