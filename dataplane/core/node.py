@@ -160,6 +160,7 @@ class ServiceNode(Node):
         for e in self.flows:
             if e.replica and smap.primary(svc, e.key[1]) == me:
                 e.replica, e.promoted = False, True
+                self.flows.replicas -= 1
                 self.counters["promoted"] += 1
         return True
 
@@ -197,6 +198,7 @@ class ServiceNode(Node):
         entry = self.flows.lookup(key, now)
         events: list[Event] = []
         if entry is not None and (entry.replica or entry.promoted):
+            self.flows.replicas -= entry.replica
             entry.replica = entry.promoted = False
             self.counters["took_over"] += 1
             events.append(TookOver(key))
@@ -366,6 +368,7 @@ class ServiceNode(Node):
         if entry is None:
             entry = self.flows.insert(update.key, now, state)  # new: last seen now, at the end
             entry.replica = True
+            self.flows.replicas += 1
         else:
             self.flows.touch(update.key, now)
         entry.state = state

@@ -581,8 +581,7 @@ class Forwarder:
             return out
         out["counters"] = dict(self.node.counters)
         out["drops"] = dict(self.node.drops)
-        replicas = sum(1 for e in self.node.flows if e.replica)
-        out["flow_table"] = {"flows": len(self.node.flows), "replicas": replicas,
+        out["flow_table"] = {"flows": len(self.node.flows), "replicas": self.node.flows.replicas,
                              **dict(self.node.flows.counters)}
         out["io"] = {f"{link}_{d}": v[:] for (link, d), v in self.io.items()}
         out["metrics"] = {"scrapes": self.metrics.scrapes if self.metrics else 0,

@@ -121,7 +121,7 @@ class NodeCollector:
             drops[reason] = drops.get(reason, 0) + n
         for reason, n in sorted(drops.items()):
             fams["drops"].add_metric([me, svc, reason], n)
-        replicas = sum(1 for e in node.flows if e.replica)
+        replicas = node.flows.replicas
         fams["flows"].add_metric([me, svc, "primary"], len(node.flows) - replicas)
         fams["flows"].add_metric([me, svc, "replica"], replicas)
         fams["flows_created"].add_metric([me, svc], ft["inserted"])
