@@ -22,9 +22,6 @@ import time
 from typing import Any
 
 import click
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 
 Snapshot = dict[str, Any]
 """{"lab", "time" (wall clock), "nodes": [{"node", "role", "service"}],
@@ -83,8 +80,12 @@ def _num(v: float | None, fmt: str = "{:,.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def frame(prev: Snapshot | None, cur: Snapshot) -> Group:
-    """The view of `cur`, with rates over the time since `prev`."""
+def frame(prev: Snapshot | None, cur: Snapshot) -> Any:
+    """The view of `cur` (a rich renderable), with rates over the time since `prev`."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     dt = cur["time"] - prev["time"] if prev is not None else 0.0
     ctl_node = next((n["node"] for n in cur["nodes"] if n["role"] == "controller"), None)
     ctl = cur["digests"].get(ctl_node) if ctl_node else None
@@ -115,7 +116,9 @@ def frame(prev: Snapshot | None, cur: Snapshot) -> Group:
 
 
 def _row(n: dict, d: dict | None, p: dict | None, dt: float, state: str | None,
-         health: str | None, ctl_epoch: int | None) -> list[Text]:
+         health: str | None, ctl_epoch: int | None) -> list[Any]:
+    from rich.text import Text
+
     name, role = n["node"], n["role"]
     if d is None:
         label = "DEAD" if state == "dead" else "no answer"
