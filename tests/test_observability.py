@@ -3,9 +3,13 @@ failover in the counters, through its HTTP API."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
+from click.testing import CliRunner
+
+from dataplane.cli.main import main
 
 from dataplane.lab import faults
 from dataplane.lab.session import DEFAULT, bring_up, tear_down
@@ -69,5 +73,6 @@ def test_prometheus_sees_a_failover_in_the_counters(observed):
     wait_for(run, f'up{{job="amesh",instance="{run.topo.fabric_ip(victim)}:9469"}}', lambda v: v == 0)
     assert scalar(run, 'sum(amesh_flows_lost_total)') == 0
     assert download.wait(timeout=60) == 0
-    import hashlib
     assert hashlib.sha256((run.tmp / "got").read_bytes()).hexdigest() == sha
+    res = CliRunner().invoke(main, ["lab", "promql", "--lab", run.name, "amesh_failovers_total"])
+    assert res.exit_code == 0 and 'node="ctl"' in res.output and res.output.strip().endswith(" 1")

@@ -14,6 +14,11 @@ state file records each namespace before it is created and each process
 after it starts. Offloads (checksums, TSO, GSO, GRO) are turned off on every
 lab link: frames captured on a veth with offloads on carry partial checksums
 and super-frames that cannot be re-injected.
+
+Processes that are not forwarders (the Prometheus server of
+`[observability] prometheus`) are `dataplane.lab.extras`: their namespaces
+and fabric links are made with the forwarders', they start once the
+forwarders are ready and are recorded and stopped the same way.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `LabRun` runs programs inside nodes, starts servers (stopped by PID when
 the session closes), asks forwarders, reads the map. The demo, the
-benchmarks and the test fixtures (tests/conftest.py) are built on it.
+benchmarks and the pytest plugin (dataplane/testing/plugin.py) are built on it.
 """
 
 from __future__ import annotations
