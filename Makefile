@@ -8,7 +8,11 @@ PY       ?= python3
 VENV     := .venv
 BIN      := $(VENV)/bin
 # Debian package:command pairs the labs and tests use.
-DEB_TOOLS := iproute2:ip ethtool:ethtool tcpdump:tcpdump tshark:tshark iperf3:iperf3 curl:curl
+DEB_TOOLS := iproute2:ip ethtool:ethtool tcpdump:tcpdump tshark:tshark iperf3:iperf3 curl:curl \
+             prometheus:prometheus
+# Example packages installed beside the project: a service kind from another
+# package (entry point affinity_mesh.services), used by the tests.
+EXAMPLE_PKGS := examples/amesh-quota
 
 .PHONY: demo test bench golden deps venv clean
 
@@ -17,6 +21,7 @@ demo: venv deps
 
 test: venv deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest examples/lab-tests   # an outside-style suite: only the pytest plugin's fixtures
 
 bench: venv deps
 	$(BIN)/pip install -q -e '.[test,bench]'
@@ -27,10 +32,11 @@ golden: venv
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(EXAMPLE_PKGS:=/pyproject.toml)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	for pkg in $(EXAMPLE_PKGS); do $(BIN)/pip install -q -e $$pkg || exit 1; done
 	touch $@
 
 deps:

@@ -7,11 +7,12 @@ from benchmarks import core, scale, sync
 
 results = {"core": core.main(), "sync": sync.main(), "scale": scale.main()}
 if os.geteuid() == 0:
-    from benchmarks import failover, fwd, lab, plot
+    from benchmarks import failover, fwd, lab, plot, scrape
 
     results["forwarding"] = fwd.main()
     results["lab"] = lab.main()
     results["failover"] = failover.main()
+    results["scrape"] = scrape.main()
     results["plot"] = str(plot.main())
 else:
     print("\n(forwarding rate, lab goodput, failover gap and plot skipped: they need root)")

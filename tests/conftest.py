@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
@@ -11,6 +9,9 @@ from scapy.packet import Raw
 from dataplane.core.node import EGRESS, INGRESS
 from dataplane.core.packet import Inner, parse
 from dataplane.core.servicemap import Chain, ServiceMap, Tenant
+from dataplane.testing.plugin import need_root
+
+__all__ = ["need_root"]
 
 
 def tcp(src: str = "10.1.0.10", dst: str = "10.2.0.10", sport: int = 40000, dport: int = 80,
@@ -60,57 +61,14 @@ def codes_led_by(m: ServiceMap, name: str, n: int = 1, service: str = "B") -> li
     return out
 
 
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("namespace labs need root (CI runs as root)")
-
-
 @pytest.fixture(scope="module")
-def lab():
-    """The default lab, up for the module's tests, always torn down."""
-    from dataplane.lab.session import bring_up, tear_down
-
-    need_root()
-    run = bring_up()
-    try:
-        yield run
-    finally:
-        tear_down(run)
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)
+def lab(amesh_lab):
+    """The default lab for the module's tests: the plugin's `amesh_lab`
+    (dataplane/testing/plugin.py) under the short name these tests use."""
+    return amesh_lab
 
 
 @pytest.fixture
-def capture(request, lab):
-    """capture(node, iface, bpf="") starts tcpdump there; .stop() gives the
-    packets. The pcaps are kept under tests/artifacts/<test>/ only when the
-    test fails (open them in Wireshark with layers/affinity.lua)."""
-    import re
-    import shutil
-    from pathlib import Path
-
-    from dataplane.lab.packets import Capture
-
-    base = Path(__file__).parent / "artifacts" / re.sub(r"[^\w.-]", "_", request.node.name)
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    caps = []
-
-    def start(node: str, iface: str, bpf: str = ""):
-        cap = Capture(lab.topo, node, iface, base / f"{node}-{iface}.pcap", bpf)
-        caps.append(cap)
-        return cap
-
-    yield start
-    for cap in caps:
-        cap.stop()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is None or not rep.failed:
-        shutil.rmtree(base, ignore_errors=True)
-        if not any(base.parent.iterdir()):
-            base.parent.rmdir()
+def capture(amesh_capture):
+    """The plugin's `amesh_capture` under the short name these tests use."""
+    return amesh_capture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dataplane.core.flowtable import FlowTable
+from dataplane.core.servicemap import InstanceState
 
 
 def key(i: int):
@@ -57,3 +58,44 @@ def test_touch_keeps_last_seen_order_and_delete_counts():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError):
         FlowTable(0)
+
+
+def test_replica_count_follows_every_removal():
+    """`replicas` (read by the metrics instead of walking the table) stays
+    equal to the entries flagged, through evictions, expiry, deletes and
+    replacement, and through a node's promotions and takeovers."""
+    import random
+
+    from tests.test_replicator import Pair
+
+    rng = random.Random(5)
+    t = FlowTable(capacity=20)
+    for step in range(2000):
+        key = (1, rng.randrange(80), 6, b"a", 1, b"b", 2)
+        op = rng.random()
+        if op < 0.5:
+            e = t.insert(key, step, None)
+            if rng.random() < 0.5:
+                e.replica = True
+                t.replicas += 1
+            e.timeout = rng.choice((30.0, 3000.0))
+        elif op < 0.7:
+            t.delete(key)
+        else:
+            t.expire(step, 3000.0)
+        assert t.replicas == sum(e.replica for e in t)
+    assert t.counters["evicted"] and t.counters["expired"] and t.counters["deleted"]
+
+    pair = Pair()
+    for port in range(40000, 40040):
+        pair.packet(rng.choice(("ba", "bb", "bc")), port)
+    pair.run(0.05)
+    new = pair.map.copy()
+    new.set_state("ba", InstanceState.DEAD)
+    assert sum(pair.reps[n].node.flows.replicas for n in ("bb", "bc")) > 0
+    for name in ("bb", "bc"):
+        node = pair.reps[name].node
+        assert node.flows.replicas == sum(e.replica for e in node.flows)
+        pair.reps[name].update_map(new, pair.now)
+        assert node.flows.replicas == sum(e.replica for e in node.flows)
+    assert sum(pair.reps[n].node.counters["promoted"] for n in ("bb", "bc")) > 0

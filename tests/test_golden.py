@@ -17,7 +17,7 @@ from scapy.utils import rdpcap
 from dataplane.lab import faults
 from dataplane.lab.packets import send
 from layers.affinity import Affinity
-from tests.golden.compare import FABRIC, assert_packets
+from dataplane.testing import FABRIC, assert_packets
 from tests.golden.generate import MALFORMED
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -22,7 +22,7 @@ from dataplane.lab import netns
 from dataplane.lab.build import link_pair
 from dataplane.lab.replay import ReplayError, replay, rewrite
 from dataplane.lab.session import TOOLS
-from tests.golden.compare import assert_packets
+from dataplane.testing import assert_packets
 
 A, B = "amr-rec-a", "amr-rec-b"
 CLIENT_IP, SERVER_IP = "192.168.77.1", "192.168.77.2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,10 @@ def variant(tmp_path, old: str, new: str) -> str:
      "services.B.sync_key: the same as services.A.sync_key: every key must differ"),
     ('sync_key = "affinity-mesh-lab-B-sync-key-1"', 'sync_key = "affinity-mesh-lab-control-key-1"',
      "services.B.sync_key: the same as lab.control_key"),
+    ('metrics_port = 9469', 'metrics_port = 70000', "observability.metrics_port: must be 0 (no metrics) to 65535"),
+    ('scrape_interval_ms = 200', 'scrape_interval_ms = 1', "observability.scrape_interval_ms: must be 10-60000"),
+    ('scrape_interval_ms = 200', 'scrape_every = 1', "observability.scrape_every: unknown key"),
+    ('prometheus = false', 'prometheus = "yes"', "observability.prometheus: expected bool, got str"),
 ])
 def test_precise_errors(tmp_path, old, new, needle):
     path = variant(tmp_path, old, new)
@@ -67,6 +72,40 @@ def test_precise_errors(tmp_path, old, new, needle):
         load(path)
     assert str(err.value).startswith(f"{path}: ")
     assert needle in str(err.value)
+
+
+NAT = '\n[services.N]\nsync_key = "affinity-mesh-lab-N-sync-key-1"\nkind = "nat"\ninstances = ["na"]\noptions = { pool = ["198.51.100.1"] }\n'
+
+
+@pytest.mark.parametrize("edits,needle", [
+    ({"metrics_port = 9469": "metrics_port = 0", "prometheus = false": "prometheus = true"},
+     "observability.prometheus: needs metrics_port"),
+    ({'spares = ["bd"]': 'spares = ["prom"]', "prometheus = false": "prometheus = true"},
+     "observability.prometheus: the Prometheus node is named 'prom', taken by the spare of service B"),
+    ({"gso = false": "gso = true", '[[tenants]]': NAT + '[[tenants]]'},
+     "services.N.kind: 'nat' rewrites packets, which the super-frames of [fabric] gso"),
+])
+def test_errors_that_take_two_edits(tmp_path, edits, needle):
+    text = TEXT
+    for old, new in edits.items():
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = tmp_path / "lab.toml"
+    path.write_text(text)
+    with pytest.raises(TopologyError, match=re.escape(needle)):
+        load(path)
+
+
+def test_prometheus_is_an_extra_fabric_node_at_the_top_of_the_subnet(tmp_path):
+    assert load(DEFAULT).extra_nodes() == []
+    path = tmp_path / "lab.toml"
+    path.write_text(TEXT.replace("prometheus = false", "prometheus = true"))
+    t = load(path)
+    assert [(e.name, e.address) for e in t.extra_nodes()] == [("prom", "10.99.0.254")]
+    assert t.observability.scrape_interval == 0.2 and t.observability.metrics_port == 9469
+    from dataplane.lab.extras import scrape_config
+    cfg = scrape_config(t)
+    assert "scrape_interval: 200ms" in cfg and "'10.99.0.2:9469'" in cfg and "'10.99.0.13:9469'" in cfg
 
 
 def test_unreadable_and_not_toml(tmp_path):

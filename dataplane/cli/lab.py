@@ -407,6 +407,29 @@ def resync(lab: str | None, node: str, peer: str) -> None:
     click.echo(f"{node} -> {peer}: bulk {reply['bulk']} started")
 
 
+@lab.command()
+@lab_option
+@click.argument("expr")
+def promql(lab: str | None, expr: str) -> None:
+    """An instant PromQL query to the lab's Prometheus ([observability] prometheus = true)."""
+    from dataplane.lab.session import LabRun
+    from dataplane.lab.topology import PROMETHEUS_NODE
+
+    state, topo = _loaded(lab)
+    if PROMETHEUS_NODE not in state.processes:
+        _fail(f"lab {state.lab} runs no Prometheus (set [observability] prometheus = true)")
+    run = LabRun(topo, state)
+    try:
+        rows = run.prometheus(expr)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    finally:
+        run.close()
+    for r in rows:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(r["metric"].items()))
+        click.echo(f"{{{labels}}} {r['value'][1] if 'value' in r else r.get('values')}")
+
+
 lab.add_command(_planned("drain", "Stop giving NODE new flows; its pinned flows finish there."))
 lab.add_command(_planned("scale-out", "Bring spare NODE into service (joins, syncs, then leads)."))
 

@@ -247,6 +247,7 @@ class Controller:
             out.append(d)
             inst = self.map.instance(d.peer)
             if d.health == Health.DEAD and inst.state in _SERVING:
+                self.counters["failovers"] += 1
                 out.append(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
                 out.extend(self.push(now))
             elif d.health == Health.ALIVE and inst.state == InstanceState.DEAD:

@@ -78,6 +78,10 @@ class FlowTable:
         self.generation = 0
         """Bumped by every removal: a cache holding entries (the node's
         exact-match cache) is valid while this has not moved."""
+        self.replicas = 0
+        """Entries with `replica` set: the node counts its flag changes
+        (`FlowEntry.replica` is set only by it), removals are counted here,
+        so metrics read flows by role without walking the table."""
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -107,9 +111,11 @@ class FlowTable:
         if old is not None:
             self.generation += 1
         elif len(self._flows) >= self.capacity:
-            self._flows.popitem(last=False)
+            _, old = self._flows.popitem(last=False)
             self.counters["evicted"] += 1
             self.generation += 1
+        if old is not None and old.replica:
+            self.replicas -= 1
         e = FlowEntry(key, now, state)
         self._flows[key] = e
         self.counters["inserted"] += 1
@@ -120,6 +126,7 @@ class FlowTable:
         if e is not None:
             self.counters[cause] += 1
             self.generation += 1
+            self.replicas -= e.replica
         return e
 
     def seen(self, e: FlowEntry, now: float) -> None:
@@ -151,6 +158,7 @@ class FlowTable:
                 break
         for e in out:
             del self._flows[e.key]
+            self.replicas -= e.replica
         if out:
             self.counters["expired"] += len(out)
             self.generation += 1

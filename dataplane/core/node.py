@@ -31,6 +31,13 @@ change), the same entry version (every pin or mirrored change bumps it), no
 removal from the flow table, the same upstream node, and the service's own
 `fast` check on the raw bytes. Anything else takes the full path, which
 gives the same result; `tests/test_fastpath.py` holds both paths to that.
+
+A service that rewrites packets (the NAT, `dataplane.core.services.nat`)
+offers `rewrite`, called on every packet it forwards (such a service never
+takes the exact-match cache), and `translated(state)`, the tuple its flow's
+packets carry on the server side: replies arrive with that tuple, not the
+one the flow key was made from, so the node indexes its flows (led and
+replicas) by it and finds a reply's flow through the index.
 """
 
 from __future__ import annotations
@@ -130,7 +137,15 @@ class ServiceNode(Node):
         self.service = service
         self.mirroring = mirroring
         self._lost: dict[FlowKey, None] = {}
-        self._fast_check = getattr(service, "fast", None) if exact_match else None
+        self._rewrite = getattr(service, "rewrite", None)
+        self._translated = getattr(service, "translated", None)
+        self._by_translated: dict[tuple, FlowKey] | None = None
+        """A translating service's flows by the tuple their replies carry."""
+        if self._translated is not None:
+            self._by_translated = {}
+            members = list(smap.services[svc])
+            service.attach(members.index(name), len(members), self._taken)
+        self._fast_check = getattr(service, "fast", None) if exact_match and self._rewrite is None else None
         self._fast: dict[bytes, tuple] = {}
         """header[0:20] + inner addresses and ports -> (entry, version,
         generation, src, proto, forward, hop, output header)."""
@@ -145,6 +160,7 @@ class ServiceNode(Node):
         for e in self.flows:
             if e.replica and smap.primary(svc, e.key[1]) == me:
                 e.replica, e.promoted = False, True
+                self.flows.replicas -= 1
                 self.counters["promoted"] += 1
         return True
 
@@ -179,9 +195,12 @@ class ServiceNode(Node):
         if isinstance(inner, Drop):
             return [inner]
         key, _ = flow_key(h.chain, h.code, inner)
+        if reverse and self._by_translated is not None:
+            key = self._by_translated.get(key[2:], key)
         entry = self.flows.lookup(key, now)
         events: list[Event] = []
         if entry is not None and (entry.replica or entry.promoted):
+            self.flows.replicas -= entry.replica
             entry.replica = entry.promoted = False
             self.counters["took_over"] += 1
             events.append(TookOver(key))
@@ -190,6 +209,8 @@ class ServiceNode(Node):
             return self._reply(h, n, pos, reverse, src, verdict.reason, verdict.reply)
         if entry is None and state is not None:
             entry = self.flows.insert(key, now, state)
+            if self._translated is not None:
+                self._index(entry)
         if entry is None:
             if verdict.reason == "misdelivery":
                 self._count_lost(key)
@@ -216,6 +237,11 @@ class ServiceNode(Node):
         flags = (h.flags & ~_REROUTED) | (_REROUTED if rerouted else 0)
         head = wire.pack(h.chain, h.index - 1, h.code, h.client, self.map.epoch, flags,
                          h.ttl - 1, h.next_proto, words=h.length >> 2)
+        if self._rewrite is not None:
+            events.append(Send(hop, head + data[20:h.length]
+                               + self._rewrite(entry.state, not reverse, data[h.length:])))
+            self.counters["forwarded"] += 1
+            return events
         events.append(Send(hop, head + data[20:]))  # options travel on
         self.counters["forwarded"] += 1
         if (exact is not None and not rerouted and h.length == 20 and inner.l4 == 40
@@ -259,6 +285,31 @@ class ServiceNode(Node):
         self.counters["replied"] += 1
         hdr = wire.pack(h.chain, index, h.code, h.client, self.map.epoch, flags)
         return [Drop(reason), Send(src, hdr + reply)]
+
+    def _index(self, entry: FlowEntry) -> None:
+        """Find a translated flow's replies by the tuple they carry."""
+        assert self._by_translated is not None and self._translated is not None
+        if len(self._by_translated) > 2 * len(self.flows) + 1024:
+            self._by_translated = {t: k for t, k in self._by_translated.items() if self._holds(t, k)}
+        self._by_translated[self._translated(entry.state)] = entry.key
+
+    def _holds(self, t: tuple, key: FlowKey) -> bool:
+        assert self._translated is not None
+        e = self.flows.get(key)
+        return e is not None and e.state is not None and self._translated(e.state) == t
+
+    def _taken(self, t: tuple) -> bool:
+        """Does a flow this instance holds (primary or replica) carry the
+        translated tuple `t`? Removed flows leave stale index entries,
+        dropped here and when the index grows past twice the table."""
+        assert self._by_translated is not None
+        key = self._by_translated.get(t)
+        if key is None:
+            return False
+        if self._holds(t, key):
+            return True
+        del self._by_translated[t]
+        return False
 
     def _count_lost(self, key: FlowKey) -> None:
         """A mid-stream packet found no state here: its flow is lost (after a
@@ -319,12 +370,15 @@ class ServiceNode(Node):
         if entry is None:
             entry = self.flows.insert(update.key, now, state)  # new: last seen now, at the end
             entry.replica = True
+            self.flows.replicas += 1
         else:
             self.flows.touch(update.key, now)
         entry.state = state
         entry.version = update.version
         entry.fwd_hop, entry.prev_hop = update.fwd_hop, update.prev_hop
         entry.timeout = update.timeout
+        if self._translated is not None:
+            self._index(entry)
         self.counters["updates_applied"] += 1
         return True
 

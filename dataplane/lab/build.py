@@ -14,6 +14,11 @@ state file records each namespace before it is created and each process
 after it starts. Offloads (checksums, TSO, GSO, GRO) are turned off on every
 lab link: frames captured on a veth with offloads on carry partial checksums
 and super-frames that cannot be re-injected.
+
+Processes that are not forwarders (the Prometheus server of
+`[observability] prometheus`) are `dataplane.lab.extras`: their namespaces
+and fabric links are made with the forwarders', they start once the
+forwarders are ready and are recorded and stopped the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from dataplane.lab import netns
+from dataplane.lab.extras import Extra, extras
 from dataplane.lab.state import LabState, Proc, alive, run_dir, start_time, stop
 from dataplane.lab.topology import GSO_MAX_SIZE, Topology
 
@@ -98,6 +104,9 @@ def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> Lab
                 start_node(topo, state, node)
             progress(f"started {len(state.processes)} forwarders; waiting for them")
             wait_ready(topo, state)
+            for extra in extras(topo, rd):
+                start_extra(topo, state, extra)
+                progress(f"started {extra.node} ({extra.argv[0]}) on the fabric")
         progress(f"lab {topo.name} is up")
         return state
     except BaseException:
@@ -107,7 +116,14 @@ def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> Lab
 
 
 def _all_namespaces(topo: Topology) -> list[str]:
-    return [topo.fabric_ns, *(topo.netns(n) for n in topo.all_nodes())]
+    return [topo.fabric_ns, *(topo.netns(n) for n in topo.all_nodes()),
+            *(topo.netns(e.name) for e in topo.extra_nodes())]
+
+
+def _fabric_nodes(topo: Topology) -> list[tuple[str, str]]:
+    """(node, fabric address) of every namespace on the fabric bridge."""
+    return [*((n, topo.fabric_ip(n)) for n in topo.forwarders()),
+            *((e.name, e.address) for e in topo.extra_nodes())]
 
 
 def _up(ip: IPRoute, ifname: str, **attrs: object) -> int:
@@ -121,12 +137,12 @@ def _build_fabric(topo: Topology) -> None:
         fab.link("add", ifname="br0", kind="bridge")
         br = _up(fab, "br0", mtu=topo.mtu)
         _up(fab, "lo")
-    for node in topo.forwarders():
+    for node, address in _fabric_nodes(topo):
         with IPRoute(netns=topo.netns(node), flags=0) as ip:
             ip.link("add", ifname="fab0", kind="veth",
                     peer={"ifname": f"p-{node}", "net_ns_fd": topo.fabric_ns})
             idx = _up(ip, "fab0", mtu=topo.mtu)
-            ip.addr("add", index=idx, address=topo.fabric_ip(node), prefixlen=topo.subnet.prefixlen)
+            ip.addr("add", index=idx, address=address, prefixlen=topo.subnet.prefixlen)
             _up(ip, "lo")
         with IPRoute(netns=topo.fabric_ns, flags=0) as fab:
             _up(fab, f"p-{node}", mtu=topo.mtu, master=br)
@@ -155,8 +171,8 @@ def _offloads(topo: Topology) -> None:
     """Offloads off everywhere, so every packet is a real MTU-sized packet;
     or, with `[fabric] gso`, left on for the host links (their TCP hands the
     edges 64 KB super-frames, at most GSO_MAX_SIZE) and off on the fabric."""
-    links = [(topo.netns(n), "fab0") for n in topo.forwarders()]
-    links += [(topo.fabric_ns, f"p-{n}") for n in topo.forwarders()]
+    links = [(topo.netns(n), "fab0") for n, _ in _fabric_nodes(topo)]
+    links += [(topo.fabric_ns, f"p-{n}") for n, _ in _fabric_nodes(topo)]
     hosts = [(topo.netns(h.name), "eth0") for h in topo.hosts.values()]
     hosts += [(topo.netns(h.attach), f"h-{h.name}") for h in topo.hosts.values()]
     if topo.gso:
@@ -201,15 +217,49 @@ def start_node(topo: Topology, state: LabState, node: str) -> Proc:
                         env={**os.environ, "PYTHONPATH": _project_root()})
     finally:
         logf.close()
-    t0 = time.monotonic()
-    start = start_time(p.pid)
-    while start is None and time.monotonic() - t0 < 1:
-        time.sleep(0.01)
-        start = start_time(p.pid)
-    proc = Proc(p.pid, start or "", argv)
+    proc = Proc(p.pid, _start_time_of(p.pid), argv)
     state.processes[node] = proc
     state.save()
     return proc
+
+
+def start_extra(topo: Topology, state: LabState, extra: Extra) -> Proc:
+    """Start a non-forwarder lab process (see `dataplane.lab.extras`) in its
+    namespace, record it, and wait until its `ready_url` answers."""
+    rd = run_dir(topo.name)
+    for path, text in extra.files.items():
+        path.write_text(text)
+    if shutil.which(extra.argv[0]) is None:
+        raise LabError(f"{extra.node} needs {extra.argv[0]!r}, which is not installed "
+                       f"(make demo/test installs it; or apt-get install {extra.argv[0]})")
+    logf = open(rd / f"{extra.node}.log", "ab")
+    try:
+        p = netns.spawn(topo.netns(extra.node), extra.argv, stdout=logf, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        logf.close()
+    proc = Proc(p.pid, _start_time_of(p.pid), extra.argv)
+    state.processes[extra.node] = proc
+    state.save()
+    deadline = time.monotonic() + READY_TIMEOUT
+    while netns.run(topo.netns(extra.node), ["curl", "-sf", "-o", "/dev/null", "-m", "1", extra.ready_url]
+                    ).returncode != 0:
+        if not alive(proc):
+            log = (rd / f"{extra.node}.log").read_text(errors="replace")[-2000:]
+            raise LabError(f"{extra.node} died at start:\n{log}")
+        if time.monotonic() > deadline:
+            raise LabError(f"{extra.node} not ready after {READY_TIMEOUT:.0f} s ({extra.ready_url})")
+        time.sleep(0.1)
+    return proc
+
+
+def _start_time_of(pid: int) -> str:
+    t0 = time.monotonic()
+    start = start_time(pid)
+    while start is None and time.monotonic() - t0 < 1:
+        time.sleep(0.01)
+        start = start_time(pid)
+    return start or ""
 
 
 def _project_root() -> str:
@@ -220,7 +270,8 @@ def wait_ready(topo: Topology, state: LabState, nodes: list[str] | None = None) 
     from dataplane.lab.query import QueryError, ask
 
     deadline = time.monotonic() + READY_TIMEOUT
-    for node in nodes or list(state.processes):
+    forwarders = set(topo.forwarders())
+    for node in nodes or [n for n in state.processes if n in forwarders]:
         while True:
             try:
                 if ask(topo.name, node, {"cmd": "status"}, timeout=0.5).get("ready"):

@@ -2,7 +2,7 @@
 
 `LabRun` runs programs inside nodes, starts servers (stopped by PID when
 the session closes), asks forwarders, reads the map. The demo, the
-benchmarks and the test fixtures (tests/conftest.py) are built on it.
+benchmarks and the pytest plugin (dataplane/testing/plugin.py) are built on it.
 """
 
 from __future__ import annotations
@@ -119,6 +119,21 @@ class LabRun:
                   for e in self.ask(inst, "status")["events"]
                   if e["event"] == "took_over" and e["time"] >= t_kill]
         return round((min(firsts) - t_kill) * 1000, 1) if firsts else None
+
+    def prometheus(self, expr: str) -> list[dict[str, Any]]:
+        """An instant PromQL query to the lab's Prometheus (`[observability]
+        prometheus = true`), through its HTTP API from inside its namespace."""
+        from dataplane.lab.extras import prometheus_url
+        from dataplane.lab.topology import PROMETHEUS_NODE
+
+        res = self.run(PROMETHEUS_NODE, ["curl", "-sf", "-m", "2", "--get", "--data-urlencode",
+                                         f"query={expr}", prometheus_url(self.topo) + "/api/v1/query"])
+        if res.returncode != 0:
+            raise RuntimeError(f"Prometheus query {expr!r} failed: curl exit {res.returncode}")
+        doc = json.loads(res.stdout)
+        if doc.get("status") != "success":
+            raise RuntimeError(f"Prometheus query {expr!r}: {doc.get('error')}")
+        return doc["data"]["result"]
 
     def stop_procs(self) -> None:
         for p in self.procs:

@@ -18,7 +18,7 @@ from dataplane.core import syncwire as sw
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.node import EGRESS, INGRESS
 from dataplane.core.servicemap import NAME, SERVICE_NAME, Chain, Instance, InstanceState, ServiceMap, Tenant
-from dataplane.core.services import create
+from dataplane.core.services import create, load as load_service
 
 PREFIX = re.compile(r"^[a-z][a-z0-9]{0,3}$")
 POLICIES = ("off", "async", "ordered", "acked")
@@ -76,6 +76,33 @@ class Timers:
 
 
 @dataclass
+class Observability:
+    """`[observability]`: every forwarder and the controller serve Prometheus
+    metrics on `metrics_port` of their fabric address (0: none); with
+    `prometheus`, the lab runs a Prometheus server on the fabric scraping
+    them every `scrape_interval` seconds."""
+
+    metrics_port: int = 9469
+    prometheus: bool = False
+    prometheus_port: int = 9090
+    scrape_interval: float = 0.200
+
+
+PROMETHEUS_NODE = "prom"
+"""The name (and namespace suffix) of the lab's Prometheus server."""
+
+
+@dataclass
+class ExtraNode:
+    """A lab process on the fabric that is not a forwarder (the Prometheus
+    server): its own namespace, a fabric address from the top of the subnet,
+    started after the forwarders by `dataplane.lab.build`."""
+
+    name: str
+    address: str
+
+
+@dataclass
 class Topology:
     path: str
     name: str
@@ -96,6 +123,7 @@ class Topology:
     tenants: list[dict[str, Any]]
     gso: bool = False
     """Carry the hosts' TCP super-frames whole (see `dataplane.shells.forwarder`)."""
+    observability: Observability = field(default_factory=Observability)
 
     # -- derived ------------------------------------------------------------------
 
@@ -109,6 +137,15 @@ class Topology:
         host = 2 + order.index(node) if order.index(node) < 3 else \
             FIRST_INSTANCE_HOST + order.index(node) - 3
         return str(self.subnet.network_address + host)
+
+    def extra_nodes(self) -> list[ExtraNode]:
+        """Fabric nodes that run no forwarder, addressed down from the top
+        of the fabric subnet."""
+        top = self.subnet.broadcast_address
+        out = []
+        if self.observability.prometheus:
+            out.append(ExtraNode(PROMETHEUS_NODE, str(top - 1 - len(out))))
+        return out
 
     def netns(self, node: str) -> str:
         return f"{self.prefix}-{node}"
@@ -244,7 +281,7 @@ class _Validator:
 
     def topology(self) -> Topology:
         unknown = set(self.doc) - {"lab", "timers", "fabric", "controller", "ingress", "egress",
-                                   "hosts", "services", "tenants"}
+                                   "hosts", "services", "tenants", "observability"}
         if unknown:
             raise self.fail(sorted(unknown)[0], "unknown section")
         lab = self.table("lab")
@@ -289,9 +326,16 @@ class _Validator:
         hosts = self.hosts(edges)
         services = self.services()
         tenants = self.tenants(services)
+        obs = self.observability(self.table("observability", required=False))
+        n_extra = int(obs.prometheus)
         n_fabric = 3 + sum(len(s.members) for s in services.values())
-        if FIRST_INSTANCE_HOST + n_fabric > subnet.num_addresses - 1:
-            raise self.fail("fabric.subnet", f"too small for {n_fabric} fabric nodes")
+        if FIRST_INSTANCE_HOST + n_fabric + n_extra > subnet.num_addresses - 2:
+            raise self.fail("fabric.subnet", f"too small for {n_fabric + n_extra} fabric nodes")
+        if gso:
+            for s in services.values():
+                if hasattr(load_service(s.kind), "rewrite"):
+                    raise self.fail(f"services.{s.name}.kind", f"{s.kind!r} rewrites packets, which "
+                                    "the super-frames of [fabric] gso (partial checksums) do not allow")
         keys = {"lab.control_key": control_key}
         for sname, spec in services.items():
             other = next((k for k, v in keys.items() if v == spec.sync_key), None)
@@ -300,7 +344,28 @@ class _Validator:
             keys[f"services.{sname}.sync_key"] = spec.sync_key
         return Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
-                        services, tenants, gso)
+                        services, tenants, gso, obs)
+
+    def observability(self, t: dict[str, Any]) -> Observability:
+        unknown = set(t) - {"metrics_port", "prometheus", "prometheus_port", "scrape_interval_ms"}
+        if unknown:
+            raise self.fail(f"observability.{sorted(unknown)[0]}", "unknown key")
+        port = self.get(t, "metrics_port", "observability", int, 9469)
+        prom = self.get(t, "prometheus", "observability", bool, False)
+        prom_port = self.get(t, "prometheus_port", "observability", int, 9090)
+        interval = self.get(t, "scrape_interval_ms", "observability", (int, float), 200)
+        if not 0 <= port <= 65535:
+            raise self.fail("observability.metrics_port", "must be 0 (no metrics) to 65535")
+        if not 1 <= prom_port <= 65535:
+            raise self.fail("observability.prometheus_port", "must be 1-65535")
+        if prom and not port:
+            raise self.fail("observability.prometheus", "needs metrics_port (the forwarders' metrics)")
+        if not 10 <= interval <= 60000:
+            raise self.fail("observability.scrape_interval_ms", "must be 10-60000")
+        if prom and PROMETHEUS_NODE in self.names:
+            raise self.fail("observability.prometheus",
+                            f"the Prometheus node is named {PROMETHEUS_NODE!r}, taken by the {self.names[PROMETHEUS_NODE]}")
+        return Observability(port, prom, prom_port, interval / 1000)
 
     def timers(self, t: dict[str, Any]) -> Timers:
         hb = self.get(t, "heartbeat_ms", "timers", (int, float), 5)

@@ -66,6 +66,7 @@ from dataplane.core.events import Deliver, Send, TookOver
 from dataplane.core.header import UDP_PORT
 from dataplane.lab.topology import Topology, load
 from dataplane.core.liveness import Declared, FailureDetector
+from dataplane.shells.metrics import MetricsServer, registry_for
 from dataplane.shells.mmsg import BatchReceiver, BatchSender
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
 from dataplane.core.replicator import Policy, Replicator
@@ -233,6 +234,12 @@ class Forwarder:
         self.internal_errors: Counter[str] = Counter()
         self._error_logged: dict[str, float] = {}
         self._next_tick = time.monotonic()
+        self.io: dict[tuple[str, str], list[int]] = {
+            (link, d): [0, 0] for link in ("fabric", "host") for d in ("rx", "tx")}
+        """(link, direction) -> [packets, bytes] of the dataplane sockets,
+        counted per batch (the metrics' packets and bytes)."""
+        self.metrics: MetricsServer | None = None
+        self.scrape_seconds = 0.0
         timers = topo.timers
         if self.role == "controller":
             self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
@@ -245,6 +252,10 @@ class Forwarder:
             self.rx, self.tx = BatchReceiver(self.fabric, size=65536), BatchSender(self.fabric)
             self.resend = ResendBuffer(timers.heartbeat * (2 * timers.misses + 2))
             self._setup_role(initial)
+        port = topo.observability.metrics_port
+        if port:
+            self.metrics = MetricsServer(self.sel, (self.ip, port), registry_for(self),
+                                         on_scrape=self._scraped)
         self.query = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = run_dir / f"{node}.sock"
         path.unlink(missing_ok=True)
@@ -334,12 +345,18 @@ class Forwarder:
 
     # -- handlers ---------------------------------------------------------------------------
 
+    def _scraped(self, seconds: float) -> None:
+        self.scrape_seconds += seconds
+
     def _on_fabric(self, sock: socket.socket, now: float) -> None:
         _, by_ip = self._addresses()
         from_fabric = self.node.from_fabric
         drops = self.node.drops
+        io = self.io[("fabric", "rx")]
         for _ in range(4):
             got = self.rx.recv()
+            io[0] += len(got)
+            io[1] += sum([len(d) for d, _ in got])
             if not self.serving:
                 drops["declared_dead"] += len(got)
             elif got:
@@ -361,6 +378,7 @@ class Forwarder:
         handler = self.node.from_client if self.role == "ingress" else self.node.from_server
         skip = VNET_HDR.size if self.topo.gso else 0
         batch = []
+        io = self.io[("host", "rx")]
         for _ in range(64):
             try:
                 frame, addr = sock.recvfrom(70000)
@@ -381,6 +399,8 @@ class Forwarder:
                 batch.append(handler(frame[skip + 14:], now, options))
             except Exception as exc:
                 self._internal_error("host", exc)
+            io[1] += len(frame) - skip - 14
+        io[0] += len(batch)
         self._emit_batch(batch, now)
 
     def _on_sync(self, sock: socket.socket, now: float) -> None:
@@ -469,7 +489,11 @@ class Forwarder:
             elif isinstance(ev, Declared):
                 self._note(f"peer_{ev.health.value}", now, peer=ev.peer)
         if sends:
-            self.node.drops["send_error"] += len(sends) - self.tx.send(sends)
+            sent = self.tx.send(sends)
+            self.node.drops["send_error"] += len(sends) - sent
+            io = self.io[("fabric", "tx")]
+            io[0] += sent
+            io[1] += sum([len(d) for d, _ in sends])
 
     def _sendto(self, sock: socket.socket, data: bytes, addr: tuple[str, int], now: float) -> None:
         if self.impair.active:
@@ -497,6 +521,10 @@ class Forwarder:
             self.packet.send(vnet + mac + self.edge_mac + b"\x08\x00" + ip)
         except OSError:
             self.node.drops["send_error"] += 1
+            return
+        io = self.io[("host", "tx")]
+        io[0] += 1
+        io[1] += len(ip)
 
     def _controller_out(self, events: list[Any]) -> None:
         by_name, _ = self._addresses()
@@ -607,12 +635,19 @@ class Forwarder:
                                "events": self.events_log[-50:]}
         if self.role == "controller":
             out["health"] = {p: self.ctl.detector.health(p).value for p in self.ctl.members}
+            out["states"] = {n: i.state.value for insts in self.map.services.values()
+                             for n, i in insts.items()}
+            out["counters"] = dict(self.ctl.counters)
             out["held_epochs"] = self.ctl.held
             out["rejected"] = dict(self.ctl.endpoint.rejected)
             return out
         out["counters"] = dict(self.node.counters)
         out["drops"] = dict(self.node.drops)
-        out["flow_table"] = {"flows": len(self.node.flows), **dict(self.node.flows.counters)}
+        out["flow_table"] = {"flows": len(self.node.flows), "replicas": self.node.flows.replicas,
+                             **dict(self.node.flows.counters)}
+        out["io"] = {f"{link}_{d}": v[:] for (link, d), v in self.io.items()}
+        out["metrics"] = {"scrapes": self.metrics.scrapes if self.metrics else 0,
+                          "scrape_seconds": round(self.scrape_seconds, 6)}
         out["resend"] = {"resent": self.resend.resent, "unroutable": self.resend.unroutable,
                          "bad": self.resend.bad}
         if self.rep is not None:
@@ -638,6 +673,8 @@ class Forwarder:
 
     def tick(self, now: float) -> None:
         self._prepare_failures(now)
+        if self.metrics is not None and self.metrics.clients:
+            self.metrics.expire(now)
         if self.role == "controller":
             self._controller_out(self.ctl.tick(now))
             return
