@@ -86,7 +86,9 @@ def test_fabric_capture_dissects_every_layer(lab, served):
     cap = subprocess.Popen([*AMESH, "lab", "capture", "ingress", "fab0", "-w", str(pcap),
                             "--seconds", "2", "--filter", "udp port 6886"],
                            stderr=subprocess.PIPE, text=True)
-    time.sleep(0.7)
+    deadline = time.monotonic() + 15
+    while not pcap.exists() and time.monotonic() < deadline:  # tcpdump has its socket open
+        time.sleep(0.05)
     lab.run("client", ["curl", "-s", "--local-port", "45100", "-o", "/dev/null", lab.url("small")])
     _, err = cap.communicate(timeout=10)
     assert cap.returncode == 0, err
