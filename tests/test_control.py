@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dataplane.core import syncwire as sw
-from dataplane.core.control import ControlClient, Controller, ControlSend, MapReceived
+from dataplane.core.control import ControlClient, Controller, ControlSend, MapReceived, not_ready
 from dataplane.core.liveness import FailureDetector
 from dataplane.core.servicemap import InstanceState
 from tests.conftest import pair_map
@@ -56,6 +56,31 @@ def test_a_forwarder_that_has_not_heard_the_controller_is_heard_but_its_status_w
     for send in client.tick(0.02):
         ctl.receive(send.data, 0.02)
     assert ctl.held["ba"] == ctl.map.epoch
+
+
+def test_a_client_is_confirmed_by_a_push_of_the_map_it_holds_or_a_newer_one():
+    """Issue #13, defect 4: readiness needs the controller's word. The
+    topology's map and the controller's first map have the same epoch, so a
+    re-push of the epoch held confirms it as a newer one does."""
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    assert not client.confirmed
+    assert client.receive(pushes(ctl.push(0.01), "ba")[0]) == [] and client.confirmed
+
+
+@pytest.mark.parametrize("confirmed, state, serving, in_sync, why", [
+    (True, None, True, True, []),                                   # an edge holding the map
+    (False, None, True, True, ["no_map"]),
+    (True, InstanceState.ACTIVE, True, True, []),
+    (True, InstanceState.SPARE, True, True, []),
+    (True, InstanceState.ACTIVE, True, False, ["sync_pending"]),
+    (True, InstanceState.JOINING, True, True, ["joining"]),
+    (True, InstanceState.DEAD, False, True, ["declared_dead", "dead"]),
+    (True, InstanceState.ACTIVE, False, True, ["declared_dead"]),
+])
+def test_readiness_is_derived_from_map_state_and_sync(confirmed, state, serving, in_sync, why):
+    assert not_ready(confirmed, state, serving, in_sync) == why
 
 
 def test_a_new_controller_pushes_only_to_members_it_has_heard():

@@ -141,3 +141,10 @@ def test_fabric_packets_from_an_address_that_is_no_node_are_counted_and_dropped(
     finally:
         stranger.close()
         sink.close()
+
+
+def test_status_is_not_ready_until_the_controller_confirmed_the_map(mesh):
+    """Issue #13, defect 4: `ready` was always true."""
+    ab = mesh("ab")
+    status = ab.status(0.0)
+    assert not status["ready"] and "no_map" in status["not_ready"]

@@ -256,6 +256,29 @@ class Controller:
         return out
 
 
+def not_ready(confirmed: bool, state: InstanceState | None, serving: bool,
+              in_sync: bool) -> list[str]:
+    """Why a forwarder is not ready yet; empty when it is.
+
+    Ready means it can carry its share: it holds a map from the controller
+    (not only the topology's), and, for an instance (`state` is its state in
+    that map), it serves, the map does not count it dead or joining, and its
+    replicas are in sync (every live peer's bulk is done). `lab up` and
+    `lab restart` wait for this, so a test that follows a restart never meets
+    an instance that is still catching up or about to learn it was declared
+    dead."""
+    why = [] if confirmed else ["no_map"]
+    if state is None:
+        return why
+    if not serving:
+        why.append("declared_dead")
+    if state in (InstanceState.DEAD, InstanceState.JOINING):
+        why.append(state.value)
+    if not in_sync:
+        why.append("sync_pending")
+    return why
+
+
 class ControlClient:
     """A forwarder's side: heartbeats out, newer maps in."""
 
@@ -269,6 +292,8 @@ class ControlClient:
         self.interval = interval
         self._last = -1.0
         self.declared_dead = False
+        self.confirmed = False
+        """The controller sent the map held (a newer one, or a re-push of it)."""
         self.counters: Counter[str] = Counter()
 
     def tick(self, now: float) -> list[ControlSend]:
@@ -294,6 +319,7 @@ class ControlClient:
                 doc = load_json(read_map_record(rec.value))
                 epoch = doc.get("epoch") if isinstance(doc, dict) else None
                 if type(epoch) is int and epoch <= self.epoch:
+                    self.confirmed |= epoch == self.epoch
                     continue  # the periodic re-push of a map we hold
                 smap = ServiceMap.from_dict(doc)
             except MapTooBig:
@@ -303,6 +329,7 @@ class ControlClient:
                 self.counters["bad_map"] += 1
                 continue
             self.epoch = smap.epoch
+            self.confirmed = True
             self.counters["maps"] += 1
             out.append(MapReceived(smap))
         return out

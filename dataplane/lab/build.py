@@ -272,17 +272,20 @@ def wait_ready(topo: Topology, state: LabState, nodes: list[str] | None = None) 
     deadline = time.monotonic() + READY_TIMEOUT
     forwarders = set(topo.forwarders())
     for node in nodes or [n for n in state.processes if n in forwarders]:
+        why: object = "no answer"
         while True:
             try:
-                if ask(topo.name, node, {"cmd": "status"}, timeout=0.5).get("ready"):
+                reply = ask(topo.name, node, {"cmd": "status"}, timeout=0.5)
+                if reply.get("ready"):
                     break
+                why = reply.get("not_ready")
             except QueryError:
                 pass
             if not alive(state.processes[node]):
                 log = (run_dir(topo.name) / f"{node}.log").read_text()[-2000:]
                 raise LabError(f"forwarder {node} died at start:\n{log}")
             if time.monotonic() > deadline:
-                raise LabError(f"forwarder {node} not ready after {READY_TIMEOUT:.0f} s")
+                raise LabError(f"forwarder {node} not ready after {READY_TIMEOUT:.0f} s: {why}")
             time.sleep(0.05)
 
 
