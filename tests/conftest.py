@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
@@ -12,6 +14,22 @@ from dataplane.core.servicemap import Chain, ServiceMap, Tenant
 from dataplane.testing.plugin import need_root
 
 __all__ = ["need_root"]
+
+
+LAB_FIXTURES = {"lab", "fresh", "amesh_lab", "capture", "amesh_capture", "recorded"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that bring up a namespace lab `lab` (by fixture, or by
+    calling `bring_up` themselves), so `pytest -m "not lab"` runs the rest
+    in seconds and without root."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        fns = [getattr(item, "function", None)] + [
+            d.func for defs in (info.name2fixturedefs.values() if info else ()) for d in defs]
+        direct = any(fn is not None and "bring_up(" in inspect.getsource(fn) for fn in fns)
+        if direct or LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.lab)
 
 
 def tcp(src: str = "10.1.0.10", dst: str = "10.2.0.10", sport: int = 40000, dport: int = 80,
