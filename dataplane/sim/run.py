@@ -1,0 +1,124 @@
+"""One simulated run from a seed: traffic, faults, quiet time, the checker's verdict.
+
+`run(seed, steps)` builds the mesh (`mesh`), starts the workload
+(`workload`), injects `steps` faults (`faults`) one after another, each once
+the mesh is healthy again, stops opening connections, lets the mesh settle
+for the quiet time, and hands the history to the checker. Everything comes
+from `random.Random(seed)`: the same seed and steps replay the same run, so
+a failing seed is a bug report (`replay_command`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from dataplane.core.servicemap import InstanceState
+from dataplane.sim.checker import Final, Verdict, check
+from dataplane.sim.clock import Clock
+from dataplane.sim.faults import Fault, Faults
+from dataplane.sim.mesh import Mesh, sim_topology
+from dataplane.sim.network import CONTROL, FABRIC, SYNC, LinkFaults
+from dataplane.sim.workload import Outcome, Workload
+
+WARMUP = 0.3
+SETTLE = 0.2
+"""Healthy for this long before the next fault: the bulks of a rejoin land."""
+EPISODE_CAP = 4.0
+"""An episode that has not healed after this long is left as it is (the
+checker's convergence check then tells)."""
+QUIET = 3.0
+"""After the last fault: connections finish, the mesh converges."""
+NETWORK = {FABRIC: LinkFaults(delay=0.0002, jitter=0.0003),
+           SYNC: LinkFaults(delay=0.0002, jitter=0.0003, duplicate=0.01),
+           CONTROL: LinkFaults(delay=0.0003, jitter=0.0005)}
+"""Background faults of every run: jitter reorders, sync datagrams are duplicated."""
+
+
+@dataclass
+class Result:
+    seed: int
+    steps: int
+    policy: str
+    verdict: Verdict
+    faults: list[tuple[float, str, str]]
+    connections: int
+    outcomes: dict[str, int]
+    sim_seconds: float
+    epochs: int
+    expected_lost: list[int] = field(default_factory=list)
+    notes: list[tuple[float, str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok
+
+    def replay_command(self) -> str:
+        policy = "" if self.policy == "async" else f" --policy {self.policy}"
+        return f"amesh simulate --seed {self.seed} --steps {self.steps}{policy}"
+
+
+def healthy(mesh: Mesh) -> bool:
+    """Every process up and serving, no instance dead or joining, every
+    forwarder on the controller's epoch."""
+    ctl = mesh.controller
+    if not ctl.alive or mesh.dead:
+        return False
+    m = ctl.map
+    for insts in m.services.values():
+        if any(i.state in (InstanceState.DEAD, InstanceState.JOINING) for i in insts.values()):
+            return False
+    return all(f.alive and not f.hung and f.serving and f.map.epoch == m.epoch
+               for f in mesh.nodes.values())
+
+
+def _settle(mesh: Mesh, cap: float) -> None:
+    """Run until the mesh has been healthy for SETTLE, or for `cap` at most."""
+    clock, end, since = mesh.clock, mesh.clock.now + cap, None
+    while clock.now < end:
+        clock.run_until(clock.now + 0.02)
+        if not healthy(mesh):
+            since = None
+        elif since is None:
+            since = clock.now
+        elif clock.now - since >= SETTLE:
+            return
+
+
+def run(seed: int, steps: int = 4, policy: str = "async",
+        plan: list[Fault] | None = None) -> Result:
+    """One run; `plan` replaces the seed's choice of faults (tests, hypothesis)."""
+    rng = random.Random(seed)
+    clock = Clock()
+    mesh = Mesh(clock, rng, sim_topology(policy), NETWORK)
+    try:
+        workload = Workload(clock, rng, mesh.from_host)
+        mesh.on_host, mesh.flow_of = workload.on_host, workload.flow_of
+        faults = Faults(mesh, workload, rng)
+        workload.start()
+        clock.run_until(WARMUP)
+        for i in range(len(plan) if plan is not None else steps):
+            f = plan[i] if plan is not None else faults.pick()
+            faults.inject(f)
+            clock.run_until(clock.now + f.duration + 0.01)
+            _settle(mesh, EPISODE_CAP)
+        workload.stop()
+        end = clock.now + QUIET
+        while clock.now < end and any(c.outcome == Outcome.RUNNING for c in workload.conns):
+            clock.run_until(clock.now + 0.05)
+        _settle(mesh, max(0.0, end - clock.now) + SETTLE)
+        final = Final(mesh.controller.map, {n: f.map for n, f in mesh.nodes.items()},
+                      sum(mesh.history.lost_counts.values())
+                      + sum(f.node.counters["flows_lost"] for f in mesh.nodes.values()
+                            if f.role == "instance"),
+                      [n for n, f in mesh.nodes.items() if not f.serving or f.hung])
+        verdict = check(mesh.history, workload.conns, workload.misdelivered, final,
+                        faults.expected_lost, faults.maybe_lost)
+        outcomes: dict[str, int] = {}
+        for c in workload.conns:
+            outcomes[c.outcome.value] = outcomes.get(c.outcome.value, 0) + 1
+        return Result(seed, len(plan) if plan is not None else steps, policy, verdict,
+                      mesh.history.faults, len(workload.conns), outcomes, round(clock.now, 3),
+                      mesh.controller.map.epoch, sorted(faults.expected_lost), mesh.history.notes)
+    finally:
+        mesh.close()
