@@ -103,12 +103,12 @@ def converged(final: Final) -> list[str]:
 
 def lost_counted(final: Final, expected: set[int], maybe: set[int]) -> list[str]:
     """`flows_lost` counts exactly the flows whose primary and secondary both
-    died (the handshake-time ones may go either way: see `faults`)."""
+    died (those that may carry on count or not: see `faults.Faults.maybe_lost`)."""
     lo, hi = len(expected), len(expected) + len(maybe)
     if lo <= final.flows_lost <= hi:
         return []
     return [f"flows_lost is {final.flows_lost}; the double failures destroyed the state of "
-            f"{lo} flows (+{len(maybe)} in their handshake): {sorted(expected)}"]
+            f"{lo} flows (+{len(maybe)} that may carry on): {sorted(expected)}"]
 
 
 CHECKS = ("flows_survive", "versions_grow", "one_server_per_epoch", "epochs_grow", "converged",

@@ -51,9 +51,12 @@ class Faults:
         self.expected_lost: set[int] = set()
         """Connections whose firewall state died with both its holders."""
         self.maybe_lost: set[int] = set()
-        """Connections in their handshake when both holders died: a SYN-ACK
-        that reaches the new primary counts them lost, a retransmitted SYN
-        opens them again."""
+        """Connections whose state died too but that need not be counted:
+        one that ended (its last packets, in flight or sent again by a
+        resend buffer, are counted if they reach the new primary), a TCP
+        connection in its handshake or a UDP or ICMP exchange (an answer in
+        flight that reaches the new primary is counted, a reverse packet
+        without state; the client's next packet opens the flow again)."""
 
     def _states(self) -> dict[str, InstanceState]:
         m = self.mesh.controller.map
@@ -110,12 +113,12 @@ class Faults:
             mesh.net.impair(a, b, SYNC, LinkFaults(loss=f.loss))
             clock.after(f.duration, lambda: mesh.net.impair(a, b, SYNC, None))
         elif f.kind in ("scale_out", "drain"):
-            mesh.controller.operator(f.targets[0], f.kind)
+            mesh.controller.operator(f.targets[0], f.kind.replace("_", "-"))
         else:
             raise ValueError(f"unknown fault {f.kind!r}")
 
     def _note_lost(self, dying: set[str]) -> None:
-        """The running connections whose serving firewall instance and its
+        """The connections whose serving firewall instance and its
         secondary are both in `dying`."""
         m = self.mesh.controller.map
         holder: dict[int, tuple[str, int]] = {}
@@ -123,8 +126,9 @@ class Faults:
             if svc == LOSING_SERVICE:
                 holder[conn] = (node, code)
         for c in self.workload.conns:
-            if c.proto != TCP or c.outcome != Outcome.RUNNING or c.id not in holder:
+            if c.id not in holder:
                 continue
             node, code = holder[c.id]
             if node in dying and m.secondary(LOSING_SERVICE, code, exclude=node) in dying:
-                (self.expected_lost if c.handshake else self.maybe_lost).add(c.id)
+                sure = c.proto == TCP and c.handshake and c.outcome == Outcome.RUNNING
+                (self.expected_lost if sure else self.maybe_lost).add(c.id)
