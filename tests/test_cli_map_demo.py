@@ -43,12 +43,12 @@ def test_plan_errors(args, needle):
 
 
 def test_demo_json():
-    res = invoke("simulate", "--json", "--segments", "6", "--fail-after", "3")
+    res = invoke("simulate", "--story", "--json", "--segments", "6", "--fail-after", "3")
     assert res.exit_code == 0
     runs = json.loads(res.output)
     assert [r["survived"] for r in runs] == [True, False]
 
 
 def test_demo_rejects_bad_failure_point():
-    res = invoke("simulate", "--segments", "4", "--fail-after", "4")
+    res = invoke("simulate", "--story", "--segments", "4", "--fail-after", "4")
     assert res.exit_code == 2

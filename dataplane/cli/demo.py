@@ -1,5 +1,6 @@
 """`amesh demo` (the main job, on the namespace lab) and `amesh simulate`
-(the same story in one process with a simulated clock, no root needed)."""
+(the whole mesh in one process on a simulated clock and network, from a
+seed, with the checker's verdict; `--story` is the claim-1 story)."""
 
 from __future__ import annotations
 
@@ -72,13 +73,60 @@ def _report(r) -> None:  # type: ignore[no-untyped-def]
 
 
 @click.command()
+@click.option("--seed", type=int, default=1, show_default=True, help="the run's seed (replays it)")
+@click.option("--steps", type=click.IntRange(0, 1000), default=4, show_default=True,
+              help="faults injected one after another")
+@click.option("--seeds", type=click.IntRange(1), default=None,
+              help="run this many seeds from --seed on (a soak); print the failing ones")
+@click.option("--policy", type=click.Choice(["off", "async", "ordered", "acked"]), default="async",
+              show_default=True, help="sync policy of the simulated mesh (off: the control)")
+@click.option("--story", is_flag=True, help="the fixed claim-1 story instead (one stream, one failure)")
 @click.option("--segments", type=click.IntRange(2, 10000), default=20, show_default=True,
-              help="data segments in the stream")
+              help="--story: data segments in the stream")
 @click.option("--fail-after", type=click.IntRange(1, 9999), default=8, show_default=True,
-              help="segments through the primary before it dies")
+              help="--story: segments through the primary before it dies")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def simulate(segments: int, fail_after: int, as_json: bool) -> None:
-    """Claim 1 in one process with a simulated clock (no root, no lab)."""
+def simulate(seed: int, steps: int, seeds: int | None, policy: str, story: bool, segments: int,
+             fail_after: int, as_json: bool) -> None:
+    """The whole mesh in one process on a simulated clock and network (no
+    root, no lab): random traffic and faults from a seed, then the checker.
+    Exits 1 when an invariant broke, and prints the command that replays it."""
+    if story:
+        _story(segments, fail_after, as_json)
+        return
+    from dataplane.sim.run import run
+
+    failed = []
+    for s in range(seed, seed + (seeds or 1)):
+        r = run(s, steps, policy)
+        if as_json:
+            click.echo(json.dumps({"seed": s, "steps": steps, "policy": policy, "ok": r.ok,
+                                   "violations": r.verdict.violations, "faults": r.faults,
+                                   "connections": r.connections, "outcomes": r.outcomes,
+                                   "sim_seconds": r.sim_seconds, "epochs": r.epochs}))
+        elif seeds is None:
+            click.echo(f"== seed {s}, {steps} faults, policy {policy}")
+            for t, _, what in r.faults:
+                click.echo(f"  t={t * 1000:8.1f} ms  {what}")
+            click.echo(f"  {r.connections} connections: {r.outcomes}; {r.epochs} map epochs; "
+                       f"{r.sim_seconds:.2f} s simulated")
+            for name, found in r.verdict.violations.items():
+                click.echo(f"  {name}: {'ok' if not found else f'{len(found)} VIOLATIONS'}")
+                for line in found[:10]:
+                    click.echo(f"      {line}")
+        if not r.ok:
+            failed.append(r)
+            if seeds is not None and not as_json:
+                click.echo(f"seed {s}: {r.verdict.summary()}")
+            click.echo(f"replay: {r.replay_command()}", err=True)
+    if seeds is not None and not as_json:
+        click.echo(f"{seeds} seeds, {len(failed)} failed"
+                   + (f": {[r.seed for r in failed]}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+def _story(segments: int, fail_after: int, as_json: bool) -> None:
+    """Claim 1 as a fixed story: one stream, its primary dies mid-stream."""
     from dataplane.sim.simulation import run_claim1
 
     if fail_after >= segments:

@@ -119,16 +119,24 @@ class Faults:
 
     def _note_lost(self, dying: set[str]) -> None:
         """The connections whose serving firewall instance and its
-        secondary are both in `dying`."""
+        secondary are both in `dying`. Sure to be counted: a TCP connection
+        past its handshake, still running, that opened longer ago than the
+        resend buffers keep packets (a younger one may open again at the new
+        primary when the buffers send its SYN and SYN-ACK there)."""
         m = self.mesh.controller.map
         holder: dict[int, tuple[str, int]] = {}
-        for _, svc, node, _, _, code, conn in self.mesh.history.serves:
+        opened: dict[int, float] = {}
+        for t, svc, node, _, _, code, conn in self.mesh.history.serves:
             if svc == LOSING_SERVICE:
                 holder[conn] = (node, code)
+                opened.setdefault(conn, t)
+        window = max(f.resend.window for f in self.mesh.nodes.values())
+        now = self.mesh.clock.now
         for c in self.workload.conns:
             if c.id not in holder:
                 continue
             node, code = holder[c.id]
             if node in dying and m.secondary(LOSING_SERVICE, code, exclude=node) in dying:
-                sure = c.proto == TCP and c.handshake and c.outcome == Outcome.RUNNING
+                sure = (c.proto == TCP and c.handshake and c.outcome == Outcome.RUNNING
+                        and now - opened[c.id] > window)
                 (self.expected_lost if sure else self.maybe_lost).add(c.id)

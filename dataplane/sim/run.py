@@ -85,40 +85,59 @@ def _settle(mesh: Mesh, cap: float) -> None:
             return
 
 
+class Sim:
+    """One run, step by step: `run` drives it from the seed, the hypothesis
+    state machine (tests/test_simulation.py) rule by rule."""
+
+    def __init__(self, seed: int, policy: str = "async") -> None:
+        self.seed, self.policy = seed, policy
+        self.rng = random.Random(seed)
+        self.clock = Clock()
+        self.mesh = Mesh(self.clock, self.rng, sim_topology(policy), NETWORK)
+        self.workload = Workload(self.clock, self.rng, self.mesh.from_host)
+        self.mesh.on_host, self.mesh.flow_of = self.workload.on_host, self.workload.flow_of
+        self.faults = Faults(self.mesh, self.workload, self.rng)
+        self.steps = 0
+        self.workload.start()
+        self.clock.run_until(WARMUP)
+
+    def inject(self, f: Fault) -> None:
+        """One fault episode: the fault, its healing, and the mesh healthy again."""
+        self.steps += 1
+        self.faults.inject(f)
+        self.clock.run_until(self.clock.now + f.duration + 0.01)
+        _settle(self.mesh, EPISODE_CAP)
+
+    def finish(self) -> Result:
+        """Stop opening connections, let the mesh settle, and check the history."""
+        clock, mesh, workload = self.clock, self.mesh, self.workload
+        try:
+            workload.stop()
+            end = clock.now + QUIET
+            while clock.now < end and any(c.outcome == Outcome.RUNNING for c in workload.conns):
+                clock.run_until(clock.now + 0.05)
+            _settle(mesh, max(0.0, end - clock.now) + SETTLE)
+            final = Final(mesh.controller.map, {n: f.map for n, f in mesh.nodes.items()},
+                          sum(mesh.history.lost_counts.values())
+                          + sum(f.node.counters["flows_lost"] for f in mesh.nodes.values()
+                                if f.role == "instance"),
+                          [n for n, f in mesh.nodes.items() if not f.serving or f.hung])
+            verdict = check(mesh.history, workload.conns, workload.misdelivered, final,
+                            self.faults.expected_lost, self.faults.maybe_lost)
+            outcomes: dict[str, int] = {}
+            for c in workload.conns:
+                outcomes[c.outcome.value] = outcomes.get(c.outcome.value, 0) + 1
+            return Result(self.seed, self.steps, self.policy, verdict, mesh.history.faults,
+                          len(workload.conns), outcomes, round(clock.now, 3), mesh.controller.map.epoch,
+                          sorted(self.faults.expected_lost), mesh.history.notes)
+        finally:
+            mesh.close()
+
+
 def run(seed: int, steps: int = 4, policy: str = "async",
         plan: list[Fault] | None = None) -> Result:
-    """One run; `plan` replaces the seed's choice of faults (tests, hypothesis)."""
-    rng = random.Random(seed)
-    clock = Clock()
-    mesh = Mesh(clock, rng, sim_topology(policy), NETWORK)
-    try:
-        workload = Workload(clock, rng, mesh.from_host)
-        mesh.on_host, mesh.flow_of = workload.on_host, workload.flow_of
-        faults = Faults(mesh, workload, rng)
-        workload.start()
-        clock.run_until(WARMUP)
-        for i in range(len(plan) if plan is not None else steps):
-            f = plan[i] if plan is not None else faults.pick()
-            faults.inject(f)
-            clock.run_until(clock.now + f.duration + 0.01)
-            _settle(mesh, EPISODE_CAP)
-        workload.stop()
-        end = clock.now + QUIET
-        while clock.now < end and any(c.outcome == Outcome.RUNNING for c in workload.conns):
-            clock.run_until(clock.now + 0.05)
-        _settle(mesh, max(0.0, end - clock.now) + SETTLE)
-        final = Final(mesh.controller.map, {n: f.map for n, f in mesh.nodes.items()},
-                      sum(mesh.history.lost_counts.values())
-                      + sum(f.node.counters["flows_lost"] for f in mesh.nodes.values()
-                            if f.role == "instance"),
-                      [n for n, f in mesh.nodes.items() if not f.serving or f.hung])
-        verdict = check(mesh.history, workload.conns, workload.misdelivered, final,
-                        faults.expected_lost, faults.maybe_lost)
-        outcomes: dict[str, int] = {}
-        for c in workload.conns:
-            outcomes[c.outcome.value] = outcomes.get(c.outcome.value, 0) + 1
-        return Result(seed, len(plan) if plan is not None else steps, policy, verdict,
-                      mesh.history.faults, len(workload.conns), outcomes, round(clock.now, 3),
-                      mesh.controller.map.epoch, sorted(faults.expected_lost), mesh.history.notes)
-    finally:
-        mesh.close()
+    """One run from its seed; `plan` replaces the seed's choice of faults."""
+    sim = Sim(seed, policy)
+    for i in range(len(plan) if plan is not None else steps):
+        sim.inject(plan[i] if plan is not None else sim.faults.pick())
+    return sim.finish()
