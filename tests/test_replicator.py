@@ -10,6 +10,7 @@ from dataplane.core.events import Send
 from dataplane.core.liveness import Declared, Health
 from dataplane.core.node import ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
+from dataplane.core.servicemap import InstanceState
 from dataplane.core.services import create
 from dataplane.sim.simlink import SimLink
 from tests.conftest import codes_led_by, tcp
@@ -271,3 +272,24 @@ def test_a_datagram_of_resync_requests_starts_one_bulk_not_hundreds():
     expected = {k: v for k, v in leads(p.reps["ba"]).items()
                 if p.map.secondary("B", k[1], exclude="ba") == sec}
     assert replicas(p.reps[sec]) == expected and not ch._bulks
+
+
+def test_a_joiner_that_missed_the_epoch_it_started_joining_in_still_gets_in_sync():
+    """Found by the simulator (seed 21, a double failure of ba and bb): ba
+    restarts and is made JOINING at epoch E, bb ACTIVE at E+1 a moment
+    later; ba's push of E is overtaken, so ba first sees itself joining at
+    E+1 and waits for bulks stamped E+1, while every peer bulked it once,
+    at E. The controller kept ba JOINING for ever. Every map change while a
+    peer is joining now sends it a bulk stamped with the new epoch."""
+    p = Pair()
+    p.run(0.05)
+    joining = p.map.copy()
+    joining.set_state("ba", InstanceState.JOINING)
+    later = joining.copy()
+    later.set_state("bc", InstanceState.DRAINING)     # any other change: a new epoch
+    for n in ("bb", "bc"):
+        p.reps[n].update_map(joining, p.now)
+        p.reps[n].update_map(later, p.now)
+    p.reps["ba"].update_map(later, p.now)              # ba never saw `joining`
+    p.run(0.1)
+    assert p.reps["ba"].synced_since(later.epoch)

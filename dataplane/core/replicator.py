@@ -208,12 +208,14 @@ class Replicator:
         if not node.update_map(smap) or self.policy == Policy.OFF:
             return 0
         svc, me = node.service_name, node.name
-        # a peer that starts joining always gets a bulk, if only an empty one:
+        # a joining peer gets a bulk on every map change, if only an empty one:
         # its end tells it (and through it the controller) that it is in sync
+        # as of this epoch. Not only when it starts joining: a joiner whose
+        # push of that epoch was overtaken first sees itself joining at a later
+        # one and waits for a bulk stamped with it (found by the simulator)
         moved: dict[str, list[FlowUpdate]] = {
             n: [] for n, i in smap.services[svc].items()
-            if n != me and i.state == InstanceState.JOINING
-            and old.services[svc].get(n, i).state != InstanceState.JOINING}
+            if n != me and i.state == InstanceState.JOINING}
         for e in node.flows:
             if e.replica:
                 continue
