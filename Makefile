@@ -14,7 +14,7 @@ DEB_TOOLS := iproute2:ip ethtool:ethtool tcpdump:tcpdump tshark:tshark iperf3:ip
 # package (entry point affinity_mesh.services), used by the tests.
 EXAMPLE_PKGS := examples/amesh-quota
 
-.PHONY: demo test bench golden deps venv clean
+.PHONY: demo test bench golden soak deps venv clean
 
 demo: venv deps
 	$(BIN)/amesh demo
@@ -26,6 +26,13 @@ test: venv deps
 bench: venv deps
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m benchmarks
+
+# Many seeds of the whole-mesh simulator (not in `make test`: long). A
+# failing seed prints the one command that replays it.
+SEEDS ?= 1000
+STEPS ?= 4
+soak: venv
+	$(BIN)/amesh simulate --seed 0 --seeds $(SEEDS) --steps $(STEPS)
 
 golden: venv
 	$(BIN)/python -m tests.golden.generate
