@@ -11,7 +11,9 @@ handling of `dataplane.shells.forwarder.Forwarder` (`_on_fabric`, `_on_sync`,
 with its `HANG_AFTER` cut-off): what differs is only where bytes go (the
 simulated `Network` instead of sockets) and where time comes from (the
 simulated `Clock`). Keep them in step with the shell: a change there that
-is not mirrored here makes the simulator test something else.
+is not mirrored here makes the simulator test something else. Left out:
+the shell's `_prepare_failures` (it only warms the bucket-table cache), its
+metrics, queries and event log.
 
 What happens is written to a `History` (who served which flow at which
 epoch, the epochs each node installed, every replica update applied, the
