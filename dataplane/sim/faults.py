@@ -2,10 +2,13 @@
 
 Each fault is one episode: it starts now and heals itself after its
 duration (a crashed process restarts as a new incarnation, a hung loop
-resumes, a partition heals, a sync link's loss burst ends, the controller
-comes back from its store). The run waits until the mesh is healthy again
-before the next episode, so two faults overlap only when a fault is meant
-to be double (`double`: two instances of one service crash together).
+resumes, a partition heals: `partition` cuts a node off from every other,
+`ctl_cut` only from the controller, so it is declared dead while the fabric
+and its peers still reach it, the split-brain case; a sync link's loss
+burst ends, the controller comes back from its store). The run waits until
+the mesh is healthy again before the next episode, so two faults overlap
+only when a fault is meant to be double (`double`: two instances of one
+service crash together).
 
 `pick` chooses only faults the mesh can take as a *single* failure: a
 crash, hang or partition leaves at least one other eligible instance of
@@ -22,10 +25,11 @@ from dataclasses import dataclass
 
 from dataplane.core.servicemap import InstanceState
 from dataplane.sim.mesh import Mesh
-from dataplane.sim.network import SYNC, LinkFaults
+from dataplane.sim.network import CONTROL, SYNC, LinkFaults
 from dataplane.sim.workload import TCP, Outcome, Workload
 
-KINDS = ("crash", "hang", "partition", "sync_loss", "ctl_restart", "double", "scale_out", "drain")
+KINDS = ("crash", "hang", "partition", "ctl_cut", "sync_loss", "ctl_restart", "double", "scale_out",
+         "drain")
 LOSING_SERVICE = "B"
 """The firewall: the one service whose lost state breaks a flow (a
 mid-stream packet without state is misdelivery)."""
@@ -71,7 +75,8 @@ class Faults:
             serving = [n for n in svc.members if st[n] in (InstanceState.ACTIVE, InstanceState.DRAINING)]
             for n in serving:
                 if len([a for a in active if a != n]) >= 1:
-                    out += [Fault("crash", (n,)), Fault("hang", (n,)), Fault("partition", (n,))]
+                    out += [Fault("crash", (n,)), Fault("hang", (n,)), Fault("partition", (n,)),
+                            Fault("ctl_cut", (n,))]
             if len(active) >= 3:
                 out += [Fault("double", (a, b)) for i, a in enumerate(active) for b in active[i + 1:]]
                 out += [Fault("drain", (a,)) for a in active]
@@ -85,7 +90,8 @@ class Faults:
         rng = self.rng
         f = rng.choice(self.feasible())
         duration = {"crash": rng.uniform(0.05, 0.5), "hang": rng.uniform(0.05, 0.6),
-                    "partition": rng.uniform(0.05, 0.6), "sync_loss": rng.uniform(0.05, 0.4),
+                    "partition": rng.uniform(0.05, 0.6),
+                    "ctl_cut": rng.uniform(0.05, 0.6), "sync_loss": rng.uniform(0.05, 0.4),
                     "ctl_restart": rng.uniform(0.02, 0.3), "double": rng.uniform(0.1, 0.5)}.get(f.kind, 0.0)
         loss = rng.uniform(0.3, 1.0) if f.kind == "sync_loss" else 0.0
         return Fault(f.kind, f.targets, duration, loss)
@@ -108,6 +114,10 @@ class Faults:
         elif f.kind == "partition":
             mesh.net.partition(f.targets[0])
             clock.after(f.duration, lambda: mesh.net.heal(f.targets[0]))
+        elif f.kind == "ctl_cut":  # split brain: declared dead, still on the fabric
+            node, ctl = f.targets[0], mesh.topo.controller
+            mesh.net.impair(node, ctl, CONTROL, LinkFaults(loss=1.0))
+            clock.after(f.duration, lambda: mesh.net.impair(node, ctl, CONTROL, None))
         elif f.kind == "sync_loss":
             a, b = f.targets
             mesh.net.impair(a, b, SYNC, LinkFaults(loss=f.loss))
