@@ -52,3 +52,16 @@ def test_demo_json():
 def test_demo_rejects_bad_failure_point():
     res = invoke("simulate", "--story", "--segments", "4", "--fail-after", "4")
     assert res.exit_code == 2
+
+
+def test_simulate_a_failing_seed_prints_the_command_that_replays_it():
+    res = CliRunner().invoke(main, ["simulate", "--seed", "5", "--steps", "2", "--policy", "off"])
+    assert res.exit_code == 1
+    assert "flows_survive: 1 VIOLATIONS" in res.output
+    assert "replay: amesh simulate --seed 5 --steps 2 --policy off" in res.output
+
+
+def test_simulate_a_passing_seed_exits_0():
+    res = invoke("simulate", "--seed", "5", "--steps", "2", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["ok"] is True
