@@ -19,11 +19,12 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from dataplane.lab import keyrot
+from dataplane.lab import faults, keyrot
 from dataplane.lab.query import ask
 from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
 from dataplane.lab.state import run_dir
@@ -67,7 +68,8 @@ class Load:
         return self.rows
 
 
-def slow(lab: LabRun):  # type: ignore[no-untyped-def]
+def slow(lab: LabRun) -> Callable[[str, dict[str, Any]], dict[str, Any]]:
+    """`ask`, pausing STEP after every answer."""
     def ask_slowly(node: str, req: dict[str, Any]) -> dict[str, Any]:
         reply = ask(lab.name, node, req)
         time.sleep(STEP)
@@ -132,6 +134,16 @@ def test_rotation_under_load_refuses_nothing_and_loses_no_sync_record(run):
         assert all(k == {"current": 3, "ids": [3]} for k in keys.values()), (node, keys)
     print(f"\n{len(rows)} downloads during two rotations of every key; {sent} sync records sent, "
           f"all received; key refusals 0")
+    faults.restart(run.topo, run.state, "bb")          # comes back with the rotated keys, not key 1
+    assert run.ask("bb", "status")["keys"] == {"control": {"current": 3, "ids": [3]},
+                                               "sync": {"current": 3, "ids": [3]}}
+    deadline = time.monotonic() + 10
+    while not all(run.ask("bb", "status")["sync"]["peers"].get(p, {}).get("state") == "established"
+                  for p in ("ba", "bc", "bd")):
+        assert time.monotonic() < deadline, run.ask("bb", "status")["sync"]["peers"]
+        time.sleep(0.1)
+    final = refusals(run)
+    assert {r: final[r] - after[r] for r in KEY_REFUSALS} == dict.fromkeys(KEY_REFUSALS, 0)
 
 
 def test_control_skipping_the_install_phase_is_refused_and_counted(run):
