@@ -35,12 +35,17 @@ FILE = os.urandom(256 * 1024)
 STEP = 0.05
 """Pause after every node's answer during a rotation."""
 KEY_REFUSALS = ("unknown_key", "bad_mac", "key_not_for_sender")
+SLOWER_DETECTION = {"timers.heartbeat_ms": 20, "timers.misses": 10}
+"""Failure detection after 200 ms instead of the default lab's 20 ms: on the
+shared 2-core machine (load 8-12) the ingress was once declared dead during
+this test (no key refusal: its loop stalled) and, being the only ingress,
+took the downloads with it. This test is about keys, not detection."""
 
 
 @pytest.fixture(scope="module")
 def run():
     need_root()
-    lab = bring_up(DEFAULT, name="keyrot", prefix="amk")
+    lab = bring_up(DEFAULT, name="keyrot", prefix="amk", **SLOWER_DETECTION)
     lab.sha = lab.http_server({"f": FILE})["f"]
     try:
         yield lab
@@ -120,7 +125,8 @@ def test_rotation_under_load_refuses_nothing_and_loses_no_sync_record(run):
     assert cli.returncode == 0, cli.stderr
     assert f"control: key id 3 on {len(run.topo.forwarders())} nodes" in cli.stdout
     assert "sync:B: key id 3 on 4 nodes" in cli.stdout
-    assert rows and all(r["error"] is None and r["sha256"] == run.sha for r in rows)
+    bad = [r for r in rows if r["error"] is not None or r["sha256"] != run.sha]
+    assert rows and not bad, (bad[:3], dict(refusals(run)), run.ask(run.topo.controller, "map")["history"][-5:])
     chans = settled(run)
     after = refusals(run)
     assert {r: after[r] - before[r] for r in KEY_REFUSALS} == dict.fromkeys(KEY_REFUSALS, 0)
