@@ -25,7 +25,8 @@ Every forwarder heartbeats the controller (from a child process, see
 `Forwarder._start_heartbeats`) and installs the maps it pushes.
 
 A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
-(status, flows, map, resync) for `amesh lab status`, `amesh flows`, ...
+(status, flows, map, resync, keys) for `amesh lab status`, `amesh flows`,
+`amesh lab rotate-key`, ...
 
 One bad input never stops the process: an exception while handling one
 packet, sync datagram, control message or query (or in a tick) is caught by
