@@ -163,3 +163,27 @@ def test_control_skipping_the_install_phase_is_refused_and_counted(run):
     refused = {r: after[r] - before[r] for r in KEY_REFUSALS if after[r] > before[r]}
     print(f"\nwithout the install phase: refused {refused}")
     assert refused.get("unknown_key", 0) > 0
+
+
+def test_a_hung_node_stops_the_rotation_at_its_phase_and_a_rerun_finishes_it(run):
+    """bc is stopped (SIGSTOP) once B's rotation is planned: the rotation
+    fails naming the phase and the node, and no B instance has switched;
+    once bc runs again `rotate-key --service B` finishes the same rotation
+    (the same key id and key, from the run directory)."""
+    rot = keyrot.plan(run.topo, "sync:B", slow(run), run_dir(run.name))
+    faults.stop(run.state, "bc")
+    try:
+        with pytest.raises(keyrot.RotationError) as err:
+            keyrot.rotate(run.topo, rot, slow(run), run_dir(run.name))
+    finally:
+        faults.cont(run.state, "bc")
+    assert "sync:B: phase install stopped at bc: bc did not answer" in str(err.value)
+    assert "run the command again" in str(err.value)
+    held = {n: run.ask(n, "status")["keys"]["sync"] for n in ("ba", "bb", "bc", "bd")}
+    assert all(k["current"] == rot.kid - 1 for k in held.values()), held      # nobody switched
+    res = subprocess.run([*AMESH, "lab", "rotate-key", "--lab", run.name, "--service", "B"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert f"sync:B: key id {rot.kid} on 4 nodes" in res.stdout
+    assert all(run.ask(n, "status")["keys"]["sync"] == {"current": rot.kid, "ids": [rot.kid]}
+               for n in ("ba", "bb", "bc", "bd"))
