@@ -170,8 +170,9 @@ class Pulse:
     signs with, which a rotation changes after the fork (`set_key`)."""
 
     _LAYOUT = struct.Struct("=dQ??Q")
-    _KEY = struct.Struct("=BB64s")
-    """Key id, key length, key (a forwarder's pair key is 32 bytes)."""
+    _KEY = struct.Struct("=IBB64s")
+    """Generation (odd while being written), key id, key length, key (a
+    forwarder's pair key is 32 bytes)."""
 
     def __init__(self) -> None:
         # anonymous, MAP_SHARED: survives fork
@@ -185,13 +186,21 @@ class Pulse:
         return self._LAYOUT.unpack_from(self.mem, 0)
 
     def set_key(self, kid: int, key: bytes) -> None:
+        """Publish the key in use; the generation is odd while it is written,
+        so the heartbeat process never signs with half of each key."""
         if len(key) > 64:
             raise ValueError("a control key of a forwarder is at most 64 bytes")
-        self._KEY.pack_into(self.mem, self._LAYOUT.size, kid, len(key), key)
+        gen = self._KEY.unpack_from(self.mem, self._LAYOUT.size)[0]
+        struct.pack_into("=I", self.mem, self._LAYOUT.size, (gen + 1) & 0xFFFFFFFF)
+        self._KEY.pack_into(self.mem, self._LAYOUT.size, (gen + 1) & 0xFFFFFFFF, kid, len(key), key)
+        struct.pack_into("=I", self.mem, self._LAYOUT.size, (gen + 2) & 0xFFFFFFFF)
 
     def key(self) -> tuple[int, bytes]:
-        kid, n, key = self._KEY.unpack_from(self.mem, self._LAYOUT.size)
-        return kid, key[:n]
+        """The key in use, read whole (retried while a write is under way)."""
+        while True:
+            gen, kid, n, key = self._KEY.unpack_from(self.mem, self._LAYOUT.size)
+            if gen % 2 == 0 and struct.unpack_from("=I", self.mem, self._LAYOUT.size)[0] == gen:
+                return kid, key[:n]
 
 
 class Impairment:
