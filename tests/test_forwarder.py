@@ -148,3 +148,35 @@ def test_status_is_not_ready_until_the_controller_confirmed_the_map(mesh):
     ab = mesh("ab")
     status = ab.status(0.0)
     assert not status["ready"] and "no_map" in status["not_ready"]
+
+
+def test_rotated_keys_are_persisted_0600_and_a_restarted_forwarder_comes_back_with_them(mesh, tmp_path):
+    """`keys` queries (amesh lab rotate-key) change the node's keyrings in
+    place, are written to <run-dir>/<node>-keys.json (mode 0600), reach the
+    heartbeat process through the pulse, and survive both a restart of the
+    process and the new replicator of a node declared dead."""
+    import stat
+
+    from dataplane.shells.forwarder import Pulse
+
+    ba = mesh("ba")
+    ba.pulse = Pulse()
+    new_sync, new_ctl = b"s" * 32, b"c" * 32
+    for op in ("install", "switch", "retire"):
+        for purpose, key in (("sync", new_sync), ("control", new_ctl)):
+            reply = ba.answer({"cmd": "keys", "op": op, "purpose": purpose, "kid": 2, "key": key.hex()}, 0.0)
+            assert reply.get("ok"), reply
+    assert ba.rep.keyring.keys == {2: new_sync} and ba.client.endpoint.keyring.keys == {2: new_ctl}
+    assert ba.pulse.key() == (2, new_ctl)
+    assert ba.status(0.0)["keys"] == {"control": {"current": 2, "ids": [2]}, "sync": {"current": 2, "ids": [2]}}
+    path = tmp_path / "ba-keys.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ba._declared_dead(0.0)
+    assert ba.rep.keyring.keys == {2: new_sync}
+    ba.close()
+    again = mesh("ba")
+    assert again.rep.keyring.keys == {2: new_sync} and again.rep.keyring.current == 2
+    assert again.client.endpoint.keyring.keys == {2: new_ctl}
+    assert again.rep.keyring.senders[2] == frozenset(sw.node_id(n) for n in ("ba", "bb", "bc", "bd"))
+    assert mesh("aa").rep.keyring.current == 1                    # another node's keys untouched
+    assert "not installed" in again.answer({"cmd": "keys", "op": "switch", "purpose": "sync", "kid": 9}, 0.0)["error"]

@@ -432,3 +432,27 @@ def test_retransmission_is_rate_limited():
     assert sent <= limit and w.a.ch.stats["retransmit_limited"] > 0
     print(f"\n100 NACKs of {received_bytes // 100} bytes: {sent} records ({sent_bytes} bytes) sent again, "
           f"{sent_bytes / received_bytes:.1f}x the bytes received")
+
+
+def test_a_datagram_under_a_retired_key_is_refused_and_counted():
+    """After a rotation's retire phase, what the peer signed with the old
+    key (a late or recorded datagram) is refused as `unknown_key` and counted
+    on the channel, and the channel carries on under the new key."""
+    ring_a = sw.Keyring({1: b"a" * 32}, 1)
+    ring_b = sw.Keyring({1: b"a" * 32}, 1)
+    w = World(12)
+    w.a.ch.keyring, w.b.ch.keyring = ring_a, ring_b
+    w.a.update(1, w.now)
+    w.run(0.05)
+    late = [data for to, data in w.tapped if to == "bb"][-1]
+    for ring in (ring_a, ring_b):
+        ring.add(2, b"b" * 32)
+    for ring in (ring_a, ring_b):
+        ring.use(2)
+    for ring in (ring_a, ring_b):
+        ring.retire(1)
+    assert reasons(w.b.ch, late) == ["unknown_key"]
+    assert w.b.ch.rejected["unknown_key"] == 1
+    w.a.update(2, w.now)
+    w.run(0.05)
+    assert live(w.b.replica) == live(w.a.truth) and w.b.ch.rejected == {"unknown_key": 1}

@@ -54,3 +54,43 @@ def test_pair_keys_sign_one_pair_only():
     as_bb_to_ctl = sw.encode(ba_ring, bb, ctl, 1, 0, 1, 0, [])
     with pytest.raises(sw.SyncError, match="bad_mac"):
         sw.decode(master, as_bb_to_ctl, ctl)
+
+
+def test_keyring_phases_accept_old_and_new_then_send_new_then_refuse_the_retired():
+    """A rotation's three phases on one receiver: after `add` it accepts
+    the old and the new key id (still signing with the old); after `use` it
+    signs with the new; after `retire` a datagram under the old id is
+    refused as `unknown_key`. Adding the same key again is a no-op (a
+    rerun of the install phase); another key under a held id is refused."""
+    ba, bb = sw.node_id("ba"), sw.node_id("bb")
+    old = sw.Keyring({1: b"o" * 32}, 1, senders=[ba, bb])
+    ring = sw.Keyring({1: b"o" * 32}, 1, senders=[ba, bb])
+    new = sw.Keyring({2: b"n" * 32}, 2)
+    ring.add(2, b"n" * 32)
+    ring.add(2, b"n" * 32)
+    with pytest.raises(ValueError, match="key id 2 holds another key"):
+        ring.add(2, b"x" * 32)
+    for sender in (old, new):
+        assert sw.decode(ring, sw.encode(sender, ba, bb, 1, 0, 1, 0, []), bb).sender == ba
+    assert sw.decode(old, sw.encode(ring, bb, ba, 1, 0, 1, 0, []), ba).key_id == 1
+    ring.use(2)
+    assert sw.decode(new, sw.encode(ring, bb, ba, 1, 0, 1, 0, []), ba).key_id == 2
+    ring.retire(1)
+    with pytest.raises(sw.SyncError, match="unknown_key"):
+        sw.decode(ring, sw.encode(old, ba, bb, 1, 0, 2, 0, []), bb)
+    assert ring.senders[2] == frozenset({ba, bb})
+
+
+def test_keyring_state_round_trips_keys_and_the_current_id():
+    """What a forwarder persists (0600, in its run directory) so a restart
+    comes back with the rotated keys: ids, keys and the id in use; the
+    binding to senders and pairwise-ness stay the topology's."""
+    ring = sw.Keyring({1: b"o" * 32}, 1, senders=[7], pairwise=True)
+    ring.add(2, b"n" * 32)
+    ring.use(2)
+    fresh = sw.Keyring({1: b"o" * 32}, 1, senders=[7], pairwise=True)
+    fresh.restore(ring.state())
+    assert fresh.keys == ring.keys and fresh.current == 2 and fresh.senders[2] == frozenset({7})
+    assert fresh.signing_key(1, 7) == ring.signing_key(1, 7)
+    with pytest.raises(ValueError, match="current key id 3"):
+        fresh.restore({"current": 3, "keys": {"1": "00" * 16}})

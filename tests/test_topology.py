@@ -146,3 +146,45 @@ def test_keys_are_per_service_and_per_forwarder():
     assert mine.senders[1] == {sw.node_id("ctl")}
     with pytest.raises(ValueError, match="not a service instance"):
         t.sync_keyring("ingress")
+
+
+LABS = sorted(DEFAULT.parent.glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", LABS, ids=[p.stem for p in LABS])
+def test_every_lab_file_is_valid(path):
+    """Every labs/*.toml loads, its namespace names fit the kernel's 15
+    characters, and every chain can be used: a host attached to the ingress
+    lies in each tenant's prefixes."""
+    import ipaddress
+
+    t = load(path)
+    assert all(len(t.netns(n)) <= 15 for n in t.all_nodes())
+    m = t.build_map()
+    clients = [h.address.ip for h in t.hosts.values() if h.attach == t.ingress.name]
+    for tenant in t.tenants:
+        nets = [ipaddress.ip_network(p) for p in tenant["prefixes"]]
+        assert any(ip in net for ip in clients for net in nets), tenant["name"]
+        assert all(c["id"] in m.chains for c in tenant["chains"])
+
+
+def test_lab_files_can_be_up_side_by_side():
+    """Names, namespace prefixes and fabric subnets differ between lab
+    files, so any two of them can be up at once."""
+    topos = [load(p) for p in LABS]
+    for attr in ("name", "prefix", "subnet"):
+        values = [getattr(t, attr) for t in topos]
+        assert len(set(values)) == len(values), attr
+
+
+def test_the_issue_15_lab_files():
+    """Two tenants with their own chains, 3 services x 6 instances, the
+    super-frame lab."""
+    by = {p.stem: p for p in LABS}
+    two = load(by["two-tenants"])
+    assert [[c["services"] for c in t["chains"]] for t in two.tenants] == [[["A", "B"]], [["B"]]]
+    large = load(by["large"])
+    assert [len(s.instances) for s in large.services.values()] == [6, 6, 6]
+    assert len(large.forwarders()) == 21
+    gso = load(by["gso"])
+    assert gso.gso and gso.mtu == 65535

@@ -407,6 +407,48 @@ def resync(lab: str | None, node: str, peer: str) -> None:
     click.echo(f"{node} -> {peer}: bulk {reply['bulk']} started")
 
 
+@lab.command("rotate-key")
+@lab_option
+@click.option("--service", default=None, help="rotate this service's sync key only")
+@click.option("--control", is_flag=True, help="rotate the control key only")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False),
+              help="the new key: this file's bytes (at least 16); default 32 random bytes")
+@click.option("--unsafe-skip-install", is_flag=True,
+              help="skip phase 1: each node installs and switches at once (its peers refuse it: a control)")
+def rotate_key(lab: str | None, service: str | None, control: bool, key_file: str | None,
+               unsafe_skip_install: bool) -> None:
+    """Install a new sync/control key on every node, switch to it, retire the old one.
+
+    Three phases, each complete on every node before the next: install
+    (accept the new key as well), switch (sign with it), retire (drop the
+    old). Default: the control key and every service's sync key, each its
+    own new key. A node that fails stops it, naming the phase; run it again
+    to finish."""
+    from dataplane.lab import keyrot
+    from dataplane.lab.query import ask
+    from dataplane.lab.state import run_dir
+
+    if service is not None and control:
+        raise click.UsageError("--service and --control exclude each other")
+    state, topo = _loaded(lab)
+    try:
+        todo = keyrot.purposes(topo, service, control)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--service") from None
+    key = Path(key_file).read_bytes() if key_file else None
+    if key is not None and len(todo) > 1:
+        raise click.UsageError("--key-file needs --service or --control: every purpose has its own key")
+    rd = run_dir(state.lab)
+    try:
+        for purpose in todo:
+            rot = keyrot.plan(topo, purpose, lambda node, req: ask(state.lab, node, req), rd, key)
+            keyrot.rotate(topo, rot, lambda node, req: ask(state.lab, node, req), rd, _progress,
+                          unsafe_skip_install=unsafe_skip_install)
+            click.echo(f"{purpose}: key id {rot.kid} on {len(keyrot.nodes_of(topo, purpose))} nodes")
+    except keyrot.RotationError as exc:
+        _fail(str(exc))
+
+
 @lab.command()
 @lab_option
 @click.argument("expr")

@@ -193,15 +193,46 @@ class Keyring:
         self.senders[kid] = senders
 
     def add(self, kid: int, key: bytes) -> None:
-        """A second key of the same purpose, bound to the same senders."""
+        """A second key of the same purpose, bound to the same senders
+        (phase 1 of a rotation: accepted, not yet signed with). Adding the
+        key an id already holds does nothing, so a rotation can be rerun;
+        another key under a held id is refused: a node that already signs
+        with it would split from the others."""
+        held = self.keys.get(kid)
+        if held is not None and held != key:
+            raise ValueError(f"key id {kid} holds another key")
         self._set(kid, key, self.senders[self.current])
 
     def use(self, kid: int) -> None:
+        """Sign with key `kid` from now on (phase 2 of a rotation)."""
         if kid not in self.keys:
             raise ValueError(f"no key {kid}")
         self.current = kid
 
+    def state(self) -> dict[str, object]:
+        """Key ids, keys (hex) and the id in use: what a node persists so a
+        restart comes back with the keys of a rotation, not the topology's."""
+        return {"current": self.current, "keys": {str(k): v.hex() for k, v in sorted(self.keys.items())}}
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Replace the keys with a `state()`; the senders binding and
+        pairwise-ness stay this keyring's (the topology's)."""
+        raw = state.get("keys")
+        current = state.get("current")
+        if not isinstance(raw, dict) or type(current) is not int:
+            raise ValueError("a keyring state has 'current' (int) and 'keys' (id -> hex)")
+        keys = {int(k): bytes.fromhex(v) for k, v in raw.items()}
+        if current not in keys:
+            raise ValueError(f"current key id {current} not in the keys")
+        bound = self.senders[self.current]
+        self.keys, self.senders = {}, {}
+        for kid, key in keys.items():
+            self._set(kid, key, bound)
+        self.current = current
+        self._pairs.clear()
+
     def retire(self, kid: int) -> None:
+        """Drop key `kid` (phase 3): a datagram under it is `unknown_key`."""
         if kid == self.current:
             raise ValueError("cannot retire the key in use")
         self.keys.pop(kid, None)

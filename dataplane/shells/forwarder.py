@@ -25,7 +25,8 @@ Every forwarder heartbeats the controller (from a child process, see
 `Forwarder._start_heartbeats`) and installs the maps it pushes.
 
 A Unix socket ``<run-dir>/<node>.sock`` answers one-line JSON queries
-(status, flows, map, resync) for `amesh lab status`, `amesh flows`, ...
+(status, flows, map, resync, keys) for `amesh lab status`, `amesh flows`,
+`amesh lab rotate-key`, ...
 
 One bad input never stops the process: an exception while handling one
 packet, sync datagram, control message or query (or in a tick) is caught by
@@ -65,6 +66,7 @@ from dataplane.core.control import (ControlClient, Controller, ControlSend, MapP
                                     not_ready)
 from dataplane.core.events import Deliver, Send, TookOver
 from dataplane.core.header import UDP_PORT
+from dataplane.lab import keyrot
 from dataplane.lab.topology import Topology, load
 from dataplane.core.liveness import Declared, FailureDetector
 from dataplane.shells.metrics import MetricsServer, registry_for
@@ -164,12 +166,17 @@ class Pulse:
     """What the packet loop tells its heartbeat process, in shared memory:
     the time of its last round, the epoch it holds, its status flags, and
     the controller's incarnation as heard in its pushes (the heartbeats are
-    bound to it: `dataplane.core.control.Endpoint`)."""
+    bound to it: `dataplane.core.control.Endpoint`); and the control key it
+    signs with, which a rotation changes after the fork (`set_key`)."""
 
     _LAYOUT = struct.Struct("=dQ??Q")
+    _KEY = struct.Struct("=IBB64s")
+    """Generation (odd while being written), key id, key length, key (a
+    forwarder's pair key is 32 bytes)."""
 
     def __init__(self) -> None:
-        self.mem = mmap.mmap(-1, self._LAYOUT.size)  # anonymous, MAP_SHARED: survives fork
+        # anonymous, MAP_SHARED: survives fork
+        self.mem = mmap.mmap(-1, self._LAYOUT.size + self._KEY.size)
 
     def write(self, last_round: float, epoch: int, in_sync: bool, declared_dead: bool,
               controller: int) -> None:
@@ -177,6 +184,23 @@ class Pulse:
 
     def read(self) -> tuple[float, int, bool, bool, int]:
         return self._LAYOUT.unpack_from(self.mem, 0)
+
+    def set_key(self, kid: int, key: bytes) -> None:
+        """Publish the key in use; the generation is odd while it is written,
+        so the heartbeat process never signs with half of each key."""
+        if len(key) > 64:
+            raise ValueError("a control key of a forwarder is at most 64 bytes")
+        gen = self._KEY.unpack_from(self.mem, self._LAYOUT.size)[0]
+        struct.pack_into("=I", self.mem, self._LAYOUT.size, (gen + 1) & 0xFFFFFFFF)
+        self._KEY.pack_into(self.mem, self._LAYOUT.size, (gen + 1) & 0xFFFFFFFF, kid, len(key), key)
+        struct.pack_into("=I", self.mem, self._LAYOUT.size, (gen + 2) & 0xFFFFFFFF)
+
+    def key(self) -> tuple[int, bytes]:
+        """The key in use, read whole (retried while a write is under way)."""
+        while True:
+            gen, kid, n, key = self._KEY.unpack_from(self.mem, self._LAYOUT.size)
+            if gen % 2 == 0 and struct.unpack_from("=I", self.mem, self._LAYOUT.size)[0] == gen:
+                return kid, key[:n]
 
 
 class Impairment:
@@ -227,6 +251,10 @@ class Forwarder:
         self.role = topo.role(node)
         initial = topo.build_map()
         self.control_keys = topo.control_keyring(node)
+        self.sync_keys = topo.sync_keyring(node) if self.role == "instance" else None
+        self.pulse: Pulse | None = None
+        """Shared with the heartbeat process (`_start_heartbeats`); none at the controller."""
+        self._restore_keys()
         self.incarnation = time.time_ns() // 1000
         self.ip = topo.fabric_ip(node)
         self.sel = selectors.DefaultSelector()
@@ -280,7 +308,10 @@ class Forwarder:
         self.sel.register(self.query, selectors.EVENT_READ, self._on_query)
 
     def close(self) -> None:
-        """Close every socket (the process exits after `run`; tests call this)."""
+        """Close every socket (the process exits after `run`; tests call
+        this, also twice: a test that restarts a node closes it first)."""
+        if self.sel.get_map() is None:
+            return
         for key in list(self.sel.get_map().values()):
             self.sel.unregister(key.fileobj)
             key.fileobj.close()
@@ -334,7 +365,8 @@ class Forwarder:
         if self.sync is not None:
             self.sel.unregister(self.sync.sock)
             self.sync.close()
-        self.rep = Replicator(self.node, topo.sync_keyring(self.name), self.incarnation,
+        assert self.sync_keys is not None
+        self.rep = Replicator(self.node, self.sync_keys, self.incarnation,
                               Policy(topo.policy), SyncConfig(heartbeat=SYNC_HEARTBEAT),
                               FailureDetector(SYNC_HEARTBEAT, topo.timers.misses, topo.timers.holddown))
         spec = topo.service_of(self.name)
@@ -344,6 +376,39 @@ class Forwarder:
                             send=lambda data, addr: self._sendto(self.sync.sock, data, addr,
                                                                  time.monotonic()))
         self.sel.register(self.sync.sock, selectors.EVENT_READ, self._on_sync)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    @property
+    def keys_file(self) -> Path:
+        return self.run_dir / f"{self.name}-keys.json"
+
+    def _restore_keys(self) -> None:
+        """Keys a rotation installed before this process started (a restart):
+        the run directory's file wins over the topology's keys."""
+        if not self.keys_file.exists():
+            return
+        doc = json.loads(self.keys_file.read_text())
+        for purpose, ring in (("control", self.control_keys), ("sync", self.sync_keys)):
+            if ring is not None and purpose in doc:
+                ring.restore(doc[purpose])
+        log(self.name, f"keys restored from {self.keys_file}: {self._key_ids()}")
+
+    def _key_ids(self) -> dict[str, Any]:
+        return keyrot.node_op({"control": self.control_keys, "sync": self.sync_keys}, {"op": "show"})[0]
+
+    def _keys(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        """A `keys` query (`amesh lab rotate-key`): act, persist the keys
+        (0600) and hand the control key to the heartbeat process."""
+        reply, changed = keyrot.node_op({"control": self.control_keys, "sync": self.sync_keys}, req)
+        if changed:
+            keyrot.write_private(self.keys_file, json.dumps(
+                {p: r.state() for p, r in (("control", self.control_keys), ("sync", self.sync_keys))
+                 if r is not None}))
+            if self.pulse is not None:
+                self.pulse.set_key(self.control_keys.current, self.control_keys.keys[self.control_keys.current])
+            self._note("keys", now, op=req.get("op"), purpose=req.get("purpose"), **self._key_ids())
+        return reply
 
     # -- addressing ------------------------------------------------------------------------
 
@@ -630,6 +695,8 @@ class Forwarder:
                        reorder=self.impair.reorder)
             return {"impair": {"loss": self.impair.loss, "delay": self.impair.delay,
                                "reorder": self.impair.reorder}}
+        if cmd == "keys":
+            return self._keys(req, now)
         if cmd == "resync" and self.rep is not None:
             peer = str(req.get("peer", ""))
             if peer not in self.rep.channels:
@@ -648,7 +715,7 @@ class Forwarder:
                                "ready": not waiting, "not_ready": waiting,
                                "epoch": self.map.epoch, "serving": self.serving,
                                "incarnation": self.incarnation, "uptime": round(time.time() - self.started, 3),
-                               "internal_error": dict(self.internal_errors),
+                               "internal_error": dict(self.internal_errors), "keys": self._key_ids(),
                                "events": self.events_log[-50:]}
         if self.role == "controller":
             out["health"] = {p: self.ctl.detector.health(p).value for p in self.ctl.members}
@@ -737,6 +804,7 @@ class Forwarder:
         last round's time, the epoch it holds and its status flags through
         a small shared mapping (`Pulse`)."""
         self.pulse = Pulse()
+        self.pulse.set_key(self.control_keys.current, self.control_keys.keys[self.control_keys.current])
         self._pulse()
         parent = os.getpid()
         if os.fork() != 0:
@@ -756,6 +824,9 @@ class Forwarder:
                 last, client.epoch, client.in_sync, client.declared_dead, ctl_inc = self.pulse.read()
                 if ctl_inc:
                     client.endpoint.incarnations[client.controller] = ctl_inc
+                kid, key = self.pulse.key()
+                if client.endpoint.keyring.keys.get(kid) != key or client.endpoint.keyring.current != kid:
+                    client.endpoint.keyring = sw.Keyring({kid: key}, kid)   # rotated: sign with it
                 if now - last <= HANG_AFTER:
                     for send in client.tick(now):
                         try:
