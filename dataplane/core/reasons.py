@@ -57,6 +57,7 @@ DROP_REASONS: dict[str, str] = {
     "ack_out_of_window": "TCP acknowledgement of data never sent",
     "unexpected_syn": "a SYN in the wrong direction or state of a TCP connection",
     "blocked": "packet of a flow an inspection content rule blocked",
+    "embryonic_limit": "new flow refused: its tenant holds as many half-open flows as it may",
     "nat_unsupported": "a packet the NAT cannot translate (not IPv4 TCP/UDP, a fragment)",
     "nat_exhausted": "no free public address and port in the NAT instance's share of the pool",
     # state sync (dataplane.core.node.apply_update)

@@ -306,14 +306,15 @@ class Forwarder:
             spec = topo.service_of(self.name)
             assert spec is not None
             self.node = ServiceNode(self.name, smap, create(spec.kind, **spec.options),
-                                    mirroring=topo.policy != "off")
+                                    capacity=topo.limits.flows, mirroring=topo.policy != "off",
+                                    embryonic_per_tenant=topo.limits.embryonic_per_tenant)
             self._new_replicator()
             return
         edge = topo.ingress if self.role == "ingress" else topo.egress
         if self.role == "ingress":
-            self.node = IngressNode(self.name, smap, AffinityHasher(topo.secret))
+            self.node = IngressNode(self.name, smap, AffinityHasher(topo.secret), capacity=topo.limits.flows)
         else:
-            self.node = EgressNode(self.name, smap)
+            self.node = EgressNode(self.name, smap, capacity=topo.limits.flows)
         self.edge_ip = edge.address.ip.packed
         self.edge_mac = bytes.fromhex(topo.mac_of(self.name).replace(":", ""))
         self.host_macs = {h.address.ip.packed: bytes.fromhex(topo.mac_of(h.name).replace(":", ""))
