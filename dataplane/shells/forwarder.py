@@ -336,7 +336,7 @@ class Forwarder:
             self.sel.unregister(self.sync.sock)
             self.sync.close()
         self.rep = Replicator(self.node, topo.sync_keyring(self.name), self.incarnation,
-                              Policy(topo.policy), SyncConfig(heartbeat=SYNC_HEARTBEAT),
+                              Policy(topo.policy), SyncConfig(heartbeat=SYNC_HEARTBEAT, resync_limit=topo.limits.flows),
                               FailureDetector(SYNC_HEARTBEAT, topo.timers.misses, topo.timers.holddown))
         spec = topo.service_of(self.name)
         assert spec is not None
