@@ -225,3 +225,19 @@ def test_embryonic_flows_are_capped_per_tenant_and_counted():
 def test_embryonic_cap_must_be_positive():
     with pytest.raises(ValueError):
         firewall_node(10, embryonic_per_tenant=0)
+
+
+def test_the_egress_keeps_answered_flows_through_a_flood():
+    """The egress' entry of a flow the server answered is established: a
+    flood of new flows through a full egress table does not push it out
+    (else the server's next packets are dropped as no_flow_return)."""
+    from dataplane.core.node import EgressNode
+
+    egress = EgressNode("egress", pair_map(), capacity=100)
+    down = wire.pack(1, 0, 7, 1, 1) + raw_tcp(20000, "S", 100)
+    egress.from_fabric(down, "ba", 0.0)
+    assert any(isinstance(e, Send) for e in egress.from_server(raw_tcp(20000, "SA", 900, 101, True), 0.0))
+    for i in range(1000):
+        egress.from_fabric(wire.pack(1, 0, 7, 1, 1) + raw_tcp(30000 + i, "S", i), "ba", 1.0)
+    assert any(isinstance(e, Send) for e in egress.from_server(raw_tcp(20000, "A", 901, 101, True), 2.0))
+    assert egress.drops["no_flow_return"] == 0

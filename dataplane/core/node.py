@@ -513,6 +513,8 @@ class EgressNode(Node):
         entry = self.flows.lookup(key, now)
         if entry is None:
             return self._drop("no_flow_return")
+        if not entry.established:  # the server answered: a flood of new flows cannot push it out
+            self.flows.establish(entry)
         client, chain_id, code = entry.state
         chain = self.map.chains.get(chain_id)
         if chain is None:
