@@ -3,9 +3,9 @@
 import json
 import os
 
-from benchmarks import core, scale, sync
+from benchmarks import core, evict, scale, sync
 
-results = {"core": core.main(), "sync": sync.main(), "scale": scale.main()}
+results = {"core": core.main(), "sync": sync.main(), "scale": scale.main(), "evict": evict.main()}
 if os.geteuid() == 0:
     from benchmarks import failover, fwd, lab, plot, scrape
 

@@ -27,7 +27,8 @@ def bytes_per_entry(n: int) -> float:
     for i in range(n):
         key = (1, i, 6, (0x0A010000 + i % 65536).to_bytes(4, "big"), 1024 + i % 60000,
                b"\x0a\x02\x00\x0a", 80)
-        t.insert(key, 0.0, FlowState(Kind.TCP, 3, True, 0, i, i, i, i))
+        t.insert(key, 0.0, FlowState(Kind.TCP, 3, True, 0, i, i + 7, i, i + 7, i + 65535, i + 70000,
+                                     65535 << 7, 64240 << 7, i + 7, i, 7, 7, 30))
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     return used / n

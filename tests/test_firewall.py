@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, strategies as st
 from scapy.layers.inet import ICMP, IP
 
 from dataplane.core.packet import parse
 from dataplane.core.services import Action
-from dataplane.core.services.firewall import Firewall, FlowState, Kind, TcpState
+from dataplane.core.services.firewall import MAX_WINDOW, Firewall, FlowState, Kind, TcpState
 from tests.conftest import tcp, udp
 
 FW = Firewall(deny_ports=[23])
@@ -52,7 +53,10 @@ def test_progress_is_mirrored_every_stride():
     seq = 101
     for _ in range(300):
         v, st = step(st, tcp(flags="A", seq=seq, ack=901, payload=b"y" * 8000))
+        assert v.action == Action.FORWARD
         seq += 8000
+        mirrors += v.mirror
+        v, st = step(st, tcp(*SERVER_SIDE, flags="A", seq=901, ack=seq), forward=False)  # the server acks
         mirrors += v.mirror
     assert mirrors == 300 * 8000 // (1 << 20)
 
@@ -96,8 +100,154 @@ def test_udp_and_icmp_pseudo_connections():
     assert v.reason == "misdelivery"
 
 
-@given(st.sampled_from(list(Kind)), st.integers(0, 7), st.booleans(), st.integers(0, 3),
-       *[st.integers(0, 2**32 - 1)] * 4)
-def test_state_round_trip(kind, state, orig, fin, e0, e1, s0, s1):
-    s = FlowState(kind, state, orig, fin, e0, e1, s0, s1)
+WORD = st.integers(0, 2**32 - 1)
+TCP_STATES = st.builds(FlowState, st.just(Kind.TCP), st.integers(1, 7), st.booleans(), st.integers(0, 3),
+                       *[WORD] * 10, st.integers(0, 14), st.integers(0, 14), st.integers(0, 31))
+PSEUDO_STATES = st.builds(FlowState, st.sampled_from([Kind.UDP, Kind.ICMP, Kind.OTHER]), st.integers(0, 1),
+                          st.booleans())
+
+
+@given(st.one_of(TCP_STATES, PSEUDO_STATES))
+def test_state_round_trip(s):
+    s.maxwin0, s.maxwin1 = min(s.maxwin0, MAX_WINDOW), min(s.maxwin1, MAX_WINDOW)
     assert FW.decode_state(FW.encode_state(s)) == s
+
+
+def test_the_state_of_older_releases_is_read_as_liberal():
+    """20-byte states (no window) from an older peer still decode: liberal."""
+    import struct
+    old = struct.pack("!BBBB4I", Kind.TCP, TcpState.ESTABLISHED, 1, 0, 601, 901, 601, 901)
+    s = FW.decode_state(old)
+    assert s.flags & 1 and s.end0 == 601
+    v, s = step(s, tcp(flags="PA", seq=601 + 100_000, ack=901, payload=b"x"))
+    assert v.action == Action.FORWARD                  # no window known: liberal
+    assert rst_closes(s, 601 + 100_001)[0] and not rst_closes(s, 601 + 5)[0]
+
+
+@pytest.mark.parametrize("mangle,why", [
+    (lambda b: b[:10], "bytes"), (lambda b: b"\x01" + b[1:], "version"),
+    (lambda b: b[:1] + b"\x09" + b[2:], "kind"), (lambda b: b[:2] + b"\x09" + b[3:], "TCP state"),
+    (lambda b: b[:3] + b"\x02" + b[4:], "direction"), (lambda b: b[:5] + b"\x80" + b[6:], "flags"),
+    (lambda b: b[:6] + b"\x0f" + b[7:], "window"),
+])
+def test_decode_state_refuses_out_of_range_fields(mangle, why):
+    good = FW.encode_state(handshake())
+    FW.decode_state(good)
+    with pytest.raises(ValueError, match=why):
+        FW.decode_state(mangle(good))
+
+
+# -- window tracking and blind RSTs (issue #14, finding 5) ---------------------------
+
+import copy
+import random
+
+from scapy.layers.inet import TCP as ScapyTCP
+from scapy.packet import Raw
+
+SERVER_SIDE = ("10.2.0.10", "10.1.0.10", 80, 40000)
+
+
+def rst_closes(st, seq, forward=True):
+    """Does a RST with `seq` close the flow? (on a copy: the flow stays open)"""
+    args = ((), dict(flags="R", seq=seq)) if forward else (SERVER_SIDE, dict(flags="R", seq=seq))
+    v, after = step(copy.deepcopy(st), tcp(*args[0], **args[1]), forward)
+    return after.state == TcpState.CLOSED, v
+
+
+def test_random_sequence_rsts_do_not_close_an_established_flow():
+    """1000 RSTs with random sequence numbers (a blind attacker's): none
+    closes the flow (with the old +-2^30 window about half did)."""
+    st = handshake()
+    rng = random.Random(14)
+    closed = [seq for seq in (rng.randrange(1 << 32) for _ in range(1000))
+              if seq not in (101, 901) and rst_closes(st, seq, rng.random() < 0.5)[0]]
+    assert closed == []
+
+
+def test_exact_rst_closes_in_window_is_challenged_outside_is_dropped():
+    st = handshake()
+    closes, v = rst_closes(st, 101)                   # the server's rcv_nxt: exact
+    assert closes and v.mirror
+    closes, v = rst_closes(st, 901, forward=False)    # the client's rcv_nxt, from the server
+    assert closes
+    closes, v = rst_closes(st, 101 + 3000)            # in the window, not exact
+    assert not closes and v.action == Action.DROP and v.reason == "rst_challenge"
+    closes, v = rst_closes(st, 101 + 10_000_000)      # far outside the window
+    assert not closes and v.reason == "rst_out_of_window"
+
+
+def test_data_outside_the_tracked_window_is_dropped():
+    """The server announced a window of 8192 bytes: data starting 100 kB
+    ahead was accepted by the +-2^30 check; now it is out of window, and so
+    is an acknowledgement of data the server never sent."""
+    st = handshake()
+    v, st = step(st, tcp(flags="PA", seq=101 + 100_000, ack=901, payload=b"x"))
+    assert v.action == Action.DROP and v.reason == "out_of_window"
+    v, st = step(st, tcp(flags="A", seq=101, ack=901 + 100_000))
+    assert v.reason == "ack_out_of_window"
+    v, st = step(st, tcp(flags="PA", seq=101 + 8000, ack=901, payload=b"y" * 100))   # in the window
+    assert v.action == Action.FORWARD
+
+
+def syn_with(window, wscale, **kw):
+    opts = [("WScale", wscale)] if wscale is not None else []
+    return bytes(IP(src="10.1.0.10", dst="10.2.0.10")
+                 / ScapyTCP(sport=40000, dport=80, window=window, options=opts, **kw))
+
+
+def synack_with(window, wscale, **kw):
+    opts = [("WScale", wscale)] if wscale is not None else []
+    return bytes(IP(src="10.2.0.10", dst="10.1.0.10")
+                 / ScapyTCP(sport=80, dport=40000, window=window, options=opts, **kw))
+
+
+@pytest.mark.parametrize("client_ws,server_ws,accepted", [(7, 7, True), (None, 7, False), (7, None, False)])
+def test_window_scaling_from_the_syn_options(client_ws, server_ws, accepted):
+    """Window scale counts only when both SYNs carry it (RFC 7323): a
+    segment 1 MB ahead fits a window of 16384 << 7 but not of 16384."""
+    _, st = step(None, syn_with(65535, client_ws, flags="S", seq=100))
+    _, st = step(st, synack_with(65535, server_ws, flags="SA", seq=900, ack=101), forward=False)
+    _, st = step(st, tcp(flags="A", seq=101, ack=901))
+    v, st = step(st, bytes(IP(src="10.2.0.10", dst="10.1.0.10")
+                           / ScapyTCP(sport=80, dport=40000, flags="A", seq=901, ack=101, window=16384)),
+                 forward=False)
+    assert v.action == Action.FORWARD
+    v, _ = step(st, tcp(flags="PA", seq=101 + 1_000_000, ack=901, payload=b"z"))
+    assert (v.action == Action.FORWARD) == accepted
+
+
+def test_a_promoted_replica_checks_rsts_with_the_mirrored_window():
+    """The window state is mirrored: a replica decoded from the primary's
+    bytes (what the secondary holds after a failover) refuses a blind RST
+    and accepts the exact one."""
+    st = handshake()
+    _, st = step(st, tcp(flags="PA", seq=101, ack=901, payload=b"x" * 500))
+    v, st = step(st, tcp(*SERVER_SIDE, flags="A", seq=901, ack=601), forward=False)
+    replica = FW.decode_state(FW.encode_state(st))
+    closes, v = rst_closes(replica, 601 + 2000)
+    assert not closes and v.reason == "rst_challenge"
+    closes, v = rst_closes(replica, 601)
+    assert closes
+
+
+@given(st.binary(max_size=80))
+def test_decode_state_of_random_bytes_raises_only_value_error(data):
+    try:
+        FW.decode_state(data)
+    except ValueError:
+        pass
+
+
+@given(st.sampled_from([20, 48]).flatmap(lambda n: st.binary(min_size=n, max_size=n)))
+def test_decode_state_of_random_bytes_of_the_right_sizes(data):
+    """A state that decodes is one the firewall can run: its next packets
+    raise nothing (issue #14 finding 6: an unknown TCP state byte crashed the
+    next packet)."""
+    try:
+        s = FW.decode_state(data)
+    except ValueError:
+        return
+    for pkt, fwd in ((tcp(flags="A", seq=5, ack=7), True), (tcp(*SERVER_SIDE, flags="R", seq=9), False),
+                     (udp(), True)):
+        FW.process(parse(pkt), fwd, copy.deepcopy(s), 0.0)

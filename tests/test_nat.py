@@ -89,8 +89,9 @@ def checksums_ok(data: bytes) -> bool:
 def reply_to(out: bytes, flags: str = "SA", payload: bytes = b"") -> bytes:
     """The server's answer to a packet it received."""
     p = IP(out)
-    return tcp(p.dst, p.src, p[TCP].dport, p[TCP].sport, flags=flags, seq=9000,
-               ack=p[TCP].seq + 1 + len(p[TCP].payload), payload=payload)
+    syn_fin = 1 if p[TCP].flags & 0x03 else 0     # a SYN or FIN takes a sequence number
+    return tcp(p.dst, p.src, p[TCP].dport, p[TCP].sport, flags=flags, seq=9000 if "S" in flags else 9001,
+               ack=p[TCP].seq + syn_fin + len(p[TCP].payload), payload=payload)
 
 
 def test_forward_source_translated_reply_translated_back_checksums_correct():

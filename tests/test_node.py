@@ -10,6 +10,7 @@ from dataplane.core.events import Deliver, Drop, Mirror, Send, TookOver
 from dataplane.core.node import EGRESS, INGRESS, EgressNode, IngressNode, ServiceNode
 from dataplane.core.servicemap import Chain, InstanceState, ServiceMap, Tenant
 from dataplane.core.services import create
+from dataplane.core.services.firewall import TcpState
 from tests.conftest import tcp, udp
 
 HASHER = AffinityHasher(b"node-tests")
@@ -252,3 +253,34 @@ def test_rejected_connection_gets_a_reset_back_to_the_client():
     rst = IP(mesh.delivered[INGRESS][0])
     assert rst[TCP].flags == "RA" and rst[TCP].ack == 78 and rst[TCP].dport == 40000
     assert rst.src == "10.2.0.10" and rst.dst == "10.1.0.10"
+
+
+def test_a_promoted_secondary_refuses_a_blind_rst_and_takes_the_exact_one():
+    """Issue #14, finding 5, across a failover: the window is in the
+    mirrored state, so the promoted secondary drops a blind in-window RST
+    (`rst_challenge`) and one far outside (`rst_out_of_window`), and the
+    connection carries on; a RST at the server's next expected byte closes it."""
+    mesh = Mesh()
+    server = ("10.2.0.10", "10.1.0.10", 80, 40000)
+    mesh.client(tcp(flags="S", seq=100))
+    mesh.server(tcp(*server, "SA", seq=900, ack=101))
+    mesh.client(tcp(flags="A", seq=101, ack=901))
+    mesh.client(tcp(flags="PA", seq=101, ack=901, payload=b"x" * 500))
+    mesh.server(tcp(*server, "A", seq=901, ack=601))
+    code = mesh.hops[0][2].code
+    primary, sec = mesh.map.primary("B", code), mesh.map.secondary("B", code)
+    mesh.kill(primary)
+    node = mesh.nodes[sec]
+    mesh.client(tcp(flags="PA", seq=601, ack=901, payload=b"y" * 100))    # the stream goes on
+    mesh.server(tcp(*server, "A", seq=901, ack=701))
+    delivered = len(mesh.delivered[EGRESS])
+    mesh.client(tcp(flags="R", seq=701 + 3000))                          # blind, in window
+    mesh.client(tcp(flags="R", seq=(701 + (1 << 31)) % (1 << 32)))      # blind, far out
+    assert node.drops["rst_challenge"] == 1 and node.drops["rst_out_of_window"] == 1
+    entry = next(e for e in node.flows if e.key[2] == 6)
+    assert entry.state.state == TcpState.ESTABLISHED
+    mesh.client(tcp(flags="PA", seq=701, ack=901, payload=b"z" * 10))     # still carried
+    assert len(mesh.delivered[EGRESS]) == delivered + 1
+    mesh.client(tcp(flags="R", seq=711))                                  # exact
+    assert entry.state.state == TcpState.CLOSED
+    assert mesh.delivered[EGRESS][-1] == tcp(flags="R", seq=711)

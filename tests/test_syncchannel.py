@@ -11,7 +11,7 @@ from dataplane.core import syncwire as sw
 from dataplane.core.events import FlowUpdate
 from dataplane.sim.simlink import Faults, SimLink
 from dataplane.core.syncchannel import (Apply, BulkDone, BulkProgress, InSync, PeerRestarted,
-                                   Rejected, ResyncFlows, State, SyncChannel, SyncConfig, Transmit)
+                                   Rejected, ResyncFlows, ResyncRequested, State, SyncChannel, SyncConfig, Transmit)
 
 KEYS = sw.Keyring({1: b"k" * 32}, current=1)
 
@@ -52,7 +52,7 @@ class Side:
             elif isinstance(ev, ResyncFlows):
                 for k in ev.keys:
                     self.ch.submit(self.current(k), now)
-            elif isinstance(ev, PeerRestarted):
+            elif isinstance(ev, (PeerRestarted, ResyncRequested)):
                 self.ch.start_bulk([self.current(k) for k in sorted(self.truth)], now)
 
 
@@ -456,3 +456,23 @@ def test_a_datagram_under_a_retired_key_is_refused_and_counted():
     w.a.update(2, w.now)
     w.run(0.05)
     assert live(w.b.replica) == live(w.a.truth) and w.b.ch.rejected == {"unknown_key": 1}
+
+
+def test_flows_remembered_for_a_silent_peer_are_bounded():
+    """Towards a peer that never answers, updates past `pending_limit` were
+    remembered as keys without bound (860k after 1M flows). Past
+    `resync_limit` the channel forgets them and marks the peer as needing a
+    full bulk (counted); once the peer answers, it gets one and converges."""
+    cfg = SyncConfig(resend_queue=64, pending_limit=100, resync_limit=500)
+    w = World(4, config=cfg)
+    w.cut.add("bb")
+    for i in range(5000):
+        w.a.update(i, w.now)
+        if i % 50 == 0:
+            w.step()
+    assert len(w.a.ch._resync_keys) <= 500
+    assert w.a.ch.needs_bulk and w.a.ch.stats["resync_overflow_bulk"] == 1
+    assert not w.a.ch.in_sync(w.now)
+    w.cut.clear()
+    w.run(1.0)
+    assert w.converged() and not w.a.ch.needs_bulk

@@ -65,6 +65,11 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('scrape_interval_ms = 200', 'scrape_interval_ms = 1', "observability.scrape_interval_ms: must be 10-60000"),
     ('scrape_interval_ms = 200', 'scrape_every = 1', "observability.scrape_every: unknown key"),
     ('prometheus = false', 'prometheus = "yes"', "observability.prometheus: expected bool, got str"),
+    ('embryonic_per_tenant = 65536', 'embryonic_per_tenant = 0', "limits.embryonic_per_tenant: must be 1 to limits.flows"),
+    ('embryonic_per_tenant = 65536', 'embryonic_per_tenant = 2000000', "limits.embryonic_per_tenant: must be 1 to limits.flows (1048576)"),
+    ('embryonic_per_tenant = 65536', 'embryonic_per_tenant = "lots"', "limits.embryonic_per_tenant: expected int, got str"),
+    ('flows = 1048576', 'flows = 0', "limits.flows: must be 1-16777216"),
+    ('flows = 1048576', 'max_flows = 1', "limits.max_flows: unknown key"),
 ])
 def test_precise_errors(tmp_path, old, new, needle):
     path = variant(tmp_path, old, new)

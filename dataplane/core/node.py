@@ -42,7 +42,7 @@ replicas) by it and finds a reply's flow through the index.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from dataplane.core import header as wire
 from dataplane.core.affinity import AffinityHasher, flow_endpoints
@@ -65,6 +65,10 @@ FAST_ENTRIES = 1 << 16
 """Exact-match cache size (per direction of a flow): the hot flows. Bounded
 so it adds at most ~16 MB beside a flow table of a million entries."""
 _FAST_PROTOS = (TCP, UDP)
+EMBRYONIC_PER_TENANT = 1 << 16
+"""Default cap on one tenant's embryonic flows per instance (topology
+`[limits] embryonic_per_tenant`): a flood from one tenant is refused
+(`embryonic_limit`) before it fills the table for the others."""
 
 
 def flow_key(chain: int, code: int, inner: Inner) -> tuple[FlowKey, bool]:
@@ -128,15 +132,22 @@ class ServiceNode(Node):
     """An instance of one service in the chain."""
 
     def __init__(self, name: str, smap: ServiceMap, service: Service, capacity: int = 1 << 20,
-                 mirroring: bool = True, exact_match: bool = True) -> None:
+                 mirroring: bool = True, exact_match: bool = True,
+                 embryonic_per_tenant: int = EMBRYONIC_PER_TENANT) -> None:
         super().__init__(name, smap, capacity)
         svc = smap.service_of(name)
         if svc is None:
             raise ValueError(f"instance {name!r} is not in the service map")
+        if embryonic_per_tenant < 1:
+            raise ValueError("embryonic_per_tenant must be at least 1")
         self.service_name = svc
         self.service = service
         self.mirroring = mirroring
-        self._lost: dict[FlowKey, None] = {}
+        self.embryonic_per_tenant = embryonic_per_tenant
+        self._established = getattr(service, "established", None)
+        """The service's own test of a flow's eviction class; without it a
+        flow is established once a packet came back from the responder."""
+        self._lost: OrderedDict[FlowKey, None] = OrderedDict()
         self._rewrite = getattr(service, "rewrite", None)
         self._translated = getattr(service, "translated", None)
         self._by_translated: dict[tuple, FlowKey] | None = None
@@ -146,7 +157,7 @@ class ServiceNode(Node):
             members = list(smap.services[svc])
             service.attach(members.index(name), len(members), self._taken)
         self._fast_check = getattr(service, "fast", None) if exact_match and self._rewrite is None else None
-        self._fast: dict[bytes, tuple] = {}
+        self._fast: OrderedDict[bytes, tuple] = OrderedDict()
         """header[0:20] + inner addresses and ports -> (entry, version,
         generation, src, proto, forward, hop, output header)."""
 
@@ -208,7 +219,10 @@ class ServiceNode(Node):
         if verdict.action == Action.REPLY:
             return self._reply(h, n, pos, reverse, src, verdict.reason, verdict.reply)
         if entry is None and state is not None:
-            entry = self.flows.insert(key, now, state)
+            born = self._is_established(state, reverse)
+            if not born and self.flows.embryonic_of(h.client) >= self.embryonic_per_tenant:
+                return self._drop("embryonic_limit", events)
+            entry = self.flows.insert(key, now, state, h.client, born)
             if self._translated is not None:
                 self._index(entry)
         if entry is None:
@@ -216,6 +230,8 @@ class ServiceNode(Node):
                 self._count_lost(key)
             return self._drop(verdict.reason or "no_state", events)
         entry.state = state
+        if not entry.established and self._is_established(state, reverse):
+            self.flows.establish(entry)
         entry.packets += 1
         entry.rev_packets += reverse
         entry.bytes += inner.length
@@ -250,11 +266,17 @@ class ServiceNode(Node):
             self._remember(exact, entry, src, inner.proto, not reverse, hop, head)
         return events
 
+    def _is_established(self, state: object, reverse: bool) -> bool:
+        """The eviction class of a flow after a packet: the service's verdict
+        if it has one (the firewall: TCP past the handshake, a reply seen),
+        else whether this packet came back from the responder."""
+        return self._established(state) if self._established is not None else reverse
+
     def _remember(self, exact: bytes, entry: FlowEntry, src: str | None, proto: int,
                   forward: bool, hop: str, head: bytes) -> None:
         """Cache a packet's way through the full path for the next ones."""
         if len(self._fast) >= FAST_ENTRIES:
-            self._fast.pop(next(iter(self._fast)))
+            self._fast.popitem(last=False)
         self._fast[exact] = (entry, entry.version, self.flows.generation, src, proto, forward, hop, head)
 
     def _fast_path(self, hit: tuple, data: bytes, src: str | None, now: float) -> list[Event] | None:
@@ -318,7 +340,7 @@ class ServiceNode(Node):
             self._lost[key] = None
             self.counters["flows_lost"] += 1
             if len(self._lost) > LOST_MEMORY:
-                self._lost.pop(next(iter(self._lost)))
+                self._lost.popitem(last=False)
 
     def _route(self, services: list[str], pos: int, reverse: bool, code: int,
                entry: FlowEntry) -> tuple[str | None, bool, bool]:
@@ -367,12 +389,18 @@ class ServiceNode(Node):
         except ValueError:
             self.drops["bad_state"] += 1
             return False
+        # a replica's class comes from its state; without the service's test
+        # it counts as established (no reply flag is mirrored), so mirrored
+        # floods never push out the replicas of live connections
+        established = self._established(state) if self._established is not None else True
         if entry is None:
-            entry = self.flows.insert(update.key, now, state)  # new: last seen now, at the end
+            entry = self.flows.insert(update.key, now, state, established=established)  # last seen now
             entry.replica = True
             self.flows.replicas += 1
         else:
             self.flows.touch(update.key, now)
+            if established and not entry.established:
+                self.flows.establish(entry)
         entry.state = state
         entry.version = update.version
         entry.fwd_hop, entry.prev_hop = update.fwd_hop, update.prev_hop
@@ -485,6 +513,8 @@ class EgressNode(Node):
         entry = self.flows.lookup(key, now)
         if entry is None:
             return self._drop("no_flow_return")
+        if not entry.established:  # the server answered: a flood of new flows cannot push it out
+            self.flows.establish(entry)
         client, chain_id, code = entry.state
         chain = self.map.chains.get(chain_id)
         if chain is None:

@@ -43,7 +43,7 @@ class Inner:
 
     __slots__ = ("family", "src", "dst", "proto", "sport", "dport", "fragment",
                  "l4", "tcp_flags", "seq", "ack", "window", "payload", "length",
-                 "icmp_error")
+                 "icmp_error", "wscale")
 
     def __init__(self) -> None:
         self.family = 4
@@ -57,6 +57,9 @@ class Inner:
         self.payload: bytes | memoryview = b""
         self.length = 0
         self.icmp_error: Inner | None = None
+        self.wscale = -1
+        """A SYN's window scale option (RFC 7323), -1 without one; parsed
+        only for SYNs, which alone may carry it (the firewall's window)."""
 
     def __repr__(self) -> str:
         return (f"Inner(v{self.family} proto={self.proto} {self.src.hex()}:{self.sport}"
@@ -147,6 +150,8 @@ def _parse_l4(p: Inner, buf: bytes | memoryview, embedded: bool) -> None:
             hl = (dataofs >> 4) * 4
             if hl < 20 or hl > len(seg):
                 raise PacketError("inner_bad_tcp_header")
+            if p.tcp_flags & TCP_SYN and hl > 20:
+                p.wscale = _wscale(seg, hl)
             p.payload = seg[hl:]
         elif p.proto == UDP and not embedded:
             p.payload = seg[8:]
@@ -162,6 +167,25 @@ def _parse_l4(p: Inner, buf: bytes | memoryview, embedded: bool) -> None:
                     p.icmp_error = parse(seg, 8, embedded=True)
                 except PacketError:
                     p.icmp_error = None
+
+
+def _wscale(seg: bytes | memoryview, hl: int) -> int:
+    """The window scale option among a TCP header's options, -1 if none
+    (or the options are malformed: then no option is trusted)."""
+    i = 20
+    while i < hl:
+        kind = seg[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= hl or seg[i + 1] < 2 or i + seg[i + 1] > hl:
+            return -1
+        if kind == 3 and seg[i + 1] == 3:
+            return min(seg[i + 2], 14)
+        i += seg[i + 1]
+    return -1
 
 
 def tcp_reset(p: Inner) -> bytes:

@@ -53,10 +53,12 @@ DROP_REASONS: dict[str, str] = {
     "policy_denied": "new flow refused by the service's policy",
     "policy_rejected": "new flow refused and answered (a TCP RST)",
     "rst_out_of_window": "TCP RST outside the flow's window",
+    "rst_challenge": "TCP RST inside the window but not at the receiver's next byte (RFC 5961; the hosts' challenge ACK sorts it out)",
     "out_of_window": "TCP segment outside the flow's window",
     "ack_out_of_window": "TCP acknowledgement of data never sent",
     "unexpected_syn": "a SYN in the wrong direction or state of a TCP connection",
     "blocked": "packet of a flow an inspection content rule blocked",
+    "embryonic_limit": "new flow refused: its tenant holds as many half-open flows as it may",
     "nat_unsupported": "a packet the NAT cannot translate (not IPv4 TCP/UDP, a fragment)",
     "nat_exhausted": "no free public address and port in the NAT instance's share of the pool",
     # state sync (dataplane.core.node.apply_update)

@@ -91,6 +91,12 @@ class SyncConfig:
     nack_interval: float = 0.005
     resend_queue: int = 8192
     pending_limit: int = 1 << 17
+    resync_limit: int = 1 << 20
+    """Most flow keys remembered for re-sending past `pending_limit` (a
+    silent peer made this grow without bound: 860k keys after 1M flows).
+    Past it the keys are forgotten and the peer gets one full bulk when it
+    answers (`needs_bulk`, counted as `resync_overflow_bulk`). The forwarder
+    sets it to the flow table's capacity."""
     reorder_buffer: int = 16384
     bulk_rate: float = 200_000.0
     retransmit_burst: int = 256
@@ -235,6 +241,9 @@ class SyncChannel:
         self._unacked: OrderedDict[int, tuple[Record, FlowKey | None, float, float | None]] = OrderedDict()
         """seq -> (record, flow key, first sent, last resent or None)"""
         self._resync_keys: set[FlowKey] = set()
+        self.needs_bulk = False
+        """Too many flows to remember for the peer: it gets a full bulk
+        (`ResyncRequested`) once the channel is established."""
         self.acked_upto = 1
         self._bulks: list[_Bulk] = []
         self._bulk_ids = 0
@@ -274,6 +283,13 @@ class SyncChannel:
             self.stats["coalesced"] += 1
         elif len(self._pending) >= self.config.pending_limit:
             self.stats["resend_overflow"] += 1
+            if self.needs_bulk or k in self._resync_keys:
+                return
+            if len(self._resync_keys) >= self.config.resync_limit:
+                self.needs_bulk = True
+                self._resync_keys.clear()
+                self.stats["resync_overflow_bulk"] += 1
+                return
             self._resync_keys.add(k)
             return
         self._pending[k] = (sw.flow_record(update), k, update.version)
@@ -316,7 +332,7 @@ class SyncChannel:
     def in_sync(self, now: float) -> bool:
         """Sender's view: the peer holds everything we mirrored (no bulk,
         resync or overflow outstanding, nothing unacked for more than 2 RTOs)."""
-        if self.state != State.ESTABLISHED or self._bulks or self._resync_keys:
+        if self.state != State.ESTABLISHED or self._bulks or self._resync_keys or self.needs_bulk:
             return False
         return self.lag(now) < 2 * self.config.rto
 
@@ -332,6 +348,7 @@ class SyncChannel:
                 "acked_upto": self.acked_upto, "resend_queue": len(self._unacked),
                 "pending": len(self._pending), "lag_ms": round(self.lag(now) * 1000, 3),
                 "unsynced_flows": len(self._resync_keys) + len(self._unacked),
+                "needs_bulk": self.needs_bulk,
                 "bulks": [{"id": b.id, "sent": b.sent, "total": b.total} for b in self._bulks],
                 "stats": dict(self.stats), "rejected": dict(self.rejected)}
 
@@ -497,6 +514,9 @@ class SyncChannel:
         cfg = self.config
         if self.state != State.ESTABLISHED and now - self._last_hello >= cfg.heartbeat:
             out.append(self._hello(now))
+        if self.needs_bulk and self.state == State.ESTABLISHED:
+            self.needs_bulk = False
+            out.append(ResyncRequested())
         room = self.config.pending_limit - len(self._pending)
         if self._resync_keys and self.state == State.ESTABLISHED and room > 0:
             keys = frozenset(islice(self._resync_keys, room))
@@ -612,6 +632,7 @@ class SyncChannel:
         self.peer_in_sync = False
         self.synced_epoch = 0
         self.stats["peer_restarts" if not first else "peer_contacts"] += 1
+        self.needs_bulk = False  # the peer gets a full bulk for this (PeerRestarted)
         if not first:
             dropped = len(self._unacked) + len(self._pending)
             self.stats["dropped_on_peer_restart"] += dropped

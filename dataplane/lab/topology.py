@@ -88,6 +88,18 @@ class Observability:
     scrape_interval: float = 0.200
 
 
+@dataclass
+class Limits:
+    """`[limits]`: bounds of every forwarder's flow table. `flows` is the
+    table's capacity (also the most flow keys a sync channel remembers for
+    a peer before asking for a full bulk instead); `embryonic_per_tenant`
+    how many half-open flows one tenant may hold on one instance, so a flood
+    from one tenant is refused before it fills the table for the others."""
+
+    flows: int = 1 << 20
+    embryonic_per_tenant: int = 1 << 16
+
+
 PROMETHEUS_NODE = "prom"
 """The name (and namespace suffix) of the lab's Prometheus server."""
 
@@ -124,6 +136,7 @@ class Topology:
     gso: bool = False
     """Carry the hosts' TCP super-frames whole (see `dataplane.shells.forwarder`)."""
     observability: Observability = field(default_factory=Observability)
+    limits: Limits = field(default_factory=Limits)
 
     # -- derived ------------------------------------------------------------------
 
@@ -281,7 +294,8 @@ class _Validator:
 
     def topology(self) -> Topology:
         unknown = set(self.doc) - {"lab", "timers", "fabric", "controller", "ingress", "egress",
-                                   "hosts", "services", "tenants", "observability"}
+                                   "hosts", "services", "tenants", "observability",
+                                   "limits"}
         if unknown:
             raise self.fail(sorted(unknown)[0], "unknown section")
         lab = self.table("lab")
@@ -327,6 +341,7 @@ class _Validator:
         services = self.services()
         tenants = self.tenants(services)
         obs = self.observability(self.table("observability", required=False))
+        limits = self.limits(self.table("limits", required=False))
         n_extra = int(obs.prometheus)
         n_fabric = 3 + sum(len(s.members) for s in services.values())
         if FIRST_INSTANCE_HOST + n_fabric + n_extra > subnet.num_addresses - 2:
@@ -344,7 +359,20 @@ class _Validator:
             keys[f"services.{sname}.sync_key"] = spec.sync_key
         return Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
-                        services, tenants, gso, obs)
+                        services, tenants, gso, obs, limits)
+
+    def limits(self, t: dict[str, Any]) -> Limits:
+        unknown = set(t) - {"flows", "embryonic_per_tenant"}
+        if unknown:
+            raise self.fail(f"limits.{sorted(unknown)[0]}", "unknown key")
+        flows = self.get(t, "flows", "limits", int, Limits.flows)
+        embryonic = self.get(t, "embryonic_per_tenant", "limits", int, min(Limits.embryonic_per_tenant, flows))
+        if not 1 <= flows <= 1 << 24:
+            raise self.fail("limits.flows", "must be 1-16777216 (the flow table's capacity)")
+        if not 1 <= embryonic <= flows:
+            raise self.fail("limits.embryonic_per_tenant",
+                            f"must be 1 to limits.flows ({flows}): half-open flows one tenant may hold")
+        return Limits(flows, embryonic)
 
     def observability(self, t: dict[str, Any]) -> Observability:
         unknown = set(t) - {"metrics_port", "prometheus", "prometheus_port", "scrape_interval_ms"}

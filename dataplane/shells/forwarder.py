@@ -337,14 +337,15 @@ class Forwarder:
             spec = topo.service_of(self.name)
             assert spec is not None
             self.node = ServiceNode(self.name, smap, create(spec.kind, **spec.options),
-                                    mirroring=topo.policy != "off")
+                                    capacity=topo.limits.flows, mirroring=topo.policy != "off",
+                                    embryonic_per_tenant=topo.limits.embryonic_per_tenant)
             self._new_replicator()
             return
         edge = topo.ingress if self.role == "ingress" else topo.egress
         if self.role == "ingress":
-            self.node = IngressNode(self.name, smap, AffinityHasher(topo.secret))
+            self.node = IngressNode(self.name, smap, AffinityHasher(topo.secret), capacity=topo.limits.flows)
         else:
-            self.node = EgressNode(self.name, smap)
+            self.node = EgressNode(self.name, smap, capacity=topo.limits.flows)
         self.edge_ip = edge.address.ip.packed
         self.edge_mac = bytes.fromhex(topo.mac_of(self.name).replace(":", ""))
         self.host_macs = {h.address.ip.packed: bytes.fromhex(topo.mac_of(h.name).replace(":", ""))
@@ -367,7 +368,7 @@ class Forwarder:
             self.sync.close()
         assert self.sync_keys is not None
         self.rep = Replicator(self.node, self.sync_keys, self.incarnation,
-                              Policy(topo.policy), SyncConfig(heartbeat=SYNC_HEARTBEAT),
+                              Policy(topo.policy), SyncConfig(heartbeat=SYNC_HEARTBEAT, resync_limit=topo.limits.flows),
                               FailureDetector(SYNC_HEARTBEAT, topo.timers.misses, topo.timers.holddown))
         spec = topo.service_of(self.name)
         assert spec is not None

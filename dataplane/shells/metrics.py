@@ -84,7 +84,7 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 """Every metric family, as the README's table lists it."""
 
-REMOVAL_CAUSES = ("evicted", "expired", "deleted", "deleted_by_peer", "discarded_declared_dead")
+REMOVAL_CAUSES = ("evicted_embryonic", "evicted_established", "expired", "deleted", "deleted_by_peer", "discarded_declared_dead")
 
 
 class NodeCollector:

@@ -14,6 +14,13 @@ must), and False, touching nothing, for anything else, which then takes
 `process`. The node's exact-match cache calls it instead of parsing the
 packet (`dataplane.core.node`); a service without it always takes `process`.
 
+A service may offer `established(state) -> bool`, its flow's eviction
+class in the flow table (`dataplane.core.flowtable`): False while the
+responder has not answered (evicted first under a flood of new flows, and
+counted against the tenant's cap on half-open flows), True after. Without
+it the node counts a flow established once a packet came back from the
+responder (a replica: at once, since that is not mirrored).
+
 A service that changes packets (the NAT) offers `rewrite(state, forward,
 packet) -> bytes` and `translated(state)`, the tuple its flows carry on the
 server side, and is told its place among its service's instances by
