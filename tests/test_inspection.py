@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from scapy.layers.inet import IP as SIP, TCP as STCP
+from scapy.packet import Raw
 
 from dataplane.core.packet import parse
 from dataplane.core.services import Action
@@ -13,7 +15,10 @@ RULES = [{"name": "exfil", "pattern": "SECRET-TOKEN"}]
 
 
 def send(svc, st, payload, forward=True):
-    return svc.process(parse(tcp(flags="PA", payload=payload)), forward, st, 0.0)
+    """The next in-order segment of the direction (its stream's next sequence number)."""
+    stream = st.streams[0 if forward else 1] if st is not None else None
+    seq = stream.nxt if stream is not None and stream.synced else 1000
+    return svc.process(parse(tcp(flags="PA", seq=seq, payload=payload)), forward, st, 0.0)
 
 
 def test_app_detection():
@@ -60,9 +65,170 @@ def test_partial_match_state_survives_a_move(mirrored):
 def test_limit_turns_to_allow_and_state_round_trips():
     svc = Inspection(rules=RULES, inspect_limit=100)
     _, st = send(svc, None, b"a" * 150)
-    assert st.action == FlowAction.ALLOW and st.tails == [b"", b""]
+    assert st.action == FlowAction.INSPECT and st.streams[0].tail == b"" and st.streams[0].scanned == 150
+    _, st = send(svc, st, b"b" * 150, forward=False)
+    assert st.action == FlowAction.ALLOW and [s.tail for s in st.streams] == [b"", b""]
     assert svc.decode_state(svc.encode_state(st)) == st
     with pytest.raises(ValueError):
         svc.decode_state(b"\x00" * 5)
     with pytest.raises(ValueError):
         Inspection(rules=[{"name": "x", "pattern": ""}])
+
+
+# --- issue #14 finding 1: reassembly by sequence number -------------------------------
+
+ISN_C, ISN_S = 1000, 9000
+H = "10.1.0.10", "10.2.0.10"
+
+
+def seg(seq: int, payload: bytes = b"", flags: str = "PA", forward: bool = True, ack: int = 0,
+        chksum: int | None = None):
+    """A TCP segment of the flow, either direction, with a chosen checksum."""
+    src, dst = H if forward else H[::-1]
+    sport, dport = (40000, 80) if forward else (80, 40000)
+    t = STCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack)
+    if chksum is not None:
+        t.chksum = chksum
+    return parse(bytes(SIP(src=src, dst=dst) / t / Raw(payload)))
+
+
+def handshake(svc):
+    """SYN, SYN/ACK: both directions' next sequence numbers known."""
+    _, st = svc.process(seg(ISN_C, flags="S"), True, None, 0.0)
+    _, st = svc.process(seg(ISN_S, flags="SA", forward=False, ack=ISN_C + 1), False, st, 0.0)
+    return st
+
+
+def run(svc, st, segments, forward=True):
+    """Feed (offset, bytes) pairs of one direction; the segments forwarded, and the verdicts."""
+    isn = ISN_C if forward else ISN_S
+    passed, verdicts = [], []
+    for off, data in segments:
+        v, st = svc.process(seg(isn + 1 + off, data, forward=forward), forward, st, 0.0)
+        verdicts.append(v)
+        if v.action == Action.FORWARD:
+            passed.append((off, data))
+    return st, passed, verdicts
+
+
+def receivable(passed) -> list[bytes]:
+    """What a receiving TCP could reassemble from the forwarded segments: with
+    the first copy of overlapping bytes winning, and with the last one
+    winning (a server that never got the first copy, as an attacker arranges
+    with a TTL that expires past the middlebox)."""
+    out = []
+    for order in (passed, passed[::-1]):
+        buf: dict[int, int] = {}
+        for off, data in order:
+            for i, b in enumerate(data):
+                buf.setdefault(off + i, b)
+        stream = bytearray()
+        while len(stream) in buf:
+            stream.append(buf[len(stream)])
+        out.append(bytes(stream))
+    return out
+
+
+def leaked(passed) -> bool:
+    return any(b"SECRET-TOKEN" in s for s in receivable(passed))
+
+
+def test_reverse_order_segments_do_not_evade():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, passed, vs = run(svc, st, [(7, b"TOKEN"), (0, b"SECRET-"), (7, b"TOKEN")])
+    assert vs[0].action == Action.DROP and vs[0].reason == "out_of_order"
+    assert vs[1].action == Action.FORWARD
+    assert vs[2].reason == "blocked" and st.action == FlowAction.BLOCK
+    assert not leaked(passed)
+
+
+def test_three_segments_out_of_order_do_not_evade():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    parts = [(8, b"OKEN"), (0, b"SECR"), (4, b"ET-T")]
+    st, passed, vs = run(svc, st, parts + [(8, b"OKEN")])   # the sender retransmits
+    assert [v.reason for v in vs] == ["out_of_order", "", "", "blocked"]
+    assert not leaked(passed)
+
+
+def test_bad_checksum_segment_is_dropped_before_it_is_scanned():
+    """A segment the server will discard (bad checksum) must not be what
+    the inspection scanned in place of the one the server keeps."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    v, st = svc.process(seg(ISN_C + 1, b"SECRET-"), True, st, 0.0)
+    assert v.action == Action.FORWARD
+    v, st = svc.process(seg(ISN_C + 8, b"XXXXX", chksum=0x1234), True, st, 0.0)
+    assert v.action == Action.DROP and v.reason == "bad_checksum"
+    v, st = svc.process(seg(ISN_C + 8, b"TOKEN"), True, st, 0.0)
+    assert v.reason == "blocked"
+
+
+def test_overlap_with_other_bytes_is_dropped():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, passed, vs = run(svc, st, [(0, b"SECRET-XXXXX"), (7, b"TOKEN")])
+    assert vs[0].action == Action.FORWARD
+    assert vs[1].action == Action.DROP and vs[1].reason == "overlap_mismatch"
+    assert not leaked(passed)
+
+
+def test_benign_stream_passes_with_reordering_and_retransmissions():
+    """Control: a real TCP's behaviour (in order, an identical
+    retransmission, a segment ahead that is retransmitted) passes whole."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    data = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n" * 4
+    parts = [(i, data[i:i + 30]) for i in range(0, len(data), 30)]
+    order = [parts[0], parts[2], parts[1], parts[2], parts[0]] + parts[3:]
+    st, passed, vs = run(svc, st, order)
+    assert [v.reason for v in vs].count("out_of_order") == 1
+    assert receivable(passed) == [data, data]
+    assert st.action == FlowAction.INSPECT and st.app == "http"
+
+
+def test_pattern_split_across_in_order_segments_blocks():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, passed, vs = run(svc, st, [(0, b"..SECRET-"), (9, b"TOKEN..")])
+    assert vs[1].reason == "blocked" and not leaked(passed)
+
+
+def test_limit_counts_per_direction():
+    """1 MiB from the server does not turn the client's direction to allow."""
+    svc = Inspection(rules=RULES, inspect_limit=1 << 20)
+    st = handshake(svc)
+    chunk = b"x" * 32000
+    off = 0
+    while off <= 1 << 20:
+        v, st = svc.process(seg(ISN_S + 1 + off, chunk, forward=False, ack=ISN_C + 1), False, st, 0.0)
+        assert v.action == Action.FORWARD
+        off += len(chunk)
+        _, st = svc.process(seg(ISN_C + 1, b"", flags="A", ack=ISN_S + 1 + off), True, st, 0.0)
+    v, st = svc.process(seg(ISN_C + 1, b"SECRET-TOKEN", ack=ISN_S + 1 + off), True, st, 0.0)
+    assert v.reason == "blocked"
+
+
+def test_a_direction_past_its_limit_is_no_longer_scanned():
+    """Control of the per-direction limit: the limit still ends inspection
+    of the direction that carried it."""
+    svc = Inspection(rules=RULES, inspect_limit=100)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"a" * 150)])
+    st, _, vs = run(svc, st, [(150, b"SECRET-TOKEN")])
+    assert vs[0].action == Action.FORWARD
+    st, _, vs = run(svc, st, [(0, b"b" * 150), (150, b"SECRET-TOKEN")], forward=False)
+    assert vs[1].action == Action.FORWARD and st.action == FlowAction.ALLOW
+
+
+@pytest.mark.parametrize("mirrored", [True, False])
+def test_reassembly_state_survives_a_move(mirrored):
+    """First half on the primary, the state mirrored, the second half on the
+    promoted secondary: blocked, only when the state was carried over."""
+    first, second = Inspection(rules=RULES), Inspection(rules=RULES)
+    st = handshake(first)
+    st, _, _ = run(first, st, [(0, b"header SECRET-")])
+    carried = second.decode_state(first.encode_state(st)) if mirrored else None
+    _, _, vs = run(second, carried, [(14, b"TOKEN trailer")])
+    assert (vs[0].reason == "blocked") is mirrored
