@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import IP as SIP, TCP as STCP
+from scapy.layers.inet import IP as SIP, TCP as STCP, UDP as SUDP
 from scapy.packet import Raw
 
+from dataplane.core import header as wire
+from dataplane.core.node import ServiceNode
 from dataplane.core.packet import parse
-from dataplane.core.services import Action
+from dataplane.core.services import Action, create
 from dataplane.core.services.inspection import FlowAction, Inspection
-from tests.conftest import tcp
+from tests.conftest import codes_led_by, pair_map, tcp
 
 RULES = [{"name": "exfil", "pattern": "SECRET-TOKEN"}]
 
@@ -232,3 +234,97 @@ def test_reassembly_state_survives_a_move(mirrored):
     carried = second.decode_state(first.encode_state(st)) if mirrored else None
     _, _, vs = run(second, carried, [(14, b"TOKEN trailer")])
     assert (vs[0].reason == "blocked") is mirrored
+
+
+def test_a_direction_waits_for_its_receiver_past_the_history():
+    """Every unacknowledged byte stays comparable: a sender more than
+    HISTORY bytes past its receiver's ack is dropped until the ack comes."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, vs = run(svc, st, [(0, b"a" * 40000), (40000, b"b" * 30000)])
+    assert [v.reason for v in vs] == ["", "inspect_window"]
+    _, st = svc.process(seg(ISN_S + 1, b"", flags="A", forward=False, ack=ISN_C + 1 + 40000), False, st, 0.0)
+    st, _, vs = run(svc, st, [(40000, b"b" * 30000)])
+    assert vs[0].action == Action.FORWARD and len(st.streams[0].history) == 30000
+
+
+def test_acknowledged_bytes_are_not_kept_and_acks_past_the_stream_are_ignored():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"0123456789")])
+    _, st = svc.process(seg(ISN_S + 1, flags="A", forward=False, ack=ISN_C + 1 + 4), False, st, 0.0)
+    assert bytes(st.streams[0].history) == b"456789"
+    _, st = svc.process(seg(ISN_S + 1, flags="A", forward=False, ack=ISN_C + 1 + 99), False, st, 0.0)
+    assert st.streams[0].acked == ISN_C + 1 + 4      # a forged ack cannot make it skip
+    st, _, vs = run(svc, st, [(4, b"45XX89")])
+    assert vs[0].reason == "overlap_mismatch"
+
+
+def test_a_promoted_state_resumes_where_the_stream_is():
+    """The mirror lags the primary: the promoted instance's first segment
+    may start past the mirrored position; it is scanned, not dropped (a
+    drop would stall the connection: the receiver acknowledged the gap).
+    Control: the primary itself drops a segment past a gap."""
+    primary, promoted = Inspection(rules=RULES), Inspection(rules=RULES)
+    st = handshake(primary)
+    st, _, _ = run(primary, st, [(0, b"first ")])
+    mirrored = primary.encode_state(st)
+    st, _, _ = run(primary, st, [(6, b"second ")])   # forwarded, its mirror lost
+    _, _, vs = run(primary, st, [(20, b"ahead")])
+    assert vs[0].reason == "out_of_order"
+    carried = promoted.decode_state(mirrored)
+    carried, _, vs = run(promoted, carried, [(13, b"third SECRET-")])
+    assert vs[0].action == Action.FORWARD
+    carried, _, vs = run(promoted, carried, [(26, b"TOKEN")])
+    assert vs[0].reason == "blocked"
+
+
+def test_decoded_state_is_validated():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"GET /SECRET-")])
+    good = svc.encode_state(st)
+    assert svc.encode_state(svc.decode_state(good)) == good
+    bad = [b"\x02" + good[1:],                                  # a newer layout
+           good[:21] + b"\x02" + good[22:],                     # synced flag out of range
+           good + b"x"]
+    unsynced = Inspection(rules=RULES).encode_state(Inspection(rules=RULES).process(
+        parse(tcp(flags="A", seq=5)), True, None, 0.0)[1])
+    bad.append(unsynced[:21] + b"\x00" + (77).to_bytes(4, "big") + unsynced[26:])  # position, no start
+    far = bytearray(good)
+    far[26:30] = ((ISN_C + 1 - 70000) % (1 << 32)).to_bytes(4, "big")      # acked 70000 behind
+    bad.append(bytes(far))
+    for data in bad:
+        with pytest.raises(ValueError):
+            svc.decode_state(data)
+    with pytest.raises(ValueError):
+        Inspection(rules=[{"name": "long", "pattern": "x" * 3000}])
+
+
+def test_checksums_left_to_offload_are_not_verified():
+    """A host with checksum offload hands segments over with the checksum
+    unfilled (the GSO option's NEEDS_CSUM): the node says so and the
+    segment is inspected; the same segment without the option is dropped."""
+    m = pair_map()
+    code = codes_led_by(m, "ba")[0]
+    bad = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags="PA", seq=5, chksum=0x1234)
+                / Raw(b"hello"))
+    for options, counted in ((b"", 1), (wire.pack_gso(1, 0, 0, 0, 20, 16), 0)):
+        node = ServiceNode("ba", m, create("inspection", rules=RULES))
+        head = wire.pack(1, 1, code, 1, m.epoch, 0, 63, words=5 + len(options) // 4)
+        node.from_fabric(head + options + bad, "ingress", 0.0)
+        assert node.drops["bad_checksum"] == counted
+        assert node.counters["forwarded"] == 1 - counted
+
+
+def test_udp_checksums_are_verified_too():
+    svc = Inspection(rules=RULES)
+    good = SIP(src=H[0], dst=H[1]) / SUDP(sport=5000, dport=53) / Raw(b"SECRET-TOKEN")
+    v, _ = svc.process(parse(bytes(good)), True, None, 0.0)
+    assert v.reason == "blocked"
+    good[SUDP].chksum = 0x4321
+    v, st = svc.process(parse(bytes(good)), True, None, 0.0)
+    assert v.reason == "bad_checksum" and st is None
+    good[SUDP].chksum = 0                                       # none: not checked
+    v, _ = svc.process(parse(bytes(good)), True, None, 0.0)
+    assert v.reason == "blocked"
