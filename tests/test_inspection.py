@@ -328,3 +328,17 @@ def test_udp_checksums_are_verified_too():
     good[SUDP].chksum = 0                                       # none: not checked
     v, _ = svc.process(parse(bytes(good)), True, None, 0.0)
     assert v.reason == "blocked"
+
+
+def test_a_reassembling_state_is_shown_by_the_flows_query():
+    """The forwarder's flows query turns states into JSON: the history
+    buffer is shown by its length (a bytearray broke the query, and with it
+    the lab's forwarders, before)."""
+    import json
+
+    from dataplane.shells.forwarder import plain
+
+    svc = Inspection(rules=RULES)
+    st, _, _ = run(svc, handshake(svc), [(0, b"GET / HTTP/1.1\r\n")])
+    shown = json.loads(json.dumps(plain(st)))
+    assert shown["streams"][0]["history"] == 16 and shown["app"] == "http"

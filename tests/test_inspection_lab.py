@@ -83,14 +83,17 @@ def connect(lab, tmp_path: Path, sport: int, isn: int) -> int:
     raise AssertionError(f"no SYN/ACK from the server: {[p.summary() for p in seen]}")
 
 
-def stream(lab, tmp_path: Path, sport: int, segments: list[tuple[int, bytes]], sink: Path) -> bytes:
-    """Open a connection, send (offset, bytes) segments in the given order,
-    and return what the server's application received."""
+def stream(lab, tmp_path: Path, sport: int, segments: list[tuple], sink: Path) -> bytes:
+    """Open a connection, send (offset, bytes[, TCP checksum]) segments in
+    the given order, and return what the server's application received."""
     isn = 1000 * sport
     server_next = connect(lab, tmp_path, sport, isn)
     pkts = [IP(src=CLIENT, dst=SERVER) / TCP(sport=sport, dport=PORT, flags="A", seq=isn + 1, ack=server_next)]
-    pkts += [IP(src=CLIENT, dst=SERVER) / TCP(sport=sport, dport=PORT, flags="PA", seq=isn + 1 + off,
-                                               ack=server_next) / Raw(data) for off, data in segments]
+    for off, data, *chksum in segments:
+        t = TCP(sport=sport, dport=PORT, flags="PA", seq=isn + 1 + off, ack=server_next)
+        if chksum:
+            t.chksum = chksum[0]
+        pkts.append(IP(src=CLIENT, dst=SERVER) / t / Raw(data))
     send(lab.topo, "client", pkts)
     time.sleep(1.0)
     path = sink / str(sport)
@@ -108,6 +111,16 @@ def test_reverse_order_segments_never_reach_the_server(lab, sink, tmp_path):
     assert drops(lab, "blocked") > before[1]
 
 
+def test_bad_checksum_segment_is_not_what_is_inspected(lab, sink, tmp_path):
+    """The server's kernel discards the bad-checksum XXXXX and keeps the
+    TOKEN sent after it; before the fix the inspection scanned XXXXX and
+    let TOKEN pass as a retransmission."""
+    before = drops(lab, "bad_checksum")
+    got = stream(lab, tmp_path, 45005, [(0, b"SECRET-"), (7, b"XXXXX", 0x1234), (7, b"TOKEN")], sink)
+    assert b"SECRET-TOKEN" not in got and got == b"SECRET-"
+    assert drops(lab, "bad_checksum") == before + 1
+
+
 def test_in_order_token_is_blocked_and_benign_stream_reaches_the_server(lab, sink, tmp_path):
     """Controls: the same bytes in order are blocked at the token; a benign
     stream, even reordered by the network, reaches the server whole once
@@ -117,3 +130,73 @@ def test_in_order_token_is_blocked_and_benign_stream_reaches_the_server(lab, sin
     assert got == b"SECRET-" and drops(lab, "blocked") > before
     got = stream(lab, tmp_path, 45004, [(6, b"world"), (0, b"hello "), (6, b"world")], sink)
     assert got == b"hello world"
+
+
+TALK_SERVER = r"""
+import os, socket, sys, threading
+out = sys.argv[2]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[3])))
+s.listen(16)
+def serve(c, addr):
+    req = b""
+    while not req.endswith(b"\n"):
+        req += c.recv(1)
+    c.sendall(b"d" * int(req))
+    with open(os.path.join(out, str(addr[1])), "ab") as f:
+        while True:
+            b = c.recv(65536)
+            if not b:
+                return
+            f.write(b)
+            f.flush()
+while True:
+    c, a = s.accept()
+    threading.Thread(target=serve, args=(c, a), daemon=True).start()
+"""
+TALK_CLIENT = r"""
+import socket, sys, time
+server, port, sport, down, up = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+c = socket.socket()
+c.bind(("", sport))
+c.settimeout(20)
+c.connect((server, port))
+c.sendall(b"%d\n" % down)
+got = 0
+while got < down:
+    b = c.recv(65536)
+    if not b:
+        break
+    got += len(b)
+c.sendall(b"u" * up + b"SECRET-TOKEN")
+time.sleep(1.5)
+print(got)
+"""
+
+
+def test_inspection_limit_counts_per_direction(lab, tmp_path):
+    """1.2 MiB from the server leaves the client's direction inspected (it
+    turned the whole flow to allow before the fix); control: 1.2 MiB from
+    the client itself ends the inspection of its direction."""
+    out = tmp_path / "talk"
+    out.mkdir()
+    out.chmod(0o777)
+    proc = lab.spawn("server", [sys.executable, "-c", TALK_SERVER, SERVER, str(out), "7071"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                line.split()[1].endswith(":1BAF") and line.split()[3] == "0A"
+                for line in lab.run("server", ["cat", "/proc/net/tcp"]).stdout.splitlines()[1:]):
+            time.sleep(0.05)
+        big = 1200 * 1024
+        for sport, down, up, reaches in ((45010, big, 0, False), (45011, 0, big, True)):
+            res = lab.run("client", [sys.executable, "-c", TALK_CLIENT, SERVER, "7071", str(sport),
+                                     str(down), str(up)], timeout=60)
+            assert res.returncode == 0 and int(res.stdout) == down, res.stderr
+            time.sleep(0.5)
+            got = (out / str(sport)).read_bytes() if (out / str(sport)).exists() else b""
+            assert (b"SECRET-TOKEN" in got) is reaches, (sport, len(got))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
