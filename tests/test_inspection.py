@@ -342,3 +342,24 @@ def test_a_reassembling_state_is_shown_by_the_flows_query():
     st, _, _ = run(svc, handshake(svc), [(0, b"GET / HTTP/1.1\r\n")])
     shown = json.loads(json.dumps(plain(st)))
     assert shown["streams"][0]["history"] == 16 and shown["app"] == "http"
+
+
+def test_fast_path_of_a_finished_direction_matches_process():
+    """A direction past its limit takes the node's cache (`fast`) while the
+    other is still inspected; it must do what `process` does, including
+    taking a partial acknowledgement (a delayed ACK) for the other stream."""
+    import copy
+
+    svc = Inspection(rules=RULES, inspect_limit=100)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"c" * 150)])                              # client direction done
+    st, _, _ = run(svc, st, [(0, b"s" * 40), (40, b"s" * 40)], forward=False)
+    ack = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags="A", seq=ISN_C + 151,
+                                              ack=ISN_S + 1 + 40))
+    full, cached = copy.deepcopy(st), copy.deepcopy(st)
+    v, full = svc.process(parse(ack), True, full, 0.0)
+    assert v.action == Action.FORWARD and not v.mirror
+    assert svc.fast(cached, True, ack, 6, 20, len(ack))
+    assert cached == full and cached.streams[1].acked == ISN_S + 1 + 40
+    assert bytes(cached.streams[1].history) == bytes(full.streams[1].history) == b"s" * 40
+    assert not svc.fast(cached, False, ack, 6, 20, len(ack))              # the inspected direction: no

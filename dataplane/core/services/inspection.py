@@ -279,14 +279,21 @@ class Inspection:
         return Verdict(Action.DROP, "blocked", mirror=True)
 
     def fast(self, st: InspectState, forward: bool, data: bytes, proto: int, l4: int, end: int) -> bool:
-        """`process` for an allowed flow (no longer scanned): count and pass."""
+        """`process` for a packet not scanned: of an allowed flow, or of a
+        direction past its limit while the other is still inspected (a long
+        download keeps its request direction inspected). Count, take the
+        acknowledgement for the other direction, pass."""
         if st.action != FlowAction.ALLOW:
-            return False
+            if (st.action != FlowAction.INSPECT or not self.rules
+                    or st.streams[0 if forward else 1].scanned < self.inspect_limit):
+                return False
         hl = 8 if proto == UDP else (data[l4 + 12] >> 4) * 4 if end - l4 >= 20 else 0
         if hl < 8 or l4 + hl > end:
             return False
         st.packets += 1
         st.bytes += end - l4 - hl
+        if st.action == FlowAction.INSPECT and proto == TCP and data[l4 + 13] & TCP_ACK:
+            st.streams[1 if forward else 0].ack(int.from_bytes(data[l4 + 8:l4 + 12], "big"))
         return True
 
     @staticmethod
