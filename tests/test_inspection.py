@@ -299,6 +299,8 @@ def test_decoded_state_is_validated():
             svc.decode_state(data)
     with pytest.raises(ValueError):
         Inspection(rules=[{"name": "long", "pattern": "x" * 3000}])
+    with pytest.raises(ValueError):
+        Inspection(rules=[{"name": "n" * 300, "pattern": "x"}])
 
 
 def test_checksums_left_to_offload_are_not_verified():

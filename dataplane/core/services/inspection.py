@@ -166,6 +166,8 @@ class Inspection:
                            for r in rules)
         if any(not r.pattern for r in self.rules):
             raise ValueError("inspection rule with an empty pattern")
+        if any(len(r.name.encode()) > 255 for r in self.rules):
+            raise ValueError("inspection rule name longer than 255 bytes (the mirrored state's limit)")
         self.keep = max((len(r.pattern) for r in self.rules), default=1) - 1
         if _HEAD.size + 2 * _DIR.size + 2 * 255 + 2 * self.keep > MAX_STATE:
             raise ValueError("inspection rule pattern too long for the mirrored state")
