@@ -88,12 +88,19 @@ def _same(a: ServiceNode, b: ServiceNode) -> None:
     assert rows[0] == rows[1]
 
 
-@pytest.mark.parametrize("kind", ["firewall", "inspection", "passthrough"])
+RULES = [{"name": "exfil", "pattern": "SECRET-TOKEN"}]
+
+
+@pytest.mark.parametrize("kind,options", [("firewall", {}), ("inspection", {"inspect_limit": 3000}),
+                                          ("inspection", {"inspect_limit": 3000, "rules": RULES}),
+                                          ("passthrough", {})],
+                         ids=["firewall", "inspection", "inspection-rules", "passthrough"])
 @pytest.mark.parametrize("seed", range(4))
-def test_cache_gives_the_same_results_as_the_full_path(kind, seed):
+def test_cache_gives_the_same_results_as_the_full_path(kind, options, seed):
+    """With rules, a direction past its inspect limit takes the cache while
+    the other is still reassembled (its acks still count)."""
     rng = random.Random(seed)
     m = pair_map()
-    options = {"inspect_limit": 3000} if kind == "inspection" else {}
     cached = ServiceNode("ba", m, create(kind, **options), capacity=10)
     full = ServiceNode("ba", m, create(kind, **options), capacity=10, exact_match=False)
     codes = codes_led_by(m, "ba", 11)
@@ -128,8 +135,8 @@ def test_cache_gives_the_same_results_as_the_full_path(kind, seed):
         a, b = cached.from_fabric(head + inner, src, now), full.from_fabric(head + inner, src, now)
         assert a == b
     _same(cached, full)
-    print(kind, cached.counters["fast_path"], cached.counters["forwarded"])
-    assert cached.counters["fast_path"] > cached.counters["forwarded"] * 0.3
+    # with rules most packets are reassembled (this stream's jumps are drops), few are cached
+    assert cached.counters["fast_path"] > cached.counters["forwarded"] * (0.02 if "rules" in options else 0.3)
 
 
 def test_cache_hit_rewrites_the_header_only():

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import pytest
+from scapy.layers.inet import IP as SIP, TCP as STCP, UDP as SUDP
+from scapy.packet import Raw
 
+from dataplane.core import header as wire
+from dataplane.core.node import ServiceNode
 from dataplane.core.packet import parse
-from dataplane.core.services import Action
+from dataplane.core.services import Action, create
 from dataplane.core.services.inspection import FlowAction, Inspection
-from tests.conftest import tcp
+from tests.conftest import codes_led_by, pair_map, tcp
 
 RULES = [{"name": "exfil", "pattern": "SECRET-TOKEN"}]
 
 
 def send(svc, st, payload, forward=True):
-    return svc.process(parse(tcp(flags="PA", payload=payload)), forward, st, 0.0)
+    """The next in-order segment of the direction (its stream's next sequence number)."""
+    stream = st.streams[0 if forward else 1] if st is not None else None
+    seq = stream.nxt if stream is not None and stream.synced else 1000
+    return svc.process(parse(tcp(flags="PA", seq=seq, payload=payload)), forward, st, 0.0)
 
 
 def test_app_detection():
@@ -60,9 +67,301 @@ def test_partial_match_state_survives_a_move(mirrored):
 def test_limit_turns_to_allow_and_state_round_trips():
     svc = Inspection(rules=RULES, inspect_limit=100)
     _, st = send(svc, None, b"a" * 150)
-    assert st.action == FlowAction.ALLOW and st.tails == [b"", b""]
+    assert st.action == FlowAction.INSPECT and st.streams[0].tail == b"" and st.streams[0].scanned == 150
+    _, st = send(svc, st, b"b" * 150, forward=False)
+    assert st.action == FlowAction.ALLOW and [s.tail for s in st.streams] == [b"", b""]
     assert svc.decode_state(svc.encode_state(st)) == st
     with pytest.raises(ValueError):
         svc.decode_state(b"\x00" * 5)
     with pytest.raises(ValueError):
         Inspection(rules=[{"name": "x", "pattern": ""}])
+
+
+# --- issue #14 finding 1: reassembly by sequence number -------------------------------
+
+ISN_C, ISN_S = 1000, 9000
+H = "10.1.0.10", "10.2.0.10"
+
+
+def seg(seq: int, payload: bytes = b"", flags: str = "PA", forward: bool = True, ack: int = 0,
+        chksum: int | None = None):
+    """A TCP segment of the flow, either direction, with a chosen checksum."""
+    src, dst = H if forward else H[::-1]
+    sport, dport = (40000, 80) if forward else (80, 40000)
+    t = STCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack)
+    if chksum is not None:
+        t.chksum = chksum
+    return parse(bytes(SIP(src=src, dst=dst) / t / Raw(payload)))
+
+
+def handshake(svc):
+    """SYN, SYN/ACK: both directions' next sequence numbers known."""
+    _, st = svc.process(seg(ISN_C, flags="S"), True, None, 0.0)
+    _, st = svc.process(seg(ISN_S, flags="SA", forward=False, ack=ISN_C + 1), False, st, 0.0)
+    return st
+
+
+def run(svc, st, segments, forward=True):
+    """Feed (offset, bytes) pairs of one direction; the segments forwarded, and the verdicts."""
+    isn = ISN_C if forward else ISN_S
+    passed, verdicts = [], []
+    for off, data in segments:
+        v, st = svc.process(seg(isn + 1 + off, data, forward=forward), forward, st, 0.0)
+        verdicts.append(v)
+        if v.action == Action.FORWARD:
+            passed.append((off, data))
+    return st, passed, verdicts
+
+
+def receivable(passed) -> list[bytes]:
+    """What a receiving TCP could reassemble from the forwarded segments: with
+    the first copy of overlapping bytes winning, and with the last one
+    winning (a server that never got the first copy, as an attacker arranges
+    with a TTL that expires past the middlebox)."""
+    out = []
+    for order in (passed, passed[::-1]):
+        buf: dict[int, int] = {}
+        for off, data in order:
+            for i, b in enumerate(data):
+                buf.setdefault(off + i, b)
+        stream = bytearray()
+        while len(stream) in buf:
+            stream.append(buf[len(stream)])
+        out.append(bytes(stream))
+    return out
+
+
+def leaked(passed) -> bool:
+    return any(b"SECRET-TOKEN" in s for s in receivable(passed))
+
+
+def test_reverse_order_segments_do_not_evade():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, passed, vs = run(svc, st, [(7, b"TOKEN"), (0, b"SECRET-"), (7, b"TOKEN")])
+    assert vs[0].action == Action.DROP and vs[0].reason == "out_of_order"
+    assert vs[1].action == Action.FORWARD
+    assert vs[2].reason == "blocked" and st.action == FlowAction.BLOCK
+    assert not leaked(passed)
+
+
+def test_three_segments_out_of_order_do_not_evade():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    parts = [(8, b"OKEN"), (0, b"SECR"), (4, b"ET-T")]
+    st, passed, vs = run(svc, st, parts + [(8, b"OKEN")])   # the sender retransmits
+    assert [v.reason for v in vs] == ["out_of_order", "", "", "blocked"]
+    assert not leaked(passed)
+
+
+def test_bad_checksum_segment_is_dropped_before_it_is_scanned():
+    """A segment the server will discard (bad checksum) must not be what
+    the inspection scanned in place of the one the server keeps."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    v, st = svc.process(seg(ISN_C + 1, b"SECRET-"), True, st, 0.0)
+    assert v.action == Action.FORWARD
+    v, st = svc.process(seg(ISN_C + 8, b"XXXXX", chksum=0x1234), True, st, 0.0)
+    assert v.action == Action.DROP and v.reason == "bad_checksum"
+    v, st = svc.process(seg(ISN_C + 8, b"TOKEN"), True, st, 0.0)
+    assert v.reason == "blocked"
+
+
+def test_overlap_with_other_bytes_is_dropped():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, passed, vs = run(svc, st, [(0, b"SECRET-XXXXX"), (7, b"TOKEN")])
+    assert vs[0].action == Action.FORWARD
+    assert vs[1].action == Action.DROP and vs[1].reason == "overlap_mismatch"
+    assert not leaked(passed)
+
+
+def test_benign_stream_passes_with_reordering_and_retransmissions():
+    """Control: a real TCP's behaviour (in order, an identical
+    retransmission, a segment ahead that is retransmitted) passes whole."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    data = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n" * 4
+    parts = [(i, data[i:i + 30]) for i in range(0, len(data), 30)]
+    order = [parts[0], parts[2], parts[1], parts[2], parts[0]] + parts[3:]
+    st, passed, vs = run(svc, st, order)
+    assert [v.reason for v in vs].count("out_of_order") == 1
+    assert receivable(passed) == [data, data]
+    assert st.action == FlowAction.INSPECT and st.app == "http"
+
+
+def test_pattern_split_across_in_order_segments_blocks():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, passed, vs = run(svc, st, [(0, b"..SECRET-"), (9, b"TOKEN..")])
+    assert vs[1].reason == "blocked" and not leaked(passed)
+
+
+def test_limit_counts_per_direction():
+    """1 MiB from the server does not turn the client's direction to allow."""
+    svc = Inspection(rules=RULES, inspect_limit=1 << 20)
+    st = handshake(svc)
+    chunk = b"x" * 32000
+    off = 0
+    while off <= 1 << 20:
+        v, st = svc.process(seg(ISN_S + 1 + off, chunk, forward=False, ack=ISN_C + 1), False, st, 0.0)
+        assert v.action == Action.FORWARD
+        off += len(chunk)
+        _, st = svc.process(seg(ISN_C + 1, b"", flags="A", ack=ISN_S + 1 + off), True, st, 0.0)
+    v, st = svc.process(seg(ISN_C + 1, b"SECRET-TOKEN", ack=ISN_S + 1 + off), True, st, 0.0)
+    assert v.reason == "blocked"
+
+
+def test_a_direction_past_its_limit_is_no_longer_scanned():
+    """Control of the per-direction limit: the limit still ends inspection
+    of the direction that carried it."""
+    svc = Inspection(rules=RULES, inspect_limit=100)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"a" * 150)])
+    st, _, vs = run(svc, st, [(150, b"SECRET-TOKEN")])
+    assert vs[0].action == Action.FORWARD
+    st, _, vs = run(svc, st, [(0, b"b" * 150), (150, b"SECRET-TOKEN")], forward=False)
+    assert vs[1].action == Action.FORWARD and st.action == FlowAction.ALLOW
+
+
+@pytest.mark.parametrize("mirrored", [True, False])
+def test_reassembly_state_survives_a_move(mirrored):
+    """First half on the primary, the state mirrored, the second half on the
+    promoted secondary: blocked, only when the state was carried over."""
+    first, second = Inspection(rules=RULES), Inspection(rules=RULES)
+    st = handshake(first)
+    st, _, _ = run(first, st, [(0, b"header SECRET-")])
+    carried = second.decode_state(first.encode_state(st)) if mirrored else None
+    _, _, vs = run(second, carried, [(14, b"TOKEN trailer")])
+    assert (vs[0].reason == "blocked") is mirrored
+
+
+def test_a_direction_waits_for_its_receiver_past_the_history():
+    """Every unacknowledged byte stays comparable: a sender more than
+    HISTORY bytes past its receiver's ack is dropped until the ack comes."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, vs = run(svc, st, [(0, b"a" * 40000), (40000, b"b" * 30000)])
+    assert [v.reason for v in vs] == ["", "inspect_window"]
+    _, st = svc.process(seg(ISN_S + 1, b"", flags="A", forward=False, ack=ISN_C + 1 + 40000), False, st, 0.0)
+    st, _, vs = run(svc, st, [(40000, b"b" * 30000)])
+    assert vs[0].action == Action.FORWARD and len(st.streams[0].history) == 30000
+
+
+def test_acknowledged_bytes_are_not_kept_and_acks_past_the_stream_are_ignored():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"0123456789")])
+    _, st = svc.process(seg(ISN_S + 1, flags="A", forward=False, ack=ISN_C + 1 + 4), False, st, 0.0)
+    assert bytes(st.streams[0].history) == b"456789"
+    _, st = svc.process(seg(ISN_S + 1, flags="A", forward=False, ack=ISN_C + 1 + 99), False, st, 0.0)
+    assert st.streams[0].acked == ISN_C + 1 + 4      # a forged ack cannot make it skip
+    st, _, vs = run(svc, st, [(4, b"45XX89")])
+    assert vs[0].reason == "overlap_mismatch"
+
+
+def test_a_promoted_state_resumes_where_the_stream_is():
+    """The mirror lags the primary: the promoted instance's first segment
+    may start past the mirrored position; it is scanned, not dropped (a
+    drop would stall the connection: the receiver acknowledged the gap).
+    Control: the primary itself drops a segment past a gap."""
+    primary, promoted = Inspection(rules=RULES), Inspection(rules=RULES)
+    st = handshake(primary)
+    st, _, _ = run(primary, st, [(0, b"first ")])
+    mirrored = primary.encode_state(st)
+    st, _, _ = run(primary, st, [(6, b"second ")])   # forwarded, its mirror lost
+    _, _, vs = run(primary, st, [(20, b"ahead")])
+    assert vs[0].reason == "out_of_order"
+    carried = promoted.decode_state(mirrored)
+    carried, _, vs = run(promoted, carried, [(13, b"third SECRET-")])
+    assert vs[0].action == Action.FORWARD
+    carried, _, vs = run(promoted, carried, [(26, b"TOKEN")])
+    assert vs[0].reason == "blocked"
+
+
+def test_decoded_state_is_validated():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"GET /SECRET-")])
+    good = svc.encode_state(st)
+    assert svc.encode_state(svc.decode_state(good)) == good
+    bad = [b"\x02" + good[1:],                                  # a newer layout
+           good[:21] + b"\x02" + good[22:],                     # synced flag out of range
+           good + b"x"]
+    unsynced = Inspection(rules=RULES).encode_state(Inspection(rules=RULES).process(
+        parse(tcp(flags="A", seq=5)), True, None, 0.0)[1])
+    bad.append(unsynced[:21] + b"\x00" + (77).to_bytes(4, "big") + unsynced[26:])  # position, no start
+    far = bytearray(good)
+    far[26:30] = ((ISN_C + 1 - 70000) % (1 << 32)).to_bytes(4, "big")      # acked 70000 behind
+    bad.append(bytes(far))
+    for data in bad:
+        with pytest.raises(ValueError):
+            svc.decode_state(data)
+    with pytest.raises(ValueError):
+        Inspection(rules=[{"name": "long", "pattern": "x" * 3000}])
+    with pytest.raises(ValueError):
+        Inspection(rules=[{"name": "n" * 300, "pattern": "x"}])
+
+
+def test_checksums_left_to_offload_are_not_verified():
+    """A host with checksum offload hands segments over with the checksum
+    unfilled (the GSO option's NEEDS_CSUM): the node says so and the
+    segment is inspected; the same segment without the option is dropped."""
+    m = pair_map()
+    code = codes_led_by(m, "ba")[0]
+    bad = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags="PA", seq=5, chksum=0x1234)
+                / Raw(b"hello"))
+    for options, counted in ((b"", 1), (wire.pack_gso(1, 0, 0, 0, 20, 16), 0)):
+        node = ServiceNode("ba", m, create("inspection", rules=RULES))
+        head = wire.pack(1, 1, code, 1, m.epoch, 0, 63, words=5 + len(options) // 4)
+        node.from_fabric(head + options + bad, "ingress", 0.0)
+        assert node.drops["bad_checksum"] == counted
+        assert node.counters["forwarded"] == 1 - counted
+
+
+def test_udp_checksums_are_verified_too():
+    svc = Inspection(rules=RULES)
+    good = SIP(src=H[0], dst=H[1]) / SUDP(sport=5000, dport=53) / Raw(b"SECRET-TOKEN")
+    v, _ = svc.process(parse(bytes(good)), True, None, 0.0)
+    assert v.reason == "blocked"
+    good[SUDP].chksum = 0x4321
+    v, st = svc.process(parse(bytes(good)), True, None, 0.0)
+    assert v.reason == "bad_checksum" and st is None
+    good[SUDP].chksum = 0                                       # none: not checked
+    v, _ = svc.process(parse(bytes(good)), True, None, 0.0)
+    assert v.reason == "blocked"
+
+
+def test_a_reassembling_state_is_shown_by_the_flows_query():
+    """The forwarder's flows query turns states into JSON: the history
+    buffer is shown by its length (a bytearray broke the query, and with it
+    the lab's forwarders, before)."""
+    import json
+
+    from dataplane.shells.forwarder import plain
+
+    svc = Inspection(rules=RULES)
+    st, _, _ = run(svc, handshake(svc), [(0, b"GET / HTTP/1.1\r\n")])
+    shown = json.loads(json.dumps(plain(st)))
+    assert shown["streams"][0]["history"] == 16 and shown["app"] == "http"
+
+
+def test_fast_path_of_a_finished_direction_matches_process():
+    """A direction past its limit takes the node's cache (`fast`) while the
+    other is still inspected; it must do what `process` does, including
+    taking a partial acknowledgement (a delayed ACK) for the other stream."""
+    import copy
+
+    svc = Inspection(rules=RULES, inspect_limit=100)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"c" * 150)])                              # client direction done
+    st, _, _ = run(svc, st, [(0, b"s" * 40), (40, b"s" * 40)], forward=False)
+    ack = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags="A", seq=ISN_C + 151,
+                                              ack=ISN_S + 1 + 40))
+    full, cached = copy.deepcopy(st), copy.deepcopy(st)
+    v, full = svc.process(parse(ack), True, full, 0.0)
+    assert v.action == Action.FORWARD and not v.mirror
+    assert svc.fast(cached, True, ack, 6, 20, len(ack))
+    assert cached == full and cached.streams[1].acked == ISN_S + 1 + 40
+    assert bytes(cached.streams[1].history) == bytes(full.streams[1].history) == b"s" * 40
+    assert not svc.fast(cached, False, ack, 6, 20, len(ack))              # the inspected direction: no

@@ -8,7 +8,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.packet import Raw
 
-from dataplane.core.packet import TCP_ACK, TCP_PSH, PacketError, parse
+from dataplane.core.packet import TCP_ACK, TCP_PSH, PacketError, parse, transport_checksum_ok
 
 
 def test_tcp_fields():
@@ -86,3 +86,25 @@ def test_tcp_reset_has_valid_checksums(ip):
     assert again[TCP].chksum == pkt[TCP].chksum
     assert cls is not IP or again.chksum == pkt.chksum
     assert pkt[TCP].flags == "RA" and pkt[TCP].ack == 100 and pkt[TCP].sport == 23
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_transport_checksum_is_verified_over_the_pseudo_header(family, proto):
+    """What the receiving host checks: right, wrong, odd length, UDP's 0 (none),
+    and a checksum left to offload (not checkable)."""
+    ip = IP(src="10.1.0.10", dst="10.2.0.10") if family == 4 else IPv6(src="fd00::1", dst="fd00::2")
+    l4 = TCP(sport=1, dport=2, flags="PA") if proto == "tcp" else UDP(sport=1, dport=2)
+    for payload in (b"even", b"odd"):
+        good = ip / l4 / Raw(payload)
+        assert transport_checksum_ok(parse(bytes(good)))
+        right = good.__class__(bytes(good))[l4.__class__].chksum
+        bad = good.copy()
+        bad[l4.__class__].chksum = right ^ 0x0101
+        p = parse(bytes(bad))
+        assert not transport_checksum_ok(p)
+        p.csum_partial = True
+        assert transport_checksum_ok(p)
+    if proto == "udp":
+        none = ip / UDP(sport=1, dport=2, chksum=0) / Raw(b"x")
+        assert transport_checksum_ok(parse(bytes(none)))

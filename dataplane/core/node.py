@@ -56,6 +56,8 @@ from dataplane.core.services import Action, Service
 
 _OAM, _REROUTED, _REVERSE = int(Flags.OAM), int(Flags.REROUTED), int(Flags.REVERSE)
 """Plain ints: IntFlag arithmetic costs about a microsecond per operation."""
+NEEDS_CSUM = 1
+"""virtio_net_hdr flag VIRTIO_NET_HDR_F_NEEDS_CSUM: the transport checksum is left to the receiver."""
 INGRESS, EGRESS = "ingress", "egress"
 """Pseudo-service names of the chain's ends in the service map."""
 EDGE_TIMEOUT = 600.0
@@ -205,6 +207,8 @@ class ServiceNode(Node):
         inner = self._parse(data, h.length)
         if isinstance(inner, Drop):
             return [inner]
+        if h.length > 20:
+            inner.csum_partial = _checksum_left(data[20:h.length])
         key, _ = flow_key(h.chain, h.code, inner)
         if reverse and self._by_translated is not None:
             key = self._by_translated.get(key[2:], key)
@@ -528,3 +532,14 @@ class EgressNode(Node):
                         words=5 + (len(options) >> 2))
         self.counters["encapsulated"] += 1
         return [Send(hop, hdr + options + data[:inner.length])]
+
+
+def _checksum_left(options: bytes) -> bool:
+    """Whether the header's GSO option says the host left the inner
+    packet's transport checksum unfilled (offload), so a service must not
+    verify it. Malformed options say nothing: the checksum is verified."""
+    try:
+        gso = wire.read_gso(options)
+    except HeaderError:
+        return False
+    return gso is not None and bool(gso[0] & NEEDS_CSUM)

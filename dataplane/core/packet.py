@@ -43,7 +43,7 @@ class Inner:
 
     __slots__ = ("family", "src", "dst", "proto", "sport", "dport", "fragment",
                  "l4", "tcp_flags", "seq", "ack", "window", "payload", "length",
-                 "icmp_error", "wscale")
+                 "icmp_error", "wscale", "segment", "csum_partial")
 
     def __init__(self) -> None:
         self.family = 4
@@ -60,6 +60,12 @@ class Inner:
         self.wscale = -1
         """A SYN's window scale option (RFC 7323), -1 without one; parsed
         only for SYNs, which alone may carry it (the firewall's window)."""
+        self.segment: bytes | memoryview = b""
+        """The whole TCP/UDP segment (header and payload), for `transport_checksum_ok`."""
+        self.csum_partial = False
+        """The sending host left the transport checksum to the receiver
+        (checksum offload, a GSO option on the affinity header): it cannot be
+        verified here. Set by the node that read the header."""
 
     def __repr__(self) -> str:
         return (f"Inner(v{self.family} proto={self.proto} {self.src.hex()}:{self.sport}"
@@ -143,6 +149,8 @@ def _parse_l4(p: Inner, buf: bytes | memoryview, embedded: bool) -> None:
         if len(seg) < 4:
             raise PacketError("inner_truncated")
         p.sport, p.dport = _PORTS.unpack_from(seg)
+        if not embedded:
+            p.segment = seg
         if p.proto == TCP and not embedded:
             if len(seg) < 20:
                 raise PacketError("inner_truncated")
@@ -208,6 +216,30 @@ def tcp_reset(p: Inner) -> bytes:
     else:
         ip = bytearray(struct.pack("!IHBB", 6 << 28, len(seg), TCP, 64) + p.dst + p.src)
     return bytes(ip + seg)
+
+
+def transport_checksum_ok(p: Inner) -> bool:
+    """Whether a TCP or UDP segment's checksum (over the pseudo-header) is
+    right, as the receiving host will check it: a middlebox that inspects a
+    segment the host then discards for its checksum has inspected bytes the
+    host never saw. True for other protocols, for a UDP checksum of 0 (none),
+    and when `p.csum_partial` says the checksum is not filled in yet.
+
+    The one's complement sum of 16-bit words is the big-endian integer of
+    the bytes modulo 0xFFFF (2**16 = 1 mod 0xFFFF), so the check is one
+    big-integer remainder, not a loop over the words. An odd length needs
+    no padding byte: padding multiplies the integer by 256, which is
+    invertible modulo 0xFFFF, so it does not change whether it is 0."""
+    if p.csum_partial or p.proto not in (TCP, UDP) or not p.segment:
+        return True
+    seg = bytes(p.segment)
+    if p.proto == UDP and len(seg) >= 8 and seg[6:8] == b"\x00\x00":
+        return True
+    if p.family == 4:
+        pseudo = p.src + p.dst + struct.pack("!BBH", 0, p.proto, len(seg))
+    else:
+        pseudo = p.src + p.dst + struct.pack("!IxxxB", len(seg), p.proto)
+    return int.from_bytes(pseudo + seg, "big") % 0xFFFF == 0
 
 
 def checksum(data: bytes | bytearray) -> int:

@@ -59,6 +59,10 @@ DROP_REASONS: dict[str, str] = {
     "unexpected_syn": "a SYN in the wrong direction or state of a TCP connection",
     "blocked": "packet of a flow an inspection content rule blocked",
     "embryonic_limit": "new flow refused: its tenant holds as many half-open flows as it may",
+    "bad_checksum": "a TCP or UDP segment with a wrong checksum, which its receiver would discard",
+    "out_of_order": "a TCP segment ahead of the inspected stream (its sender retransmits it in order)",
+    "overlap_mismatch": "a TCP retransmission whose bytes differ from the ones inspected",
+    "inspect_window": "a TCP segment more than 64 KiB past what its receiver acknowledged, while inspected",
     "nat_unsupported": "a packet the NAT cannot translate (not IPv4 TCP/UDP, a fragment)",
     "nat_exhausted": "no free public address and port in the NAT instance's share of the pool",
     # state sync (dataplane.core.node.apply_update)

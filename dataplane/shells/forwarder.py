@@ -148,7 +148,9 @@ def attach_bpf(sock: socket.socket, program: list[tuple[int, int, int, int]]) ->
 
 
 def plain(value: Any) -> Any:
-    """A service state as JSON-friendly data."""
+    """A service state as JSON-friendly data. A mutable buffer (an
+    inspection stream's history of up to 64 KiB) is shown by its length:
+    JSON cannot carry it, and the flows query should not carry that much."""
     if is_dataclass(value):
         value = asdict(value)
     if isinstance(value, dict):
@@ -159,6 +161,8 @@ def plain(value: Any) -> Any:
         return value.name
     if isinstance(value, bytes):
         return value.hex()
+    if isinstance(value, bytearray):
+        return len(value)
     return value
 
 
