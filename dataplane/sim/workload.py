@@ -9,8 +9,8 @@ retry), up to `TRIES` times, after which the connection has *failed*. The
 sequence numbers and payloads are exact, so an endpoint can tell each
 packet it receives: one for an address and port it has no connection on, or
 whose payload names another connection, is a *misdelivery*. Packets are
-built with `struct` (checksums are left zero: nothing in the dataplane
-reads them, and Scapy would make a run ten times slower).
+built with `struct` (Scapy would make a run ten times slower), with
+their TCP and UDP checksums (the IP header's is left zero: nothing checks it).
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ _ICMP = struct.Struct("!BBHHH")
 
 
 def _ip(src: bytes, dst: bytes, proto: int, l4: bytes) -> bytes:
+    """An IPv4 packet around `l4`, its TCP or UDP checksum filled in (the
+    inspection service drops segments a host would discard for theirs)."""
+    if proto in (TCP, UDP):
+        at = 16 if proto == TCP else 6
+        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
+        total = int.from_bytes(pseudo + l4 + b"\0" * (len(l4) & 1), "big") % 0xFFFF
+        csum = (0xFFFF - total) % 0xFFFF or (0xFFFF if proto == UDP else 0)
+        l4 = l4[:at] + csum.to_bytes(2, "big") + l4[at + 2:]
     return _IP.pack(0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0, src, dst) + l4
 
 
