@@ -365,3 +365,27 @@ def test_fast_path_of_a_finished_direction_matches_process():
     assert cached == full and cached.streams[1].acked == ISN_S + 1 + 40
     assert bytes(cached.streams[1].history) == bytes(full.streams[1].history) == b"s" * 40
     assert not svc.fast(cached, False, ack, 6, 20, len(ack))              # the inspected direction: no
+
+
+def test_a_promoted_state_follows_the_receiver_past_what_the_dead_primary_forwarded():
+    """The dead primary forwarded bytes past the mirror; the sender first
+    retransmits the one segment the receiver lacks, then goes on with new
+    data far ahead, and never sends the rest again (the receiver has it).
+    The promoted instance must follow (by the segment, or by the receiver's
+    ack) for RECOVERY seconds; a stall here broke transfers in the lab's
+    A-failover test. Control: after RECOVERY a gap is out of order again."""
+    primary, promoted = Inspection(rules=RULES), Inspection(rules=RULES)
+    st = handshake(primary)
+    st, _, _ = run(primary, st, [(0, b"a" * 100)], forward=False)
+    carried = promoted.decode_state(primary.encode_state(st))        # mirror at server offset 100
+    v, carried = promoted.process(seg(ISN_S + 101, b"b" * 50, forward=False), False, carried, 1.0)
+    assert v.action == Action.FORWARD                                 # the retransmitted segment
+    v, carried = promoted.process(seg(ISN_S + 401, b"c" * 50, forward=False), False, carried, 1.1)
+    assert v.action == Action.FORWARD                                 # new data past the gap
+    _, carried = promoted.process(seg(ISN_C + 1, flags="A", ack=ISN_S + 601), True, carried, 1.2)
+    v, carried = promoted.process(seg(ISN_S + 601, b"SECRET-TOKEN", forward=False), False, carried, 1.3)
+    assert v.reason == "blocked"                                      # resumed by the ack, still scanning
+    carried = promoted.decode_state(primary.encode_state(st))
+    _, carried = promoted.process(seg(ISN_S + 101, b"b" * 50, forward=False), False, carried, 1.0)
+    v, _ = promoted.process(seg(ISN_S + 401, b"c" * 50, forward=False), False, carried, 1.0 + 4.0)
+    assert v.reason == "out_of_order"

@@ -50,12 +50,13 @@ number, acknowledged sequence number, bytes scanned and the carry-over, per
 direction, so a pattern split across the failover point is still caught by
 the promoted instance. Not mirrored: the history (up to 64 KiB per
 direction, too big for a sync record), and acknowledgement-only updates.
-A decoded state is therefore *recovering*: its first segment may start past
-the mirrored next sequence number (the mirror lags the primary a little),
-and is taken as the new stream position instead of being dropped, and
-retransmitted bytes it has no history for are scanned on their own instead
-of compared. That is weaker than on the primary, for the moment of a
-failover only, which no client can choose.
+A decoded state is therefore *recovering*, for `RECOVERY` seconds from its
+first packet: a segment past the mirrored next sequence number (the mirror
+lags the primary a little) is taken as the new stream position instead of
+being dropped, an acknowledgement past it moves the stream there (the dead
+primary forwarded those bytes), and retransmitted bytes it has no history
+for are scanned on their own instead of compared. That is weaker than on
+the primary, for the moment of a failover only, which no client can choose.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ HISTORY = 64 * 1024
 """Most bytes a direction may carry beyond its receiver's acknowledgement
 while inspected: the bytes kept to compare retransmissions with."""
 SEQ = 1 << 32
+RECOVERY = 3.0
+"""Seconds a promoted (decoded) state trusts the stream over its mirrored
+position: long enough for the receiver to acknowledge what the dead
+primary forwarded past the mirror, short enough that no client can plan on it."""
 
 VERSION = 1
 _HEAD = struct.Struct("!BBBBBQQ")
@@ -110,6 +115,7 @@ class Stream:
     tail: bytes = b""
     history: bytearray = field(default_factory=bytearray, compare=False)
     recovering: bool = field(default=False, compare=False)
+    recover_until: float = field(default=0.0, compare=False)
 
     def sync(self, seq: int) -> None:
         """Start the stream at `seq` (a SYN, a mid-stream pickup, a resync)."""
@@ -119,11 +125,16 @@ class Stream:
     def ack(self, ack: int) -> None:
         """The receiver acknowledged up to `ack`: forget the history before it.
         Acknowledgements past what was scanned are ignored (they may be
-        forged, and a jump would skip bytes)."""
+        forged, and a jump would skip bytes), except on a recovering state:
+        there they are bytes the dead primary forwarded past the mirror, and
+        the stream resumes at `ack` (else its sender, who will never send
+        them again, would stall behind them)."""
         if not self.synced:
             return
         ahead = (ack - self.acked) % SEQ
-        if 0 < ahead <= (self.nxt - self.acked) % SEQ:
+        if self.recovering and (self.nxt - self.acked) % SEQ < ahead < SEQ >> 2:
+            self.sync(ack)
+        elif 0 < ahead <= (self.nxt - self.acked) % SEQ:
             self.acked = ack % SEQ
             excess = len(self.history) - (self.nxt - self.acked) % SEQ
             if excess > 0:
@@ -187,6 +198,12 @@ class Inspection:
         s = st.streams[d]
         changed = new
         if self.rules:
+            for x in st.streams:
+                if x.recovering:
+                    if not x.recover_until:
+                        x.recover_until = now + RECOVERY
+                    elif now > x.recover_until:
+                        x.recovering = False
             if pkt.proto == TCP and pkt.tcp_flags & TCP_ACK:
                 st.streams[1 - d].ack(pkt.ack)
             if s.scanned >= self.inspect_limit:
@@ -212,7 +229,6 @@ class Inspection:
             if pkt.proto == TCP:
                 s.nxt = (s.nxt + len(data)) % SEQ
                 s.history += data
-                s.recovering = False
             if s.scanned >= self.inspect_limit:
                 s.clear()
             changed = True
@@ -247,7 +263,7 @@ class Inspection:
             if not s.recovering:
                 return Verdict(Action.DROP, "out_of_order"), b"", synced
             s.sync(seq)  # the mirror lagged the primary: resume where the stream is
-            s.recovering, off, synced = False, 0, True
+            off, synced = 0, True
         if off < 0:
             k = min(-off, len(data))
             if not self._same_as_scanned(s, off, data[:k]):
@@ -287,7 +303,8 @@ class Inspection:
         acknowledgement for the other direction, pass."""
         if st.action != FlowAction.ALLOW:
             if (st.action != FlowAction.INSPECT or not self.rules
-                    or st.streams[0 if forward else 1].scanned < self.inspect_limit):
+                    or st.streams[0 if forward else 1].scanned < self.inspect_limit
+                    or st.streams[0].recovering or st.streams[1].recovering):
                 return False
         hl = 8 if proto == UDP else (data[l4 + 12] >> 4) * 4 if end - l4 >= 20 else 0
         if hl < 8 or l4 + hl > end:
