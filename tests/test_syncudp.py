@@ -9,8 +9,10 @@ import time
 
 from dataplane.core import header as wire
 from dataplane.core import syncwire as sw
+from dataplane.core.liveness import FailureDetector
 from dataplane.core.node import INGRESS, ServiceNode
 from dataplane.core.replicator import Replicator
+from dataplane.core.syncchannel import SyncConfig
 from dataplane.core.services import create
 from dataplane.shells.syncudp import UdpSync, digest, free_udp_port
 from tests.conftest import codes_led_by, pair_map, tcp
@@ -24,12 +26,15 @@ def test_two_processes_on_loopback(tmp_path):
     pa, pb = free_udp_port(), free_udp_port()
     proc = subprocess.Popen([sys.executable, "-m", "dataplane.shells.syncudp", "--map", str(tmp_path / "map.json"),
                              "--me", "bb", "--listen", f"127.0.0.1:{pb}", "--peer", f"ba=127.0.0.1:{pa}",
-                             "--key", KEY, "--idle", "0.5", "--max-seconds", "30"],
+                             "--key", KEY, "--idle", "3", "--misses", "50", "--max-seconds", "40"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert json.loads(proc.stdout.readline())["ready"]
         node = ServiceNode("ba", m, create("firewall"))
-        rep = Replicator(node, sw.Keyring({1: KEY.encode()}, 1), time.time_ns() // 1000)
+        # a loaded machine stalls either process for a while: what is checked
+        # here is what crosses real sockets, not the failure detector
+        rep = Replicator(node, sw.Keyring({1: KEY.encode()}, 1), time.time_ns() // 1000,
+                         detector=FailureDetector(SyncConfig().heartbeat, 50))
         shell = UdpSync(rep, ("127.0.0.1", pa), {"bb": ("127.0.0.1", pb)})
         codes = codes_led_by(m, "ba", 2000)
         deadline = time.monotonic() + 20
@@ -50,7 +55,7 @@ def test_two_processes_on_loopback(tmp_path):
         out, err = proc.communicate(timeout=30)
         result = json.loads(out.strip().splitlines()[-1])
         mine = [node.update_of(e) for e in node.flows if not e.replica]
-        assert result["flows"] == len(codes) == len(mine)
+        assert result["flows"] == len(codes) == len(mine), (result, rep.snapshot(time.monotonic()))
         assert result["digest"] == digest(mine)
         assert result["rejected"] == {"ba": {}}
         shell.close()

@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterable
 
 from dataplane.core import syncwire as sw
 from dataplane.core.events import FlowUpdate
+from dataplane.core.liveness import FailureDetector
 from dataplane.core.node import ServiceNode
 from dataplane.core.replicator import Out, Replicator, SyncSend
 from dataplane.core.servicemap import ServiceMap
 from dataplane.core.services import create
+from dataplane.core.syncchannel import SyncConfig
 
 
 class UdpSync:
@@ -116,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key", default="0123456789abcdef0123456789abcdef")
     ap.add_argument("--idle", type=float, default=1.0)
     ap.add_argument("--max-seconds", type=float, default=60.0)
+    ap.add_argument("--misses", type=int, default=4,
+                    help="silent heartbeat intervals before the peer is declared dead")
     args = ap.parse_args(argv)
     with open(args.map) as f:
         smap = ServiceMap.from_json(f.read())
     node = ServiceNode(args.me, smap, create(args.service))
-    rep = Replicator(node, sw.Keyring({1: args.key.encode()}, 1), time.time_ns() // 1000)
+    config = SyncConfig()
+    rep = Replicator(node, sw.Keyring({1: args.key.encode()}, 1), time.time_ns() // 1000, config=config,
+                     detector=FailureDetector(config.heartbeat, args.misses))
     peers = {p.split("=")[0]: parse_addr(p.split("=")[1]) for p in args.peer}
     shell = UdpSync(rep, args.listen, peers)
     sel = selectors.DefaultSelector()
