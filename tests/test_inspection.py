@@ -389,3 +389,30 @@ def test_a_promoted_state_follows_the_receiver_past_what_the_dead_primary_forwar
     _, carried = promoted.process(seg(ISN_S + 101, b"b" * 50, forward=False), False, carried, 1.0)
     v, _ = promoted.process(seg(ISN_S + 401, b"c" * 50, forward=False), False, carried, 1.0 + 4.0)
     assert v.reason == "out_of_order"
+
+
+def test_a_flow_that_comes_back_rerouted_recovers_like_a_promoted_one():
+    """An instance's own state of a flow falls behind while the flow runs
+    through another instance (it moved away, then back when that one
+    failed): the next packet, past the position held, arrives REROUTED and
+    must pass, else drop-ahead waits for a gap nobody fills (a stall the
+    lab's A-failover test saw). Control: the same packet without REROUTED
+    is out of order (a client cannot set the flag: the ingress writes it)."""
+    m = pair_map()
+    code = codes_led_by(m, "ba")[0]
+
+    def wrapped(flags: int, seq: int, payload: bytes, tcp_flags: str = "PA") -> bytes:
+        inner = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags=tcp_flags, seq=seq)
+                      / Raw(payload))
+        return wire.pack(1, 1, code, 1, m.epoch, flags) + inner
+
+    for flags, passed in ((int(wire.Flags.REROUTED), 1), (0, 0)):
+        node = ServiceNode("ba", m, create("inspection", rules=RULES))
+        node.from_fabric(wrapped(0, ISN_C, b"", "S"), "ingress", 0.0)
+        node.from_fabric(wrapped(0, ISN_C + 1, b"a" * 100), "ingress", 0.1)   # held here at +101
+        before = node.counters["forwarded"]
+        node.from_fabric(wrapped(flags, ISN_C + 5001, b"b" * 100), "ingress", 0.2)  # went on elsewhere
+        assert node.counters["forwarded"] - before == passed
+        assert node.drops["out_of_order"] == 1 - passed
+        node.from_fabric(wrapped(0, ISN_C + 5101, b"SECRET-TOKEN"), "ingress", 0.3)
+        assert node.drops["blocked"] == passed                  # still scanning after it came back

@@ -149,6 +149,8 @@ class ServiceNode(Node):
         self._established = getattr(service, "established", None)
         """The service's own test of a flow's eviction class; without it a
         flow is established once a packet came back from the responder."""
+        self._moved = getattr(service, "moved", None)
+        """The service's hook for a flow of its own that comes back REROUTED."""
         self._lost: OrderedDict[FlowKey, None] = OrderedDict()
         self._rewrite = getattr(service, "rewrite", None)
         self._translated = getattr(service, "translated", None)
@@ -219,6 +221,9 @@ class ServiceNode(Node):
             entry.replica = entry.promoted = False
             self.counters["took_over"] += 1
             events.append(TookOver(key))
+        elif entry is not None and h.flags & _REROUTED and self._moved is not None:
+            entry.state = self._moved(entry.state)
+            self.counters["came_back"] += 1
         verdict, state = self.service.process(inner, not reverse, entry.state if entry else None, now)
         if verdict.action == Action.REPLY:
             return self._reply(h, n, pos, reverse, src, verdict.reason, verdict.reply)

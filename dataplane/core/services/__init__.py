@@ -21,6 +21,12 @@ counted against the tenant's cap on half-open flows), True after. Without
 it the node counts a flow established once a packet came back from the
 responder (a replica: at once, since that is not mirrored).
 
+A service may offer `moved(state) -> state`, called when a packet of a
+flow the instance already holds as its own arrives REROUTED: the flow comes
+back from another instance that failed (its pin moved here once before and
+away again), so the state is older than the stream, as a mirrored one is
+just after a takeover. The inspection then recovers as after a takeover.
+
 A service that changes packets (the NAT) offers `rewrite(state, forward,
 packet) -> bytes` and `translated(state)`, the tuple its flows carry on the
 server side, and is told its place among its service's instances by

@@ -328,6 +328,14 @@ class Inspection:
             return True
         return False
 
+    def moved(self, st: InspectState) -> InspectState:
+        """A flow of this instance's own comes back after its stream went on
+        through another instance: recover as a decoded state does (the
+        positions held here are behind what the receiver got)."""
+        for s in st.streams:
+            s.recovering, s.recover_until = True, 0.0
+        return st
+
     def encode_state(self, st: InspectState) -> bytes:
         app, matched = st.app.encode(), st.matched.encode()
         out = [_HEAD.pack(VERSION, st.action, len(app), len(matched), min(st.payload_packets, 255),
