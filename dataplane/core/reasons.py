@@ -38,6 +38,16 @@ DROP_REASONS: dict[str, str] = {
     "inner_not_ip": "inner packet neither IPv4 nor IPv6",
     "inner_bad_ip_header": "inner IPv4 header length below 20 bytes or past the total length",
     "inner_bad_tcp_header": "inner TCP data offset below 20 bytes or past the segment",
+    # fragments and ICMP errors at the edges (dataplane.core.defrag, node)
+    "frag_tiny": "a first IP fragment too short for its whole transport header (RFC 1858)",
+    "frag_malformed": "an IP fragment other than the last whose length is not a multiple of 8",
+    "frag_too_big": "IP fragments reaching past 65,535 bytes",
+    "frag_overlap": "overlapping IP fragments that disagree (the whole datagram is dropped)",
+    "frag_limit": "IP fragment past the reassembly limits (datagrams, bytes or fragments in progress)",
+    "frag_timeout": "IP datagram not complete within the reassembly timeout (counted per datagram)",
+    "frag_unsupported": "an IPv6 fragment: not reassembled, so not classified (stated policy)",
+    "icmp_bad_quote": "ICMP error whose quoted packet is not an IP header with 8 bytes after it",
+    "icmp_unrelated": "ICMP error quoting no flow this node holds",
     # classification and routing (dataplane.core.classifier, node)
     "steering_attempt": "a client packet to or from the fabric port: an attempt to steer the mesh",
     "unknown_tenant": "client address in no tenant's prefixes",
