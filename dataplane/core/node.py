@@ -47,6 +47,7 @@ from collections import Counter, OrderedDict
 from dataplane.core import header as wire
 from dataplane.core.affinity import AffinityHasher, flow_endpoints
 from dataplane.core.classifier import Classifier
+from dataplane.core.defrag import Defrag, fragment
 from dataplane.core.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send, TookOver
 from dataplane.core.flowtable import FlowEntry, FlowKey, FlowTable
 from dataplane.core.header import Flags, HeaderError
@@ -71,12 +72,26 @@ EMBRYONIC_PER_TENANT = 1 << 16
 """Default cap on one tenant's embryonic flows per instance (topology
 `[limits] embryonic_per_tenant`): a flood from one tenant is refused
 (`embryonic_limit`) before it fills the table for the others."""
+HOST_MTU = 1500
+"""MTU of the edges' host links: what a reassembled datagram is fragmented to."""
 
 
 def flow_key(chain: int, code: int, inner: Inner) -> tuple[FlowKey, bool]:
     """The flow table key of a packet and whether it travels low -> high."""
     (lo_ip, lo_port), (hi_ip, hi_port), up = flow_endpoints(inner)
     return (chain, code, inner.proto, lo_ip, lo_port, hi_ip, hi_port), up
+
+
+def related_key(chain: int, code: int, error: Inner) -> FlowKey | None:
+    """The flow table key of the flow an ICMP error quotes, or None when the
+    error cannot be about it: an error goes back to the sender of the packet
+    it quotes, so its destination must be the quoted source (conntrack's
+    RELATED, with the address check that keeps a third party from aiming
+    errors at someone else's flow by quoting it)."""
+    quoted = error.icmp_error
+    if quoted is None or error.dst != quoted.src:
+        return None
+    return flow_key(chain, code, quoted)[0]
 
 
 class Node:
@@ -211,6 +226,8 @@ class ServiceNode(Node):
             return [inner]
         if h.length > 20:
             inner.csum_partial = _checksum_left(data[20:h.length])
+        if inner.icmp_error is not None:
+            return self._related(h, chain.services, pos, reverse, inner, data, now)
         key, _ = flow_key(h.chain, h.code, inner)
         if reverse and self._by_translated is not None:
             key = self._by_translated.get(key[2:], key)
@@ -280,6 +297,35 @@ class ServiceNode(Node):
         if it has one (the firewall: TCP past the handshake, a reply seen),
         else whether this packet came back from the responder."""
         return self._established(state) if self._established is not None else reverse
+
+    def _related(self, h: wire.Header, services: list[str], pos: int, reverse: bool,
+                 inner: Inner, data: bytes, now: float) -> list[Event]:
+        """An ICMP error about a flow (frag-needed, port unreachable, ...)
+        follows that flow's pins with its code, if this instance holds the
+        flow and the service lets it pass (it sees the error with the quoted
+        flow's state). It never creates, changes or mirrors flow state and
+        does not refresh the flow's idle timer: errors cannot keep a flow
+        alive or move its pins."""
+        key = related_key(h.chain, h.code, inner)
+        if key is not None and reverse and self._by_translated is not None:
+            key = self._by_translated.get(key[2:], key)
+        entry = self.flows.get(key) if key is not None else None
+        verdict, _ = self.service.process(inner, not reverse, entry.state if entry else None, now)
+        if entry is None or verdict.action != Action.FORWARD:
+            return self._drop(verdict.reason or "icmp_unrelated")
+        if reverse:
+            target, pinned = (INGRESS if pos == 0 else services[pos - 1]), entry.prev_hop
+        else:
+            target, pinned = (EGRESS if pos == len(services) - 1 else services[pos + 1]), entry.fwd_hop
+        hop, rerouted = self._next_hop(target, h.code, pinned)
+        if hop is None:
+            return self._drop("no_instance")
+        flags = (h.flags & ~_REROUTED) | (_REROUTED if rerouted else 0)
+        head = wire.pack(h.chain, h.index - 1, h.code, h.client, self.map.epoch, flags,
+                         h.ttl - 1, h.next_proto, words=h.length >> 2)
+        self.counters["icmp_related"] += 1
+        self.counters["forwarded"] += 1
+        return [Send(hop, head + data[20:])]
 
     def _remember(self, exact: bytes, entry: FlowEntry, src: str | None, proto: int,
                   forward: bool, hop: str, head: bytes) -> None:
@@ -431,13 +477,54 @@ class ServiceNode(Node):
         return events
 
 
-class IngressNode(Node):
+class EdgeNode(Node):
+    """What the ingress and the egress share: they face hosts, so they
+    reassemble the hosts' fragments before classifying (`defrag`) and
+    deliver to a host link of `host_mtu` bytes."""
+
+    def __init__(self, name: str, smap: ServiceMap, capacity: int = 1 << 20,
+                 host_mtu: int = HOST_MTU) -> None:
+        super().__init__(name, smap, capacity)
+        self.defrag = Defrag(self.drops)
+        self.host_mtu = host_mtu
+
+    def _whole(self, data: bytes, inner: Inner, now: float) -> tuple[bytes, Inner] | list[Event]:
+        """A host's fragment: the whole datagram and its parse once this
+        fragment completed it, else the events for a held ([]) or dropped
+        fragment. Edges classify only whole datagrams (see `defrag`)."""
+        if inner.family != 4:
+            return self._drop("frag_unsupported")
+        try:
+            whole = self.defrag.push(data[:inner.length], now)
+        except PacketError as exc:
+            return self._drop(exc.reason)
+        if whole is None:
+            self.counters["frag_held"] += 1
+            return []
+        self.counters["reassembled"] += 1
+        parsed = self._parse(whole)
+        return [parsed] if isinstance(parsed, Drop) else (whole, parsed)
+
+    def _deliver(self, inner: bytes, options: bytes) -> list[Event]:
+        """Deliver an inner packet to a host, re-fragmented to the host link's
+        MTU when an edge reassembled it bigger than that (a super-frame with
+        its GSO option is the host kernel's business, never fragmented)."""
+        self.counters["delivered"] += 1
+        if len(inner) <= self.host_mtu or options:
+            return [Deliver(inner, options)]
+        pieces = fragment(inner, self.host_mtu)
+        self.counters["refragmented"] += len(pieces) > 1
+        return [Deliver(p) for p in pieces]
+
+
+class IngressNode(EdgeNode):
     """Classifies client packets, adds the header, sends to the chain's first
     instance; strips the header of replies and delivers them to the client."""
 
     def __init__(self, name: str, smap: ServiceMap, hasher: AffinityHasher,
-                 udp_port: int = wire.UDP_PORT, capacity: int = 1 << 20) -> None:
-        super().__init__(name, smap, capacity)
+                 udp_port: int = wire.UDP_PORT, capacity: int = 1 << 20,
+                 host_mtu: int = HOST_MTU) -> None:
+        super().__init__(name, smap, capacity, host_mtu)
         self.classifier = Classifier(smap, hasher)
         self.udp_port = udp_port
 
@@ -452,10 +539,22 @@ class IngressNode(Node):
         inner = self._parse(data)
         if isinstance(inner, Drop):
             return [inner]
+        if inner.fragment:
+            whole = self._whole(data, inner, now)
+            if isinstance(whole, list):
+                return whole
+            data, inner = whole
         if inner.proto == UDP and self.udp_port in (inner.dport, inner.sport):
             return self._drop("steering_attempt")
-        key, _ = flow_key(0, 0, inner)
-        entry = self.flows.lookup(key, now)
+        if inner.icmp_error is not None:
+            key = related_key(0, 0, inner)
+            entry = self.flows.get(key) if key is not None else None
+            if entry is None:
+                return self._drop("icmp_unrelated")
+            self.counters["icmp_related"] += 1
+        else:
+            key, _ = flow_key(0, 0, inner)
+            entry = self.flows.lookup(key, now)
         if entry is None:
             try:
                 c = self.classifier.classify(inner)
@@ -484,11 +583,10 @@ class IngressNode(Node):
             return [h]
         if not h.flags & _REVERSE or h.index != 0:
             return self._drop("bad_index")
-        self.counters["delivered"] += 1
-        return [Deliver(data[h.length:], data[20:h.length])]
+        return self._deliver(data[h.length:], data[20:h.length])
 
 
-class EgressNode(Node):
+class EgressNode(EdgeNode):
     """Strips the header and delivers to the server; classifies replies from
     the server by the flow it recorded and sends them back up the chain."""
 
@@ -501,29 +599,41 @@ class EgressNode(Node):
         inner = self._parse(data, h.length)
         if isinstance(inner, Drop):
             return [inner]
-        key, _ = flow_key(0, 0, inner)
-        entry = self.flows.lookup(key, now)
-        if entry is None:
-            entry = self.flows.insert(key, now)
-            entry.timeout = EDGE_TIMEOUT
-        entry.state = (h.client, h.chain, h.code)
-        if src is not None:
-            entry.prev_hop = src
-        entry.packets += 1
-        self.counters["delivered"] += 1
-        return [Deliver(data[h.length:], data[20:h.length])]
+        if inner.icmp_error is None:  # an error about a flow records no flow of its own
+            key, _ = flow_key(0, 0, inner)
+            entry = self.flows.lookup(key, now)
+            if entry is None:
+                entry = self.flows.insert(key, now)
+                entry.timeout = EDGE_TIMEOUT
+            entry.state = (h.client, h.chain, h.code)
+            if src is not None:
+                entry.prev_hop = src
+            entry.packets += 1
+        return self._deliver(data[h.length:], data[20:h.length])
 
     def from_server(self, data: bytes, now: float, options: bytes = b"") -> list[Event]:
         """A reply from a server; `options` (whole words) go into the header."""
         inner = self._parse(data)
         if isinstance(inner, Drop):
             return [inner]
-        key, _ = flow_key(0, 0, inner)
-        entry = self.flows.lookup(key, now)
-        if entry is None:
-            return self._drop("no_flow_return")
-        if not entry.established:  # the server answered: a flood of new flows cannot push it out
-            self.flows.establish(entry)
+        if inner.fragment:
+            whole = self._whole(data, inner, now)
+            if isinstance(whole, list):
+                return whole
+            data, inner = whole
+        if inner.icmp_error is not None:
+            key = related_key(0, 0, inner)
+            entry = self.flows.get(key) if key is not None else None
+            if entry is None:
+                return self._drop("icmp_unrelated")
+            self.counters["icmp_related"] += 1
+        else:
+            key, _ = flow_key(0, 0, inner)
+            entry = self.flows.lookup(key, now)
+            if entry is None:
+                return self._drop("no_flow_return")
+            if not entry.established:  # the server answered: a flood of new flows cannot push it out
+                self.flows.establish(entry)
         client, chain_id, code = entry.state
         chain = self.map.chains.get(chain_id)
         if chain is None:

@@ -171,10 +171,21 @@ def _parse_l4(p: Inner, buf: bytes | memoryview, embedded: bool) -> None:
             if icmp_type in ICMP_ECHO[p.proto]:
                 p.sport = p.dport = struct.unpack_from("!H", seg, 4)[0]
             elif icmp_type in ICMP_ERRORS[p.proto] and not embedded:
-                try:
-                    p.icmp_error = parse(seg, 8, embedded=True)
-                except PacketError:
-                    p.icmp_error = None
+                p.icmp_error = _quote(seg)
+
+
+def _quote(seg: bytes | memoryview) -> Inner:
+    """The packet an ICMP error quotes (RFC 792: its IP header and at least
+    8 bytes after it, enough for the ports). An error whose quote falls
+    short cannot be related to a flow, so it is refused, not passed on as
+    some other ICMP packet."""
+    try:
+        q = parse(seg, 8, embedded=True)
+    except PacketError:
+        raise PacketError("icmp_bad_quote") from None
+    if len(q.payload) < 8:
+        raise PacketError("icmp_bad_quote")
+    return q
 
 
 def _wscale(seg: bytes | memoryview, hl: int) -> int:

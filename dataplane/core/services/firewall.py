@@ -171,8 +171,8 @@ class Firewall:
     def process(self, pkt: Inner, forward: bool, state: Any, now: float) -> tuple[Verdict, Any]:
         if pkt.proto == TCP and not pkt.fragment:
             return self._tcp(pkt, forward, state)
-        if pkt.proto in ICMP_ECHO and pkt.icmp_error is not None:
-            return FORWARD, state  # errors about a flow travel with it
+        if pkt.icmp_error is not None:
+            return self._related(state)
         kind = Kind.UDP if pkt.proto == UDP else Kind.ICMP if pkt.proto in (ICMP, ICMPV6) else Kind.OTHER
         return self._pseudo(pkt, forward, state, kind)
 
@@ -210,6 +210,19 @@ class Firewall:
             return False
         self._update(st, d, seg_end, ack, win)
         return True
+
+    # -- RELATED: ICMP errors ---------------------------------------------------------
+
+    @staticmethod
+    def _related(st: FlowState | None) -> tuple[Verdict, Any]:
+        """An ICMP error is judged by the flow it quotes (the node hands over
+        that flow's state, `dataplane.core.node.related_key`): it passes
+        when the flow is live here, as conntrack's RELATED, so path MTU
+        discovery and port unreachables work; it never opens or changes a
+        flow."""
+        if st is None:
+            return Verdict(Action.DROP, "icmp_unrelated"), None
+        return FORWARD, st
 
     # -- pseudo-connections ---------------------------------------------------------
 

@@ -185,6 +185,10 @@ class Inspection:
         self.inspect_limit = inspect_limit
 
     def process(self, pkt: Inner, forward: bool, state: Any, now: float) -> tuple[Verdict, Any]:
+        if pkt.icmp_error is not None:  # RELATED: passes with a live, unblocked flow; never scanned
+            if state is None:
+                return Verdict(Action.DROP, "icmp_unrelated"), None
+            return (Verdict(Action.DROP, "blocked") if state.action == FlowAction.BLOCK else FORWARD), state
         st: InspectState = state if state is not None else InspectState()
         new = state is None
         st.packets += 1
