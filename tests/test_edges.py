@@ -212,3 +212,21 @@ def test_truncated_quote_is_a_counted_drop():
     mesh.server(short)
     assert mesh.dropped == [(EGRESS, "icmp_bad_quote")]
     assert mesh.nodes[EGRESS].drops["icmp_bad_quote"] == 1
+
+
+def test_firewall_and_inspection_judge_an_error_by_the_quoted_flows_state():
+    query = udp(sport=5000, dport=53)
+    err = parse(port_unreachable(query))
+    fw = Firewall()
+    assert fw.process(err, False, None, 0.0)[0].reason == "icmp_unrelated"
+    _, st = fw.process(parse(query), True, None, 0.0)
+    before = fw.encode_state(st)
+    verdict, after = fw.process(err, False, st, 1.0)
+    assert verdict.action == "forward" and not verdict.mirror and fw.encode_state(after) == before
+    insp = create("inspection", rules=[{"name": "r", "pattern": "SECRET"}])
+    assert insp.process(err, False, None, 0.0)[0].reason == "icmp_unrelated"
+    _, ist = insp.process(parse(udp(sport=5000, dport=53, payload=b"SECRET")), True, None, 0.0)
+    assert insp.process(err, False, ist, 1.0)[0].reason == "blocked"  # a blocked flow stays blocked
+    _, ok = insp.process(parse(query), True, None, 0.0)
+    packets = ok.packets
+    assert insp.process(err, False, ok, 1.0)[0].action == "forward" and ok.packets == packets

@@ -22,11 +22,10 @@ Which "ports" enter the hash (see `dataplane.core.packet.Inner`):
   inside the error, so a "fragmentation needed" reaches the instances that
   hold the flow it is about;
 * every other protocol: ports 0 (the stream is the address pair);
-* fragments (IPv4 MF/offset, IPv6 fragment header): ports 0 for every
-  fragment, since only the first carries ports; all fragments of a datagram
-  then land together. Unfragmented packets of the same flow hash with ports,
-  so a flow that fragments some packets crosses two codes: fragmentation
-  inside a tunnel fabric is avoided with the MTU instead.
+* fragments (IPv4 MF/offset, IPv6 fragment header): ports 0, since only
+  the first carries ports. The edges never hash one: they reassemble IPv4
+  datagrams first (`dataplane.core.defrag`), so a fragmented datagram gets
+  its flow's code, and drop IPv6 fragments.
 """
 
 from __future__ import annotations
