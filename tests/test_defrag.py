@@ -170,3 +170,26 @@ def test_fragment_for_delivery_round_trips_and_keeps_df():
     df = bytes(IP(src="10.1.0.10", dst="10.2.0.10", flags="DF") / UDP() / Raw(b"x" * 3000))
     assert fragment(df, 1500) == [df]
     assert fragment(pkt, 65535) == [pkt]
+
+
+def test_random_fragments_only_ever_raise_counted_reasons_and_keep_the_books():
+    rng = random.Random(14)
+    base = bytes(IP(src="10.1.0.10", dst="10.2.0.10", proto=17))
+    d = Defrag(Counter(), max_datagrams=8, max_bytes=1 << 14, max_pieces=16)
+    reasons: Counter[str] = Counter()
+    for i in range(5000):
+        head = bytearray(base)
+        head[4:6] = rng.randrange(4).to_bytes(2, "big")
+        frag = rng.randrange(0, 8192) if rng.random() < 0.2 else rng.randrange(0, 64)
+        flags = 0x2000 if rng.random() < 0.7 else 0
+        body = bytes([rng.randrange(2)]) * rng.choice([0, 3, 8, 16, 24, 800])
+        head[6:8] = (flags | frag).to_bytes(2, "big")
+        head[2:4] = (20 + len(body)).to_bytes(2, "big")
+        try:
+            d.push(bytes(head) + body, i * 0.01)
+        except PacketError as exc:
+            reasons[exc.reason] += 1
+        assert d.held == sum(len(p) for g in d._dgrams.values() for p in g.pieces.values())
+        assert len(d) <= 8 and d.held <= 1 << 14
+    assert set(reasons) <= {"frag_tiny", "frag_malformed", "frag_too_big", "frag_overlap", "frag_limit"}
+    assert reasons["frag_overlap"] and reasons["frag_malformed"]
