@@ -32,6 +32,13 @@ removal from the flow table, the same upstream node, and the service's own
 `fast` check on the raw bytes. Anything else takes the full path, which
 gives the same result; `tests/test_fastpath.py` holds both paths to that.
 
+The edges classify only whole datagrams: they reassemble their hosts' IPv4
+fragments first (`dataplane.core.defrag`) and re-fragment to the host MTU
+on delivery. An ICMP error is carried as part of the flow it quotes
+(`related_key`, conntrack's RELATED): it takes that flow's code and pins
+where the flow is held, and is dropped (`icmp_unrelated`) where it is not;
+it never creates or changes flow state.
+
 A service that rewrites packets (the NAT, `dataplane.core.services.nat`)
 offers `rewrite`, called on every packet it forwards (such a service never
 takes the exact-match cache), and `translated(state)`, the tuple its flow's
