@@ -182,6 +182,16 @@ def test_errors_about_unknown_flows_are_dropped_unrelated_everywhere():
     assert mesh.delivered[INGRESS] == [] and mesh.delivered[EGRESS] == [udp(sport=5000, dport=53)]
 
 
+def test_a_client_cannot_send_errors_about_another_tenants_flow():
+    mesh = Mesh()
+    mesh.nodes[INGRESS].map.add_tenant(Tenant(2, "t2", ["10.3.0.0/16"]))
+    mesh.client(tcp(sport=40000, dport=80, flags="S", seq=1))
+    synack = tcp(src=SERVER, dst=CLIENT, sport=80, dport=40000, flags="SA", seq=500, ack=2)
+    mesh.server(synack)
+    mesh.client(frag_needed(synack, "10.3.0.7", SERVER))  # tenant 2 quoting tenant 1's flow
+    assert mesh.dropped == [(INGRESS, "icmp_unrelated")] and mesh.delivered[EGRESS] == [tcp(seq=1)]
+
+
 def test_service_instance_passes_only_errors_about_flows_it_holds():
     m = edge_map()
     ba = ServiceNode("ba", m, Firewall())

@@ -556,7 +556,9 @@ class IngressNode(EdgeNode):
         if inner.icmp_error is not None:
             key = related_key(0, 0, inner)
             entry = self.flows.get(key) if key is not None else None
-            if entry is None:
+            # only the flow's own tenant may speak about it: no client can aim
+            # errors at another tenant's connections by quoting them
+            if entry is None or self.classifier.tenant_of(inner.src) != entry.state[0]:
                 return self._drop("icmp_unrelated")
             self.counters["icmp_related"] += 1
         else:
