@@ -143,7 +143,6 @@ import copy
 import random
 
 from scapy.layers.inet import TCP as ScapyTCP
-from scapy.packet import Raw
 
 SERVER_SIDE = ("10.2.0.10", "10.1.0.10", 80, 40000)
 
