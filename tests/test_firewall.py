@@ -250,3 +250,29 @@ def test_decode_state_of_random_bytes_of_the_right_sizes(data):
     for pkt, fwd in ((tcp(flags="A", seq=5, ack=7), True), (tcp(*SERVER_SIDE, flags="R", seq=9), False),
                      (udp(), True)):
         FW.process(parse(pkt), fwd, copy.deepcopy(s), 0.0)
+
+
+def test_a_promoted_replica_catches_up_loosely_then_checks_strictly():
+    """The mirror lags the stream: the promoted copy takes what the hosts
+    sent through the old primary meanwhile (an ack of server data it never
+    saw, a segment beyond its stale window), learns from it, and after
+    LAG_TIME checks strictly again."""
+    from dataplane.core.services.firewall import LAG_TIME
+
+    st = FW.decode_state(FW.encode_state(handshake()))          # mirrored at ESTABLISHED
+    def at(t, data, forward=True):
+        return FW.process(parse(data), forward, st, t)
+    v, _ = at(0.0, tcp(flags="PA", seq=101 + 200_000, ack=901 + 300_000, payload=b"x" * 1000))
+    assert v.action == Action.FORWARD                             # unseen progress both ways
+    v, _ = at(0.1, tcp(*SERVER_SIDE, flags="PA", seq=901 + 300_000, ack=101 + 201_000, payload=b"y" * 100),
+              forward=False)
+    assert v.action == Action.FORWARD
+    assert st.lag_until == LAG_TIME
+    # both directions seen, but server data sent through the old primary is
+    # still arriving: the client acks bytes this copy never saw pass
+    v, _ = at(0.2, tcp(flags="A", seq=101 + 201_000, ack=901 + 400_000))
+    assert v.action == Action.FORWARD
+    v, _ = at(LAG_TIME + 0.1, tcp(flags="A", seq=101 + 201_000, ack=901 + 400_000))
+    assert v.action == Action.FORWARD and st.lag_until == 0.0      # strict from here on
+    v, _ = at(LAG_TIME + 0.2, tcp(flags="PA", seq=101 + 201_000 + 10_000_000, ack=901 + 400_000, payload=b"z"))
+    assert v.reason == "out_of_window"

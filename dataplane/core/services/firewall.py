@@ -41,10 +41,13 @@ which passes. A RST outside the window is `rst_out_of_window`.
 The window state is flow state: mirrored to the secondary, and every
 `SYNC_STRIDE` bytes of progress, not every packet (per-packet mirroring
 would halve the forwarding rate). So a promoted secondary's copy lags the
-stream by up to a stride: a state loaded from the wire (`fresh` != 3)
-checks data with the old +-2^30 window until it has seen a packet of each
-direction, which brings `end` and `maxend` up to date; RSTs are checked
-exactly all the same. A state that came from the 20-byte format of older
+stream by up to a stride, and segments sent through the old primary may
+still be arriving. So a state loaded from the wire checks data with the old
++-2^30 window for `LAG_TIME` after its first packet and until it has seen
+both directions, and meanwhile learns from what passes (an ack raises the
+peer's `end`, a segment its sender's `maxend`), so the strict checks that
+follow start from what the hosts know; RSTs are checked exactly from the
+first packet on. A state that came from the 20-byte format of older
 releases carries no window at all: it is *liberal* for good, like a flow
 conntrack picked up mid-stream (no SYN seen).
 """
@@ -61,6 +64,10 @@ from dataplane.core.packet import (ICMP, ICMP_ECHO, ICMPV6, TCP, TCP_ACK, TCP_FI
 from dataplane.core.services import FORWARD, Action, Verdict
 
 LIBERAL_WINDOW = 1 << 30
+LAG_TIME = 2.0
+"""Seconds a state loaded from the wire (a promoted replica) checks data
+loosely after its first packet: several RTOs, so what was in flight through
+the old primary has arrived or been lost."""
 SYNC_STRIDE = 1 << 20
 MOD = 1 << 32
 
@@ -137,8 +144,11 @@ class FlowState:
     flags: int = 0
     fresh: int = field(default=3, compare=False)
     """Bit d: a packet of direction d passed since this state was built
-    here. A decoded (mirrored) state starts at 0 and checks data loosely
-    until it is 3 (see the module docstring). Not mirrored."""
+    here; a decoded (mirrored) state starts at 0. Not mirrored."""
+    lag_until: float = field(default=0.0, compare=False)
+    """0: strict checks. A decoded state starts at -1 (loose; the clock
+    starts at its first packet), then the time its loose checks end (see
+    the module docstring). Not mirrored."""
 
 
 def _seq_le(a: int, b: int) -> bool:
@@ -170,7 +180,7 @@ class Firewall:
 
     def process(self, pkt: Inner, forward: bool, state: Any, now: float) -> tuple[Verdict, Any]:
         if pkt.proto == TCP and not pkt.fragment:
-            return self._tcp(pkt, forward, state)
+            return self._tcp(pkt, forward, state, now)
         if pkt.icmp_error is not None:
             return self._related(state)
         kind = Kind.UDP if pkt.proto == UDP else Kind.ICMP if pkt.proto in (ICMP, ICMPV6) else Kind.OTHER
@@ -192,7 +202,7 @@ class Firewall:
         changes) returns False untouched."""
         if st.kind != _KIND_TCP:
             return proto != TCP and (forward == st.orig_forward or st.state == 1)
-        if st.state != _ESTABLISHED or proto != TCP or end - l4 < 20 or st.fresh != 3 or st.flags & LIBERAL:
+        if st.state != _ESTABLISHED or proto != TCP or end - l4 < 20 or st.lag_until or st.flags & LIBERAL:
             return False
         seq, ack, off, flags, win = _SEQ_ACK.unpack_from(data, l4 + 4)
         hl = (off >> 4) * 4
@@ -244,7 +254,7 @@ class Firewall:
 
     # -- TCP ----------------------------------------------------------------------------
 
-    def _tcp(self, pkt: Inner, forward: bool, st: FlowState | None) -> tuple[Verdict, Any]:
+    def _tcp(self, pkt: Inner, forward: bool, st: FlowState | None, now: float) -> tuple[Verdict, Any]:
         flags = pkt.tcp_flags
         syn, ack, rst, fin = flags & TCP_SYN, flags & TCP_ACK, flags & TCP_RST, flags & TCP_FIN
         if st is None or (syn and not ack and st.state in (TcpState.TIME_WAIT, TcpState.CLOSED)):
@@ -260,6 +270,11 @@ class Firewall:
                            maxwin0=max(pkt.window, 1), scale0=max(ws, 0), flags=WS0 if ws >= 0 else 0)
             return self._moved(st), st
         d = 0 if forward == st.orig_forward else 1
+        if st.lag_until:  # loaded from the wire: loose until it caught up
+            if st.lag_until < 0:
+                st.lag_until = now + LAG_TIME
+            elif now >= st.lag_until and st.fresh == 3:
+                st.lag_until = 0.0
         if rst:
             return self._rst(pkt, st, d, ack)
         if syn:
@@ -336,13 +351,12 @@ class Firewall:
         """conntrack's four window checks for a segment [seq, end) of
         direction d acknowledging `ack` (None: no ACK flag); the drop reason,
         or None when it passes. Loose (+-2^30 around `end`) for a liberal
-        state and for a state loaded from the wire until both directions
-        were seen."""
+        state and for a state loaded from the wire while it catches up."""
         if d == 0:
             s_end, s_maxend, s_maxwin, r_end, r_maxwin = st.end0, st.maxend0, st.maxwin0, st.end1, st.maxwin1
         else:
             s_end, s_maxend, s_maxwin, r_end, r_maxwin = st.end1, st.maxend1, st.maxwin1, st.end0, st.maxwin0
-        if st.flags & LIBERAL or st.fresh != 3:
+        if st.flags & LIBERAL or st.lag_until:
             if not _near(seq, s_end):
                 return "out_of_window"
             if ack is not None and not _near(ack, r_end):
@@ -359,8 +373,21 @@ class Firewall:
     def _update(st: FlowState, d: int, end: int, ack: int | None, win: int) -> None:
         """What a passing segment teaches (conntrack's update after the
         checks): the sender's end and largest window, its ack, and how far
-        the receiver may now send (ack + window)."""
+        the receiver may now send (ack + window). A loose state also learns
+        that the peer sent at least what is acked, and that the sender was
+        allowed to send what it sent."""
         st.fresh |= 1 << d
+        if st.flags & LIBERAL or st.lag_until:
+            if d == 0:
+                if ack is not None and _after(ack, st.end1):
+                    st.end1 = ack
+                if _after(end, st.maxend0):
+                    st.maxend0 = end
+            else:
+                if ack is not None and _after(ack, st.end0):
+                    st.end0 = ack
+                if _after(end, st.maxend1):
+                    st.maxend1 = end
         if d == 0:
             swin = win << st.scale0
             if swin > st.maxwin0:
@@ -413,7 +440,8 @@ class Firewall:
         if len(data) == _STATE_V1.size:
             kind, state, orig, fin, e0, e1, s0, s1 = _STATE_V1.unpack(data)
             st = FlowState(self._kind(kind), state, bool(orig), fin, e0, e1, s0, s1,
-                           maxend0=e0, maxend1=e1, flags=LIBERAL if kind == _KIND_TCP else 0, fresh=0)
+                           maxend0=e0, maxend1=e1, flags=LIBERAL if kind == _KIND_TCP else 0, fresh=0,
+                           lag_until=-1.0)
             raw_orig = orig
         elif len(data) == _STATE.size:
             (version, kind, state, orig, fin, flags, sc0, sc1, e0, e1, me0, me1, mw0, mw1, ma0, ma1,
@@ -423,7 +451,7 @@ class Firewall:
             if flags & ~_ALL_FLAGS or sc0 > MAX_SCALE or sc1 > MAX_SCALE or max(mw0, mw1) > MAX_WINDOW:
                 raise ValueError("firewall state with unknown flags or an impossible window")
             st = FlowState(self._kind(kind), state, bool(orig), fin, e0, e1, s0, s1, me0, me1, mw0, mw1,
-                           ma0, ma1, sc0, sc1, flags, fresh=0)
+                           ma0, ma1, sc0, sc1, flags, fresh=0, lag_until=-1.0)
             raw_orig = orig
         else:
             raise ValueError(f"firewall state is {_STATE.size} (or {_STATE_V1.size}) bytes, got {len(data)}")
