@@ -28,9 +28,12 @@ addresses and ports (IPv4 without options, TCP or UDP) map to the flow's
 entry, its next hop and the ready output header. A hit is used only while
 nothing it depends on moved: the same map (the cache is emptied on a map
 change), the same entry version (every pin or mirrored change bumps it), no
-removal from the flow table, the same upstream node, and the service's own
-`fast` check on the raw bytes. Anything else takes the full path, which
-gives the same result; `tests/test_fastpath.py` holds both paths to that.
+removal from the flow table, the same upstream node, the same protocol, not
+a fragment, the whole IP packet present with a transport header the parser
+would accept, and the service's own `fast` check on the raw bytes. Anything
+else takes the full path, which gives the same result;
+`tests/test_fastpath.py` holds both paths to that, with packets that only
+one of these checks refuses.
 
 A service that rewrites packets (the NAT, `dataplane.core.services.nat`)
 offers `rewrite`, called on every packet it forwards (such a service never
@@ -290,7 +293,11 @@ class ServiceNode(Node):
                 or data[29] != proto or data[26] & 0x3F or data[27]):
             return None
         end = 20 + ((data[22] << 8) | data[23])
-        if end > len(data) or end < 44 or not self._fast_check(entry.state, forward, data, proto, 40, end):
+        if end > len(data) or end < 44:
+            return None
+        if proto == TCP and (end < 60 or not 20 <= (data[52] >> 4) * 4 <= end - 40):
+            return None  # what the parser refuses as truncated or a bad TCP header
+        if not self._fast_check(entry.state, forward, data, proto, 40, end):
             return None
         self.flows.seen(entry, now)
         entry.packets += 1
