@@ -11,7 +11,7 @@ from dataplane.core.node import EGRESS, INGRESS, EgressNode, IngressNode, Servic
 from dataplane.core.servicemap import Chain, InstanceState, ServiceMap, Tenant
 from dataplane.core.services import create
 from dataplane.core.services.firewall import TcpState
-from tests.conftest import tcp, udp
+from tests.conftest import codes_led_by, pair_map, tcp, udp
 
 HASHER = AffinityHasher(b"node-tests")
 
@@ -284,3 +284,64 @@ def test_a_promoted_secondary_refuses_a_blind_rst_and_takes_the_exact_one():
     mesh.client(tcp(flags="R", seq=711))                                  # exact
     assert entry.state.state == TcpState.CLOSED
     assert mesh.delivered[EGRESS][-1] == tcp(flags="R", seq=711)
+
+
+def _udp_flow(capacity: int = 1 << 20, sport: int = 5000):
+    """A primary `ba` and its secondary `bb` of `pair_map`, and the Mirror
+    that opened a UDP flow on `ba` (version 1)."""
+    m = pair_map()
+    prim = ServiceNode("ba", m, create("firewall"), capacity=capacity)
+    sec = ServiceNode("bb", m, create("firewall"), capacity=capacity)
+    code = codes_led_by(m, "ba")[0]
+    out = prim.from_fabric(wire.pack(1, 1, code, 1, m.epoch) + udp(sport=sport), INGRESS, 0.0)
+    mirror = next(e for e in out if isinstance(e, Mirror))
+    return prim, sec, mirror.update, wire.pack(1, 1, code, 1, m.epoch) + udp(sport=sport)
+
+
+def test_a_deleted_flow_does_not_come_back():
+    """Upsert v1, delete v2, upsert v1 again (a bulk snapshot trailing the
+    expiry): the replica keeps the flow deleted, and counts the stale upsert."""
+    prim, sec, upsert, _ = _udp_flow()
+    assert upsert.version == 1 and sec.apply_update(upsert, 0.0)
+    [delete] = prim.expire(1000.0)
+    assert delete.update.deleted and delete.update.version == 2
+    assert sec.apply_update(delete.update, 1000.0)
+    assert not sec.apply_update(upsert, 1000.5)
+    assert upsert.key not in sec.flows and sec.counters["stale_updates"] == 1
+    # the delete may also overtake the upsert: the late upsert stays out
+    _, other, up, _ = _udp_flow()
+    assert other.apply_update(delete.update, 0.0) and not other.apply_update(up, 0.1)
+    assert len(other.flows) == 0
+
+
+def test_a_new_flow_under_a_deleted_key_is_mirrored():
+    """The primary remembers the delete too: a new flow with the same key
+    starts its versions after it, so the replica takes it."""
+    prim, sec, upsert, packet = _udp_flow()
+    sec.apply_update(upsert, 0.0)
+    [delete] = prim.expire(1000.0)
+    sec.apply_update(delete.update, 1000.0)
+    again = [e for e in prim.from_fabric(packet, INGRESS, 1001.0) if isinstance(e, Mirror)]
+    assert again[0].update.version == 3
+    assert sec.apply_update(again[0].update, 1001.0) and upsert.key in sec.flows
+
+
+def test_tombstones_are_bounded():
+    """A tombstone lasts the service's longest timeout, and there are never
+    more than the flow table's capacity (the oldest go first, counted)."""
+    prim, sec, upsert, _ = _udp_flow()
+    [delete] = prim.expire(1000.0)
+    sec.apply_update(delete.update, 1000.0)
+    late = 1000.0 + sec.service.max_timeout
+    assert not sec.apply_update(upsert, late - 1)
+    sec.expire(late)
+    assert sec.apply_update(upsert, late)  # forgotten: an update that old is no longer in flight
+    flows = [_udp_flow(capacity=2, sport=5000 + i) for i in range(3)]
+    _, sec, _, _ = flows[0]
+    for prim, _, up, _ in flows:
+        [delete] = prim.expire(1000.0)
+        sec.apply_update(delete.update, 1000.0)
+    assert sec.counters["tombstones_dropped"] == 1
+    assert sec.apply_update(flows[0][2], 1000.0)  # the oldest tombstone went
+    assert not sec.apply_update(flows[2][2], 1000.0)
+

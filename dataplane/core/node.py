@@ -35,6 +35,15 @@ else takes the full path, which gives the same result;
 `tests/test_fastpath.py` holds both paths to that, with packets that only
 one of these checks refuses.
 
+A deleted flow stays deleted: a replica keeps a *tombstone* (the version of
+the delete) for every flow whose delete it applied, for the service's
+longest timeout (`expire` forgets older ones), and refuses an older upsert
+of that flow (a bulk snapshot or a retransmission trailing the delete) as
+stale; a primary keeps one for the flows it expired, and a new flow under
+the same key starts its versions after it, so its updates are never
+mistaken for stale ones. There are never more tombstones than the flow
+table's capacity (the oldest go first, counted as `tombstones_dropped`).
+
 A service that rewrites packets (the NAT, `dataplane.core.services.nat`)
 offers `rewrite`, called on every packet it forwards (such a service never
 takes the exact-match cache), and `translated(state)`, the tuple its flow's
@@ -153,6 +162,8 @@ class ServiceNode(Node):
         """The service's own test of a flow's eviction class; without it a
         flow is established once a packet came back from the responder."""
         self._lost: OrderedDict[FlowKey, None] = OrderedDict()
+        self._tombstones: dict[FlowKey, tuple[int, float]] = {}
+        """Deleted flows: key -> (version of the delete, when), oldest first."""
         self._rewrite = getattr(service, "rewrite", None)
         self._translated = getattr(service, "translated", None)
         self._by_translated: dict[tuple, FlowKey] | None = None
@@ -230,6 +241,9 @@ class ServiceNode(Node):
             if not born and self.flows.embryonic_of(h.client) >= self.embryonic_per_tenant:
                 return self._drop("embryonic_limit", events)
             entry = self.flows.insert(key, now, state, h.client, born)
+            buried = self._tombstones.pop(key, None)
+            if buried is not None:
+                entry.version = buried[0]  # its first update must beat the delete
             if self._translated is not None:
                 self._index(entry)
         if entry is None:
@@ -386,15 +400,19 @@ class ServiceNode(Node):
                           deleted, entry.fwd_hop, entry.prev_hop, entry.timeout)
 
     def apply_update(self, update: FlowUpdate, now: float) -> bool:
-        """Apply a mirrored update if newer than what this node holds."""
+        """Apply a mirrored update if newer than what this node holds, or
+        than the delete it last applied to that flow (its tombstone)."""
         entry = self.flows.get(update.key)
-        if entry is not None and entry.version >= update.version:
+        held = entry.version if entry is not None else self._tombstones.get(update.key, (None,))[0]
+        if held is not None and held >= update.version:
             self.counters["stale_updates"] += 1
             return False
         if update.deleted:
             if entry is not None:
                 self.flows.delete(update.key, "deleted_by_peer")
+            self._bury(update.key, update.version, now)
             return True
+        self._tombstones.pop(update.key, None)
         try:
             state = self.service.decode_state(update.state)
         except ValueError:
@@ -422,15 +440,37 @@ class ServiceNode(Node):
         return True
 
     def expire(self, now: float) -> list[Event]:
-        """Idle expiry; deletes of flows this node leads are mirrored."""
+        """Idle expiry; deletes of flows this node leads are mirrored (and
+        remembered); tombstones older than the longest timeout go."""
         events: list[Event] = []
         for e in self.flows.expire(now, self.service.max_timeout):
             if not e.replica and self.mirroring:
                 peer = self.map.secondary(self.service_name, e.key[1], exclude=self.name)
                 if peer is not None:
                     e.version += 1
+                    self._bury(e.key, e.version, now)
                     events.append(Mirror(peer, self.update_of(e, deleted=True)))
+        self._forget_tombstones(now)
         return events
+
+    def _bury(self, key: FlowKey, version: int, now: float) -> None:
+        """Remember a flow's delete; past the table's capacity the oldest
+        tombstone goes first (counted)."""
+        self._tombstones.pop(key, None)
+        self._tombstones[key] = (version, now)
+        if len(self._tombstones) > self.flows.capacity:
+            self._tombstones.pop(next(iter(self._tombstones)))
+            self.counters["tombstones_dropped"] += 1
+
+    def _forget_tombstones(self, now: float) -> None:
+        """Drop tombstones older than the service's longest timeout: by then
+        no update from before the delete can still be on its way."""
+        horizon = now - self.service.max_timeout
+        while self._tombstones:
+            key, (_, when) = next(iter(self._tombstones.items()))
+            if when > horizon:
+                break
+            del self._tombstones[key]
 
 
 class IngressNode(Node):
