@@ -345,3 +345,56 @@ def test_tombstones_are_bounded():
     assert sec.apply_update(flows[0][2], 1000.0)  # the oldest tombstone went
     assert not sec.apply_update(flows[2][2], 1000.0)
 
+
+
+def _trio(kind: str) -> tuple[ServiceMap, dict[str, ServiceNode | IngressNode | EgressNode]]:
+    """ingress -> S (s1, s2, s3 of `kind`) -> egress."""
+    m = ServiceMap(buckets=1024)
+    m.add_service(INGRESS, [INGRESS])
+    m.add_service("S", ["s1", "s2", "s3"])
+    m.add_service(EGRESS, [EGRESS])
+    m.add_tenant(Tenant(1, "t1", ["10.1.0.0/16"]))
+    m.add_chain(Chain(1, 1, ["S"]))
+    options = {"pool": ["198.51.100.7"], "ports": [20000, 29999]} if kind == "nat" else {}
+    nodes = {INGRESS: IngressNode(INGRESS, m, HASHER), EGRESS: EgressNode(EGRESS, m)}
+    nodes.update({n: ServiceNode(n, m, create(kind, **options)) for n in ("s1", "s2", "s3")})
+    return m, nodes
+
+
+@pytest.mark.parametrize("kind", ["firewall", "inspection", "nat", "passthrough"])
+def test_flows_lost_counts_exactly_the_flows_of_a_double_failure(kind):
+    """Every service: after its instances s1 and s2 die together, a flow
+    whose primary and secondary were both among them is lost (its state is
+    nowhere), counted once by the instance that gets its next packets; a
+    flow with a surviving replica is not."""
+    m, nodes = _trio(kind)
+
+    def run(src, events):
+        for ev in events:
+            if isinstance(ev, Send):
+                run(ev.to, nodes[ev.to].from_fabric(ev.data, src, 1.0))
+            elif isinstance(ev, Mirror):
+                nodes[ev.to].apply_update(ev.update, 1.0)
+
+    ports = range(40000, 40060)
+    for p in ports:
+        run(INGRESS, nodes[INGRESS].from_client(tcp(sport=p, flags="S", seq=1), 1.0))
+    lost = replicated = 0
+    for name in ("s1", "s2"):
+        for e in nodes[name].flows:
+            if e.replica:
+                continue
+            if m.secondary("S", e.key[1], exclude=name) in ("s1", "s2"):
+                lost += 1
+            else:
+                replicated += 1
+    assert lost > 5 and replicated > 5
+    dead = m.copy()
+    dead.set_state("s1", InstanceState.DEAD)
+    dead.set_state("s2", InstanceState.DEAD)
+    for n in (INGRESS, EGRESS, "s3"):
+        nodes[n].update_map(dead)
+    for _ in range(2):
+        for p in ports:
+            run(INGRESS, nodes[INGRESS].from_client(tcp(sport=p, flags="A", seq=2, ack=1), 2.0))
+    assert nodes["s3"].counters["flows_lost"] == lost

@@ -227,6 +227,8 @@ class ServiceNode(Node):
         if reverse and self._by_translated is not None:
             key = self._by_translated.get(key[2:], key)
         entry = self.flows.lookup(key, now)
+        if entry is None and h.flags & _REROUTED:
+            self._count_lost(key)  # its instance died, and its state is not here
         events: list[Event] = []
         if entry is not None and (entry.replica or entry.promoted):
             self.flows.replicas -= entry.replica
@@ -359,8 +361,10 @@ class ServiceNode(Node):
         return False
 
     def _count_lost(self, key: FlowKey) -> None:
-        """A mid-stream packet found no state here: its flow is lost (after a
-        double failure, or a failover without sync). Counted once per flow."""
+        """A flow's state is lost (after a double failure, or a failover
+        without sync), whatever the service: a packet rerouted here from a
+        dead instance found no state, or the service called a packet without
+        state mid-stream (`misdelivery`). Counted once per flow."""
         if key not in self._lost:
             self._lost[key] = None
             self.counters["flows_lost"] += 1
