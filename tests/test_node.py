@@ -11,7 +11,7 @@ from dataplane.core.node import EGRESS, INGRESS, EgressNode, IngressNode, Servic
 from dataplane.core.servicemap import Chain, InstanceState, ServiceMap, Tenant
 from dataplane.core.services import create
 from dataplane.core.services.firewall import TcpState
-from tests.conftest import tcp, udp
+from tests.conftest import codes_led_by, pair_map, tcp, udp
 
 HASHER = AffinityHasher(b"node-tests")
 
@@ -284,3 +284,117 @@ def test_a_promoted_secondary_refuses_a_blind_rst_and_takes_the_exact_one():
     mesh.client(tcp(flags="R", seq=711))                                  # exact
     assert entry.state.state == TcpState.CLOSED
     assert mesh.delivered[EGRESS][-1] == tcp(flags="R", seq=711)
+
+
+def _udp_flow(capacity: int = 1 << 20, sport: int = 5000):
+    """A primary `ba` and its secondary `bb` of `pair_map`, and the Mirror
+    that opened a UDP flow on `ba` (version 1)."""
+    m = pair_map()
+    prim = ServiceNode("ba", m, create("firewall"), capacity=capacity)
+    sec = ServiceNode("bb", m, create("firewall"), capacity=capacity)
+    code = codes_led_by(m, "ba")[0]
+    out = prim.from_fabric(wire.pack(1, 1, code, 1, m.epoch) + udp(sport=sport), INGRESS, 0.0)
+    mirror = next(e for e in out if isinstance(e, Mirror))
+    return prim, sec, mirror.update, wire.pack(1, 1, code, 1, m.epoch) + udp(sport=sport)
+
+
+def test_a_deleted_flow_does_not_come_back():
+    """Upsert v1, delete v2, upsert v1 again (a bulk snapshot trailing the
+    expiry): the replica keeps the flow deleted, and counts the stale upsert."""
+    prim, sec, upsert, _ = _udp_flow()
+    assert upsert.version == 1 and sec.apply_update(upsert, 0.0)
+    [delete] = prim.expire(1000.0)
+    assert delete.update.deleted and delete.update.version == 2
+    assert sec.apply_update(delete.update, 1000.0)
+    assert not sec.apply_update(upsert, 1000.5)
+    assert upsert.key not in sec.flows and sec.counters["stale_updates"] == 1
+    # the delete may also overtake the upsert: the late upsert stays out
+    _, other, up, _ = _udp_flow()
+    assert other.apply_update(delete.update, 0.0) and not other.apply_update(up, 0.1)
+    assert len(other.flows) == 0
+
+
+def test_a_new_flow_under_a_deleted_key_is_mirrored():
+    """The primary remembers the delete too: a new flow with the same key
+    starts its versions after it, so the replica takes it."""
+    prim, sec, upsert, packet = _udp_flow()
+    sec.apply_update(upsert, 0.0)
+    [delete] = prim.expire(1000.0)
+    sec.apply_update(delete.update, 1000.0)
+    again = [e for e in prim.from_fabric(packet, INGRESS, 1001.0) if isinstance(e, Mirror)]
+    assert again[0].update.version == 3
+    assert sec.apply_update(again[0].update, 1001.0) and upsert.key in sec.flows
+
+
+def test_tombstones_are_bounded():
+    """A tombstone lasts the service's longest timeout, and there are never
+    more than the flow table's capacity (the oldest go first, counted)."""
+    prim, sec, upsert, _ = _udp_flow()
+    [delete] = prim.expire(1000.0)
+    sec.apply_update(delete.update, 1000.0)
+    late = 1000.0 + sec.service.max_timeout
+    assert not sec.apply_update(upsert, late - 1)
+    sec.expire(late)
+    assert sec.apply_update(upsert, late)  # forgotten: an update that old is no longer in flight
+    flows = [_udp_flow(capacity=2, sport=5000 + i) for i in range(3)]
+    _, sec, _, _ = flows[0]
+    for prim, _, up, _ in flows:
+        [delete] = prim.expire(1000.0)
+        sec.apply_update(delete.update, 1000.0)
+    assert sec.counters["tombstones_dropped"] == 1
+    assert sec.apply_update(flows[0][2], 1000.0)  # the oldest tombstone went
+    assert not sec.apply_update(flows[2][2], 1000.0)
+
+
+
+def _trio(kind: str) -> tuple[ServiceMap, dict[str, ServiceNode | IngressNode | EgressNode]]:
+    """ingress -> S (s1, s2, s3 of `kind`) -> egress."""
+    m = ServiceMap(buckets=1024)
+    m.add_service(INGRESS, [INGRESS])
+    m.add_service("S", ["s1", "s2", "s3"])
+    m.add_service(EGRESS, [EGRESS])
+    m.add_tenant(Tenant(1, "t1", ["10.1.0.0/16"]))
+    m.add_chain(Chain(1, 1, ["S"]))
+    options = {"pool": ["198.51.100.7"], "ports": [20000, 29999]} if kind == "nat" else {}
+    nodes = {INGRESS: IngressNode(INGRESS, m, HASHER), EGRESS: EgressNode(EGRESS, m)}
+    nodes.update({n: ServiceNode(n, m, create(kind, **options)) for n in ("s1", "s2", "s3")})
+    return m, nodes
+
+
+@pytest.mark.parametrize("kind", ["firewall", "inspection", "nat", "passthrough"])
+def test_flows_lost_counts_exactly_the_flows_of_a_double_failure(kind):
+    """Every service: after its instances s1 and s2 die together, a flow
+    whose primary and secondary were both among them is lost (its state is
+    nowhere), counted once by the instance that gets its next packets; a
+    flow with a surviving replica is not."""
+    m, nodes = _trio(kind)
+
+    def run(src, events):
+        for ev in events:
+            if isinstance(ev, Send):
+                run(ev.to, nodes[ev.to].from_fabric(ev.data, src, 1.0))
+            elif isinstance(ev, Mirror):
+                nodes[ev.to].apply_update(ev.update, 1.0)
+
+    ports = range(40000, 40060)
+    for p in ports:
+        run(INGRESS, nodes[INGRESS].from_client(tcp(sport=p, flags="S", seq=1), 1.0))
+    lost = replicated = 0
+    for name in ("s1", "s2"):
+        for e in nodes[name].flows:
+            if e.replica:
+                continue
+            if m.secondary("S", e.key[1], exclude=name) in ("s1", "s2"):
+                lost += 1
+            else:
+                replicated += 1
+    assert lost > 5 and replicated > 5
+    dead = m.copy()
+    dead.set_state("s1", InstanceState.DEAD)
+    dead.set_state("s2", InstanceState.DEAD)
+    for n in (INGRESS, EGRESS, "s3"):
+        nodes[n].update_map(dead)
+    for _ in range(2):
+        for p in ports:
+            run(INGRESS, nodes[INGRESS].from_client(tcp(sport=p, flags="A", seq=2, ack=1), 2.0))
+    assert nodes["s3"].counters["flows_lost"] == lost

@@ -9,6 +9,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.packet import Raw
 
 from dataplane.core.packet import TCP_ACK, TCP_PSH, PacketError, parse, transport_checksum_ok
+from dataplane.core.reasons import DROP_REASONS
 
 
 def test_tcp_fields():
@@ -65,10 +66,14 @@ def test_refusals(data, reason):
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=80), st.sampled_from([b"\x45", b"\x60", b"\x46"]))
 def test_garbage_raises_only_packet_error(data, first):
+    """Refused with a documented reason, or what was read lies inside the
+    packet (tests/test_fuzz.py checks every field of an accepted one)."""
     try:
-        parse(first + data)
-    except PacketError:
-        pass
+        p = parse(first + data)
+    except PacketError as exc:
+        assert exc.reason in DROP_REASONS
+        return
+    assert p.l4 <= p.length <= len(first + data)
 
 
 @pytest.mark.parametrize("ip", [IP(src="10.1.0.1", dst="10.2.0.2"),
@@ -108,3 +113,13 @@ def test_transport_checksum_is_verified_over_the_pseudo_header(family, proto):
     if proto == "udp":
         none = ip / UDP(sport=1, dport=2, chksum=0) / Raw(b"x")
         assert transport_checksum_ok(parse(bytes(none)))
+
+
+def test_ipv6_extension_header_past_the_end_is_truncated():
+    """Found by tests/test_fuzz.py: a hop-by-hop header whose length runs
+    past the payload was accepted, with the transport header beyond the packet."""
+    hbh = bytes([0, 0]) + bytes(6) + bytes([2, 1]) + bytes(6)   # 8 bytes, then one claiming 16
+    data = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=0, plen=len(hbh)))[:40] + hbh
+    with pytest.raises(PacketError) as err:
+        parse(data)
+    assert err.value.reason == "inner_truncated"

@@ -9,9 +9,12 @@ import pytest
 
 from dataplane.core import syncwire as sw
 from dataplane.core.events import FlowUpdate
+from dataplane.core.node import ServiceNode
 from dataplane.sim.simlink import Faults, SimLink
 from dataplane.core.syncchannel import (Apply, BulkDone, BulkProgress, InSync, PeerRestarted,
                                    Rejected, ResyncFlows, ResyncRequested, State, SyncChannel, SyncConfig, Transmit)
+
+from tests.conftest import pair_map
 
 KEYS = sw.Keyring({1: b"k" * 32}, current=1)
 
@@ -20,14 +23,37 @@ def key(i: int):
     return (1, i, 6, b"\x0a\x01\x00\x0a", 1000 + i % 60000, b"\x0a\x02\x00\x0a", 80)
 
 
+class RawState:
+    """A service whose state is its bytes: the replica is a real
+    `ServiceNode`, so `apply_update` decides what is applied, not the harness."""
+
+    name = "raw"
+    max_timeout = 60.0
+
+    def process(self, pkt, forward, state, now):
+        raise AssertionError("no packets in these tests")
+
+    def encode_state(self, state: bytes) -> bytes:
+        return state
+
+    def decode_state(self, data: bytes) -> bytes:
+        return bytes(data)
+
+
 class Side:
-    """A channel plus the flow store behind it (versions only grow)."""
+    """A channel, the flows this side leads (versions only grow), and the
+    node that applies what the peer mirrors."""
 
     def __init__(self, name, peer, incarnation, config=None, keyring=KEYS):
         self.ch = SyncChannel(name, peer, keyring, incarnation, config)
         self.truth: dict = {}      # flows this side leads: key -> (version, state)
-        self.replica: dict = {}    # flows mirrored from the peer
+        self.node = ServiceNode(name, pair_map(), RawState())
         self.events: list = []
+
+    @property
+    def replica(self) -> dict:
+        """Flows mirrored from the peer, as the node holds them: key -> (version, state)."""
+        return {e.key: (e.version, e.state) for e in self.node.flows}
 
     def update(self, i, now, delete=False):
         k = key(i)
@@ -44,11 +70,7 @@ class Side:
         for ev in events:
             self.events.append(ev)
             if isinstance(ev, Apply):
-                u = ev.update
-                have = self.replica.get(u.key)
-                if have is not None and have[0] >= u.version:
-                    continue
-                self.replica[u.key] = (u.version, None if u.deleted else u.state)
+                self.node.apply_update(ev.update, now)
             elif isinstance(ev, ResyncFlows):
                 for k in ev.keys:
                     self.ch.submit(self.current(k), now)
@@ -190,6 +212,23 @@ def test_stale_versions_are_never_applied():
     assert w.b.ch.stats["duplicates"] > 0
 
 
+def test_a_bulk_snapshot_older_than_live_updates_is_not_applied():
+    """The stale versions a channel does deliver: a bulk is paced out from a
+    snapshot while live updates of the same flows, submitted after it,
+    overtake its records. The replica's `apply_update` must keep the newer."""
+    w = World(5)
+    w.run(0.02)
+    n = 3000
+    for i in range(n):
+        w.a.truth[key(i)] = (1, b"v1")
+    w.a.ch.start_bulk([w.a.current(key(i)) for i in range(n)], w.now)
+    for i in range(n):
+        w.a.update(i, w.now)
+    w.run(0.2)
+    assert live(w.b.replica) == live(w.a.truth)
+    assert w.b.node.counters["stale_updates"] > 0
+
+
 def test_bulk_of_100k_flows_with_progress():
     w = World(6)
     n = 100_000
@@ -215,7 +254,8 @@ def test_forced_resync():
     for i in range(10):
         w.a.update(i, w.now)
     w.run(0.02)
-    w.b.replica.clear()                       # pretend the replica was damaged
+    for e in list(w.b.node.flows):            # pretend the replica was damaged
+        w.b.node.flows.delete(e.key)
     w.b.handle(w.route(w.b, w.b.ch.request_resync()), w.now)
     requested = []
     for _ in range(20):

@@ -121,7 +121,8 @@ def up(file: str | None) -> None:
 @lab.command()
 @lab_option
 def down(lab: str | None) -> None:
-    """Stop the lab's processes and remove its namespaces and links."""
+    """Stop the lab's processes (and any other process still inside its
+    namespaces, counted) and remove its namespaces and links."""
     from dataplane.lab.build import down as build_down
 
     build_down(_state(lab), _progress)
@@ -202,14 +203,24 @@ def _links(topo: Any) -> list[dict[str, str]]:
 @click.argument("node")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(lab: str | None, node: str, cmd: tuple[str, ...]) -> None:
-    """Run CMD inside NODE's namespace: amesh lab exec client -- curl ..."""
+    """Run CMD inside NODE's namespace: amesh lab exec client -- curl ...
+
+    SIGINT, SIGTERM and SIGHUP are passed on to CMD, so stopping this
+    command stops it; exits with CMD's status (128 + N when a signal N
+    ended it, as a shell does)."""
+    import signal
+
     from dataplane.lab import netns
 
     _state_, topo = _loaded(lab, node)
     try:
-        sys.exit(netns.run(topo.netns(node), list(cmd)).returncode)
+        child = netns.spawn(topo.netns(node), list(cmd))
     except FileNotFoundError as exc:
         _fail(str(exc))
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _f: child.send_signal(n))
+    code = child.wait()
+    sys.exit(128 - code if code < 0 else code)
 
 
 @lab.command()

@@ -28,9 +28,21 @@ addresses and ports (IPv4 without options, TCP or UDP) map to the flow's
 entry, its next hop and the ready output header. A hit is used only while
 nothing it depends on moved: the same map (the cache is emptied on a map
 change), the same entry version (every pin or mirrored change bumps it), no
-removal from the flow table, the same upstream node, and the service's own
-`fast` check on the raw bytes. Anything else takes the full path, which
-gives the same result; `tests/test_fastpath.py` holds both paths to that.
+removal from the flow table, the same upstream node, the same protocol, not
+a fragment, the whole IP packet present with a transport header the parser
+would accept, and the service's own `fast` check on the raw bytes. Anything
+else takes the full path, which gives the same result;
+`tests/test_fastpath.py` holds both paths to that, with packets that only
+one of these checks refuses.
+
+A deleted flow stays deleted: a replica keeps a *tombstone* (the version of
+the delete) for every flow whose delete it applied, for the service's
+longest timeout (`expire` forgets older ones), and refuses an older upsert
+of that flow (a bulk snapshot or a retransmission trailing the delete) as
+stale; a primary keeps one for the flows it expired, and a new flow under
+the same key starts its versions after it, so its updates are never
+mistaken for stale ones. There are never more tombstones than the flow
+table's capacity (the oldest go first, counted as `tombstones_dropped`).
 
 The edges classify only whole datagrams: they reassemble their hosts' IPv4
 fragments first (`dataplane.core.defrag`) and re-fragment to the host MTU
@@ -174,6 +186,8 @@ class ServiceNode(Node):
         self._moved = getattr(service, "moved", None)
         """The service's hook for a flow of its own that comes back REROUTED."""
         self._lost: OrderedDict[FlowKey, None] = OrderedDict()
+        self._tombstones: dict[FlowKey, tuple[int, float]] = {}
+        """Deleted flows: key -> (version of the delete, when), oldest first."""
         self._rewrite = getattr(service, "rewrite", None)
         self._translated = getattr(service, "translated", None)
         self._by_translated: dict[tuple, FlowKey] | None = None
@@ -239,6 +253,9 @@ class ServiceNode(Node):
         if reverse and self._by_translated is not None:
             key = self._by_translated.get(key[2:], key)
         entry = self.flows.lookup(key, now)
+        counts_lost = not (reverse and self._translated is not None)
+        if entry is None and h.flags & _REROUTED and counts_lost:
+            self._count_lost(key)  # its instance died, and its state is not here
         events: list[Event] = []
         if entry is not None and (entry.replica or entry.promoted):
             self.flows.replicas -= entry.replica
@@ -256,10 +273,13 @@ class ServiceNode(Node):
             if not born and self.flows.embryonic_of(h.client) >= self.embryonic_per_tenant:
                 return self._drop("embryonic_limit", events)
             entry = self.flows.insert(key, now, state, h.client, born)
+            buried = self._tombstones.pop(key, None)
+            if buried is not None:
+                entry.version = buried[0]  # its first update must beat the delete
             if self._translated is not None:
                 self._index(entry)
         if entry is None:
-            if verdict.reason == "misdelivery":
+            if verdict.reason == "misdelivery" and counts_lost:
                 self._count_lost(key)
             return self._drop(verdict.reason or "no_state", events)
         entry.state = state
@@ -348,7 +368,11 @@ class ServiceNode(Node):
                 or data[29] != proto or data[26] & 0x3F or data[27]):
             return None
         end = 20 + ((data[22] << 8) | data[23])
-        if end > len(data) or end < 44 or not self._fast_check(entry.state, forward, data, proto, 40, end):
+        if end > len(data) or end < 44:
+            return None
+        if proto == TCP and (end < 60 or not 20 <= (data[52] >> 4) * 4 <= end - 40):
+            return None  # what the parser refuses as truncated or a bad TCP header
+        if not self._fast_check(entry.state, forward, data, proto, 40, end):
             return None
         self.flows.seen(entry, now)
         entry.packets += 1
@@ -396,8 +420,13 @@ class ServiceNode(Node):
         return False
 
     def _count_lost(self, key: FlowKey) -> None:
-        """A mid-stream packet found no state here: its flow is lost (after a
-        double failure, or a failover without sync). Counted once per flow."""
+        """A flow's state is lost (after a double failure, or a failover
+        without sync), whatever the service: a packet rerouted here from a
+        dead instance found no state, or the service called a packet without
+        state mid-stream (`misdelivery`). Counted once per flow, by its
+        forward packets only behind a translating service (a NAT): a reply
+        to a lost mapping carries a tuple that cannot be traced back to the
+        flow's key, and would count the flow a second time."""
         if key not in self._lost:
             self._lost[key] = None
             self.counters["flows_lost"] += 1
@@ -437,15 +466,19 @@ class ServiceNode(Node):
                           deleted, entry.fwd_hop, entry.prev_hop, entry.timeout)
 
     def apply_update(self, update: FlowUpdate, now: float) -> bool:
-        """Apply a mirrored update if newer than what this node holds."""
+        """Apply a mirrored update if newer than what this node holds, or
+        than the delete it last applied to that flow (its tombstone)."""
         entry = self.flows.get(update.key)
-        if entry is not None and entry.version >= update.version:
+        held = entry.version if entry is not None else self._tombstones.get(update.key, (None,))[0]
+        if held is not None and held >= update.version:
             self.counters["stale_updates"] += 1
             return False
         if update.deleted:
             if entry is not None:
                 self.flows.delete(update.key, "deleted_by_peer")
+            self._bury(update.key, update.version, now)
             return True
+        self._tombstones.pop(update.key, None)
         try:
             state = self.service.decode_state(update.state)
         except ValueError:
@@ -473,15 +506,37 @@ class ServiceNode(Node):
         return True
 
     def expire(self, now: float) -> list[Event]:
-        """Idle expiry; deletes of flows this node leads are mirrored."""
+        """Idle expiry; deletes of flows this node leads are mirrored (and
+        remembered); tombstones older than the longest timeout go."""
         events: list[Event] = []
         for e in self.flows.expire(now, self.service.max_timeout):
             if not e.replica and self.mirroring:
                 peer = self.map.secondary(self.service_name, e.key[1], exclude=self.name)
                 if peer is not None:
                     e.version += 1
+                    self._bury(e.key, e.version, now)
                     events.append(Mirror(peer, self.update_of(e, deleted=True)))
+        self._forget_tombstones(now)
         return events
+
+    def _bury(self, key: FlowKey, version: int, now: float) -> None:
+        """Remember a flow's delete; past the table's capacity the oldest
+        tombstone goes first (counted)."""
+        self._tombstones.pop(key, None)
+        self._tombstones[key] = (version, now)
+        if len(self._tombstones) > self.flows.capacity:
+            self._tombstones.pop(next(iter(self._tombstones)))
+            self.counters["tombstones_dropped"] += 1
+
+    def _forget_tombstones(self, now: float) -> None:
+        """Drop tombstones older than the service's longest timeout: by then
+        no update from before the delete can still be on its way."""
+        horizon = now - self.service.max_timeout
+        while self._tombstones:
+            key, (_, when) = next(iter(self._tombstones.items()))
+            if when > horizon:
+                break
+            del self._tombstones[key]
 
 
 class EdgeNode(Node):

@@ -136,6 +136,8 @@ def _parse_v6(buf: bytes | memoryview, off: int, embedded: bool) -> Inner:
             nxt, pos = buf[pos], pos + 8
         else:
             nxt, pos = buf[pos], pos + (buf[pos + 1] + 1) * 8
+    if pos > end:
+        raise PacketError("inner_truncated")  # the last extension header runs past the payload
     p.proto = nxt
     p.l4 = pos
     p.length = end - off

@@ -341,7 +341,8 @@ class SyncChannel:
         return self._oldest_age(now)
 
     def snapshot(self, now: float) -> dict[str, object]:
-        """Per-peer observability, as `amesh stats` shows it."""
+        """Per-peer observability: the `sync` part of the forwarder's status
+        query, which `amesh top` and the Prometheus metrics read."""
         return {"peer": self.peer, "state": self.state.value, "in_sync": self.in_sync(now),
                 "peer_in_sync": self.peer_in_sync, "synced_epoch": self.synced_epoch,
                 "next_seq": self.next_seq,

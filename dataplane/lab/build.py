@@ -290,7 +290,10 @@ def wait_ready(topo: Topology, state: LabState, nodes: list[str] | None = None) 
 
 
 def down(state: LabState, progress: Progress, dry_run: bool = False) -> list[str]:
-    """Remove exactly what `state` records; returns what was (or would be) removed."""
+    """Remove exactly what `state` records, and end every process still
+    inside its namespaces (found by namespace identity, not by name: a
+    process would otherwise outlive its namespace's name); returns what was
+    (or would be) removed."""
     done = []
     for node, proc in reversed(list(state.processes.items())):
         if alive(proc):
@@ -298,6 +301,11 @@ def down(state: LabState, progress: Progress, dry_run: bool = False) -> list[str
             if not dry_run:
                 stop(proc)
     for ns in reversed(state.namespaces):
+        left = netns.processes_in(ns)  # started by `lab exec` or by hand: gone with the lab
+        if left:
+            done.append(f"{len(left)} process{'es' if len(left) > 1 else ''} still in namespace {ns}")
+            if not dry_run:
+                netns.end_processes(ns)
         if netns.exists(ns):
             done.append(f"namespace {ns} (and its links)")
             if not dry_run:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +48,51 @@ def run(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedPr
     if not exists(name):
         raise FileNotFoundError(f"no network namespace {name!r}")
     return subprocess.run(list(argv), preexec_fn=lambda: enter(name), **kwargs)
+
+
+def processes_in(name: str) -> list[int]:
+    """PIDs of every process inside namespace `name`, found by identity, not
+    by name: a process is inside when its /proc/PID/ns/net is the same
+    namespace (device and inode) as /run/netns/NAME. This process is left out."""
+    try:
+        st = os.stat(os.path.join(NETNS_DIR, name))
+    except FileNotFoundError:
+        return []
+    target, me = (st.st_dev, st.st_ino), os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            ns = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:  # gone meanwhile, or a kernel thread we may not read
+            continue
+        if (ns.st_dev, ns.st_ino) == target:
+            out.append(int(entry))
+    return sorted(out)
+
+
+def end_processes(name: str, grace: float = 1.0) -> int:
+    """End every process inside namespace `name`: SIGTERM, then SIGKILL for
+    those still there after `grace` seconds. Returns how many there were."""
+    pids = processes_in(name)
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    left = pids
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [p for p in processes_in(name) if p in pids]
+    for pid in left:
+        _signal(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def sysctl(name: str, key: str, value: str) -> None:

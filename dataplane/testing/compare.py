@@ -2,7 +2,10 @@
 
 A mask names, per Scapy layer, the fields that may differ (IP id, TTL where
 hops decrement it, checksums, an ephemeral UDP source port, MACs of veths
-with random addresses); padding and capture timestamps are always ignored.
+with random addresses). It applies to the outermost layer of that name only:
+a packet carried inside another (the inner packet on the fabric) is
+compared whole, checksums included. Padding and capture timestamps are
+always ignored.
 A mismatch raises AssertionError with a readable field-by-field diff of the
 first packet that differs.
 """
@@ -15,11 +18,14 @@ from scapy.packet import NoPayload, Packet, Padding
 
 Masks = dict[str, set[str]]
 
-HOST_LINK: Masks = {"IP": {"chksum"}, "TCP": {"chksum"}, "UDP": {"chksum"}}
-"""Packets that crossed the chain keep everything but the link's MACs."""
+HOST_LINK: Masks = {}
+"""Packets that crossed the chain arrive as they were sent: nothing masked,
+checksums included (the chain never rewrites an inner packet, and the lab's
+host MACs are fixed). Pass masks for a chain that translates (a NAT)."""
 FABRIC: Masks = {"Ethernet": {"src", "dst"}, "IP": {"id", "chksum", "flags", "ttl"},
-                 "UDP": {"sport", "chksum", "len"}, "TCP": {"chksum"}}
-"""Outer headers built by the kernel: ids, ports and MACs vary."""
+                 "UDP": {"sport", "chksum", "len"}}
+"""Outer headers built by the kernel: ids, ports and MACs vary. The inner
+packet after the affinity header is compared whole."""
 
 
 def _layers(pkt: Packet) -> list[Packet]:
@@ -35,11 +41,13 @@ def diff(expected: Packet, got: Packet, masks: Masks) -> list[str]:
     """Human-readable differences, empty when the packets match."""
     lines = []
     el, gl = _layers(expected), _layers(got)
+    seen: set[str] = set()
     for i, (e, g) in enumerate(zip(el, gl)):
         if type(e) is not type(g):
             lines.append(f"layer {i}: expected {e.name}, got {g.name}")
             break
-        masked = masks.get(e.name, set())
+        masked = masks.get(e.name, set()) if e.name not in seen else set()
+        seen.add(e.name)
         for f in e.fields_desc:
             if f.name in masked:
                 continue

@@ -12,7 +12,9 @@ common packet of a known flow on raw bytes: it returns True when the packet is
 forwarded with no change worth mirroring (updating `state` in place if it
 must), and False, touching nothing, for anything else, which then takes
 `process`. The node's exact-match cache calls it instead of parsing the
-packet (`dataplane.core.node`); a service without it always takes `process`.
+packet (`dataplane.core.node`), only for an unfragmented IPv4 TCP or UDP
+packet of the flow's protocol, whole, whose transport header the parser
+would accept; a service without it always takes `process`.
 
 A service may offer `established(state) -> bool`, its flow's eviction
 class in the flow table (`dataplane.core.flowtable`): False while the
