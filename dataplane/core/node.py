@@ -253,9 +253,6 @@ class ServiceNode(Node):
         if reverse and self._by_translated is not None:
             key = self._by_translated.get(key[2:], key)
         entry = self.flows.lookup(key, now)
-        counts_lost = not (reverse and self._translated is not None)
-        if entry is None and h.flags & _REROUTED and counts_lost:
-            self._count_lost(key)  # its instance died, and its state is not here
         events: list[Event] = []
         if entry is not None and (entry.replica or entry.promoted):
             self.flows.replicas -= entry.replica
@@ -279,7 +276,7 @@ class ServiceNode(Node):
             if self._translated is not None:
                 self._index(entry)
         if entry is None:
-            if verdict.reason == "misdelivery" and counts_lost:
+            if verdict.reason == "misdelivery":
                 self._count_lost(key)
             return self._drop(verdict.reason or "no_state", events)
         entry.state = state
@@ -420,13 +417,8 @@ class ServiceNode(Node):
         return False
 
     def _count_lost(self, key: FlowKey) -> None:
-        """A flow's state is lost (after a double failure, or a failover
-        without sync), whatever the service: a packet rerouted here from a
-        dead instance found no state, or the service called a packet without
-        state mid-stream (`misdelivery`). Counted once per flow, by its
-        forward packets only behind a translating service (a NAT): a reply
-        to a lost mapping carries a tuple that cannot be traced back to the
-        flow's key, and would count the flow a second time."""
+        """A mid-stream packet found no state here: its flow is lost (after a
+        double failure, or a failover without sync). Counted once per flow."""
         if key not in self._lost:
             self._lost[key] = None
             self.counters["flows_lost"] += 1
