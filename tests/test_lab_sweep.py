@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AMESH = [sys.executable, "-m", "dataplane.cli.main"]
 TOPOLOGY = (ROOT / "examples/lab-tests/topology.toml").read_text() \
     .replace('name = "example"', 'name = "sweep"').replace('prefix = "amx"', 'prefix = "amw"') \
-    .replace('subnet = "10.96.0.0/24"', 'subnet = "10.94.0.0/24"')
+    .replace('subnet = "10.96.0.0/24"', 'subnet = "10.91.0.0/24"')
 
 
 def inside(ident: tuple[int, int]) -> list[int]:
