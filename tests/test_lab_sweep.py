@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from pyroute2 import netns as pr_netns
 
 from dataplane.lab import netns
