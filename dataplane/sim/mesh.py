@@ -49,8 +49,10 @@ TICK = 0.002
 """A forwarder's tick period (the shell's is 1 ms; 2 ms halves the cost of a
 run and stays below every timer the ticks serve)."""
 HANG_AFTER = 0.250
-"""As `dataplane.shells.forwarder.HANG_AFTER`: the heartbeat child stops
-once the loop has not come round for this long."""
+"""The heartbeat child stops once the loop has not come round for this long,
+as in `dataplane.shells.forwarder`, whose constant is 1 s: a simulated loop
+is never starved of CPU (the reason the lab's grew), and the shorter cut-off
+lets the simulator's hangs of a few hundred ms exercise hang failovers."""
 SYNC_HEARTBEAT = 0.020
 EXPIRE_EVERY = 1.0
 HOST_DELAY = 0.0001
