@@ -486,21 +486,25 @@ class Forwarder:
     def _sync_error(self, exc: Exception) -> None:
         self._internal_error("sync", exc)
 
-    def _on_control(self, sock: socket.socket, now: float) -> None:
+    def _on_control(self, sock: socket.socket, now: float) -> bool:
+        """Up to 64 control datagrams; True when the socket was emptied. The
+        controller stamps each heartbeat with the time it reads it: one that
+        waited while a map was being published was still sent in time."""
         for _ in range(64):
             try:
                 data = sock.recv(65535)
             except BlockingIOError:
-                return
+                return True
             try:
                 if self.role == "controller":
-                    self._controller_out(self.ctl.receive(data, now))
+                    self._controller_out(self.ctl.receive(data, time.monotonic()))
                 else:
                     for ev in self.client.receive(data):
                         if isinstance(ev, MapReceived):
                             self._install(ev.smap, now)
             except Exception as exc:
                 self._internal_error("control", exc)
+        return False
 
     def _on_query(self, sock: socket.socket, now: float) -> None:
         try:
@@ -764,7 +768,14 @@ class Forwarder:
         if self.metrics is not None and self.metrics.clients:
             self.metrics.expire(now)
         if self.role == "controller":
-            self._controller_out(self.ctl.tick(now))
+            # the detector judges silence only once what waited is read: a
+            # loop busy publishing maps for 30 ms had declared every member
+            # dead, whose heartbeats sat in the socket, and each false death
+            # published another map (a cascade the hang test saw)
+            for _ in range(16):
+                if self._on_control(self.control, now):
+                    break
+            self._controller_out(self.ctl.tick(time.monotonic()))
             return
         if self.impair.active or self.impair.pending:
             self.impair.flush(now)
