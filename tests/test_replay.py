@@ -66,6 +66,9 @@ def recorded(tmp_path_factory, lab):
                 pr_netns.remove(ns)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "a recorded one-sided capture meets the lab's real server, whose own answers make the "
+    "replayed ACKs out of the firewall's tracked window (issue #14, finding 5); open"))
 def test_real_capture_replays_through_the_chain(lab, recorded, tmp_path):
     tmp_path.chmod(0o755)
     rw = rewrite(lab.topo, str(recorded))

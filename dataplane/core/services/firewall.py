@@ -64,10 +64,13 @@ from dataplane.core.packet import (ICMP, ICMP_ECHO, ICMPV6, TCP, TCP_ACK, TCP_FI
 from dataplane.core.services import FORWARD, Action, Verdict
 
 LIBERAL_WINDOW = 1 << 30
-LAG_TIME = 2.0
+LAG_TIME = 60.0
 """Seconds a state loaded from the wire (a promoted replica) checks data
-loosely after its first packet: several RTOs, so what was in flight through
-the old primary has arrived or been lost."""
+loosely after its first packet (RSTs are exact from the first packet on).
+At 2 s, downloads whose flows moved during a restart and scale-out stalled
+in the lab (ack_out_of_window on the promoted instance) and the cause is
+not understood yet; a minute covers every failover the lab tests make and
+is the stated open point of issue #14, finding 5."""
 SYNC_STRIDE = 1 << 20
 MOD = 1 << 32
 
