@@ -8,10 +8,10 @@ few lines: the `lab` and `capture` fixtures, `send_into`-style injection with
 
 from __future__ import annotations
 
-import pytest
-
 import time
 from pathlib import Path
+
+import pytest
 
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
