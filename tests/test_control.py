@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dataplane.core import syncwire as sw
-from dataplane.core.control import ControlClient, Controller, ControlSend, MapReceived, not_ready
+from dataplane.core.control import ControlClient, Controller, ControlSend, MapReceived, not_ready, standing
 from dataplane.core.liveness import FailureDetector
-from dataplane.core.servicemap import InstanceState
+from dataplane.core.servicemap import Instance, InstanceState
 from tests.conftest import pair_map
 
 KEYS = sw.Keyring({1: b"c" * 32}, 1)
@@ -151,3 +151,26 @@ def test_a_signed_bad_map_is_a_counted_refusal(text):
     ctl.receive(client.tick(0.0)[0].data, 0.0)
     data = ctl.endpoint.encode("ba", [sw.Record(sw.RecordType.MAP, zlib.compress(text))])
     assert client.receive(data) == [] and client.counters["bad_map"] == 1
+
+
+A, J, D, DR = (InstanceState.ACTIVE, InstanceState.JOINING, InstanceState.DEAD, InstanceState.DRAINING)
+
+
+@pytest.mark.parametrize("me, was, serving, join_epoch, want", [
+    (None, None, True, 4, (4, None)),                          # an edge: nothing to decide
+    (A, A, True, None, (None, None)),
+    (J, D, True, None, (9, None)),                             # joins at this epoch
+    (J, J, True, 7, (7, None)),                                # keeps the epoch it joined at
+    (A, J, True, 7, (None, None)),                             # in sync: leads
+    (D, A, True, None, (None, "declared_dead")),
+    (D, D, False, None, (None, None)),                         # already stopped
+    (J, A, True, None, (9, "declared_dead")),                  # the DEAD map never reached it
+    (J, DR, True, None, (9, "declared_dead")),
+    (J, D, False, None, (9, "serving_again")),
+    (A, D, False, None, (None, "serving_again")),
+])
+def test_what_a_new_map_means_for_the_instance_installing_it(me, was, serving, join_epoch, want):
+    """The rule the forwarder shell and the simulator share."""
+    got = standing(Instance("ba", state=me) if me else None, Instance("ba", state=was) if was else None,
+                   serving, join_epoch, 9)
+    assert (got.join_epoch, got.change) == want

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from dataplane.core import syncwire as sw
 from dataplane.core.liveness import Declared, FailureDetector, Health
-from dataplane.core.servicemap import InstanceState, MapError, ServiceMap, load_json
+from dataplane.core.servicemap import Instance, InstanceState, MapError, ServiceMap, load_json
 
 STATUS_DECLARED_DEAD = 1
 STATUS_IN_SYNC = 2
@@ -254,6 +254,35 @@ class Controller:
                 out.append(self._join(d.peer, f"{d.peer} is back: joining", now))
                 out.extend(self.push(now))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """What a newly installed map means for the instance installing it."""
+
+    join_epoch: int | None
+    """The epoch that made it join (kept while JOINING), None once it leads."""
+    change: str | None
+    """`declared_dead` (stop serving, forget every flow, new incarnation),
+    `serving_again`, or None."""
+
+
+def standing(me: Instance | None, was: Instance | None, serving: bool,
+             join_epoch: int | None, epoch: int) -> Standing:
+    """The forwarder shell's and the simulator's one rule for a new map: `me`
+    is this instance in it (None for an edge or the controller), `was` in the
+    map it replaces. A map that declares it dead stops it; so does one that
+    has it JOINING while it thought itself leading (the map that declared it
+    dead never reached it); any other live state after a stop serves again."""
+    if me is None:
+        return Standing(join_epoch, None)
+    joined = (join_epoch or epoch) if me.state == InstanceState.JOINING else None
+    if me.state == InstanceState.DEAD:
+        return Standing(joined, "declared_dead" if serving else None)
+    if was is not None and me.state == InstanceState.JOINING and \
+            was.state in (InstanceState.ACTIVE, InstanceState.DRAINING):
+        return Standing(joined, "declared_dead")
+    return Standing(joined, None if serving else "serving_again")
 
 
 def not_ready(confirmed: bool, state: InstanceState | None, serving: bool,

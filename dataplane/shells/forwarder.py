@@ -63,7 +63,7 @@ from dataplane.core import header as wire
 from dataplane.core import syncwire as sw
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived,
-                                    not_ready)
+                                    not_ready, standing)
 from dataplane.core.events import Deliver, Send, TookOver
 from dataplane.core.header import UDP_PORT
 from dataplane.lab import keyrot
@@ -74,7 +74,7 @@ from dataplane.shells.mmsg import BatchReceiver, BatchSender
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
 from dataplane.core.replicator import Policy, Replicator
 from dataplane.core.resend import ResendBuffer
-from dataplane.core.servicemap import InstanceState, ServiceMap
+from dataplane.core.servicemap import ServiceMap
 from dataplane.core.services import create
 from dataplane.core.syncchannel import SyncConfig
 from dataplane.shells.syncudp import UdpSync
@@ -640,16 +640,11 @@ class Forwarder:
         if again:
             self._note("resent", now, packets=len(again), to=sorted({s.to for s in again}))
             self._out(again, now)
-        if me is not None and me.state == InstanceState.JOINING:
-            self.join_epoch = self.join_epoch or smap.epoch
-        elif me is not None:
-            self.join_epoch = None
-        if me is not None and me.state == InstanceState.DEAD and self.serving:
+        st = standing(me, was, self.serving, self.join_epoch, smap.epoch)
+        self.join_epoch = st.join_epoch
+        if st.change == "declared_dead":
             self._declared_dead(now)
-        elif me is not None and was is not None and me.state == InstanceState.JOINING and \
-                was.state in (InstanceState.ACTIVE, InstanceState.DRAINING):
-            self._declared_dead(now)  # the map that declared us dead never reached us
-        elif me is not None and me.state != InstanceState.DEAD and not self.serving:
+        elif st.change == "serving_again":
             self.serving = True
             self.client.declared_dead = False
             self._note("serving_again", now)

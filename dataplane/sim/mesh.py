@@ -32,13 +32,14 @@ from typing import Any
 
 from dataplane.core import header as wire
 from dataplane.core.affinity import AffinityHasher
-from dataplane.core.control import ControlClient, Controller, ControlSend, MapPublished, MapReceived
+from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived,
+                                    standing)
 from dataplane.core.events import Deliver, FlowUpdate, Send
 from dataplane.core.liveness import Declared, FailureDetector
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
 from dataplane.core.resend import ResendBuffer
-from dataplane.core.servicemap import InstanceState, ServiceMap
+from dataplane.core.servicemap import ServiceMap
 from dataplane.core.services import create
 from dataplane.core.syncchannel import SyncConfig
 from dataplane.lab.topology import Timers, Topology, load
@@ -280,16 +281,11 @@ class SimForwarder:
         again = self.resend.reroute(old, smap, now) if self.serving else []
         if again:
             self._out(again, now)
-        if me is not None and me.state == InstanceState.JOINING:
-            self.join_epoch = self.join_epoch or smap.epoch
-        elif me is not None:
-            self.join_epoch = None
-        if me is not None and me.state == InstanceState.DEAD and self.serving:
+        st = standing(me, was, self.serving, self.join_epoch, smap.epoch)
+        self.join_epoch = st.join_epoch
+        if st.change == "declared_dead":
             self._declared_dead(now)
-        elif me is not None and was is not None and me.state == InstanceState.JOINING and \
-                was.state in (InstanceState.ACTIVE, InstanceState.DRAINING):
-            self._declared_dead(now)  # the map that declared us dead never reached us
-        elif me is not None and me.state != InstanceState.DEAD and not self.serving:
+        elif st.change == "serving_again":
             self.serving = True
             self.client.declared_dead = False
             self.mesh.history.note(now, self.name, "serving again")
