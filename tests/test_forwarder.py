@@ -10,6 +10,7 @@ started.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,27 @@ def test_rotated_keys_are_persisted_0600_and_a_restarted_forwarder_comes_back_wi
     assert again.rep.keyring.senders[2] == frozenset(sw.node_id(n) for n in ("ba", "bb", "bc", "bd"))
     assert mesh("aa").rep.keyring.current == 1                    # another node's keys untouched
     assert "not installed" in again.answer({"cmd": "keys", "op": "switch", "purpose": "sync", "kid": 9}, 0.0)["error"]
+
+
+def test_the_controller_reads_waiting_heartbeats_before_it_judges_silence(mesh):
+    """A controller loop kept busy (publishing maps) past the detection time
+    declared members dead whose heartbeats were waiting in its socket, and
+    each false death published another map: after one hang the lab's mesh
+    never settled. Its tick reads what waits first."""
+    ctl, ba = mesh(mesh.topo.controller), mesh("ba")
+    to = (mesh.topo.fabric_ip(mesh.topo.controller), sw.CONTROL_PORT)
+
+    def beat() -> None:
+        for send in ba.client.tick(time.monotonic()):
+            ba.control.sendto(send.data, to)
+
+    beat()
+    ctl.poll(0.05)
+    detector = ctl.ctl.detector
+    assert detector.health("ba").value == "alive"
+    busy_until = time.monotonic() + 3 * detector.timeout    # the loop does not come round
+    while time.monotonic() < busy_until:
+        beat()
+        time.sleep(ba.client.interval)
+    ctl.tick(time.monotonic())
+    assert detector.health("ba").value == "alive"
