@@ -12,6 +12,7 @@ ingress's to reassemble, issue #14 finding 3; their lab test is there.)
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,12 +26,17 @@ from dataplane.lab.packets import Capture, send
 CLIENT, SERVER, PORT = "10.1.0.77", "10.2.0.10", 7070
 SINK = r"""
 import os, socket, sys, threading
-out = sys.argv[2]
+out, talk = sys.argv[2], sys.argv[4:] == ["talk"]
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[3])))
 s.listen(64)
 def serve(c, addr):
+    if talk:  # first a byte count and a newline: send that many bytes back
+        req = b""
+        while not req.endswith(b"\n"):
+            req += c.recv(1)
+        c.sendall(b"d" * int(req))
     with open(os.path.join(out, str(addr[1])), "ab") as f:
         while True:
             b = c.recv(65536)
@@ -44,18 +50,26 @@ while True:
 """
 
 
+def start_sink(lab, out: Path, port: int, *mode: str) -> subprocess.Popen:
+    """SINK on the server host, once it listens: each connection's bytes land
+    in `out`, in a file named by the client's port."""
+    proc = lab.spawn("server", [sys.executable, "-c", SINK, SERVER, str(out), str(port), *mode])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+            line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
+            for line in lab.run("server", ["cat", "/proc/net/tcp"]).stdout.splitlines()[1:]):
+        time.sleep(0.05)
+    return proc
+
+
+
 @pytest.fixture(scope="module")
 def sink(lab):
     """A TCP server on the server host writing each connection's bytes to
     a file named by the client's port; yields the directory."""
     out = lab.tmp / "sink"
     out.mkdir(exist_ok=True)
-    proc = lab.spawn("server", [sys.executable, "-c", SINK, SERVER, str(out), str(PORT)])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(
-            line.split()[1].endswith(f":{PORT:04X}") and line.split()[3] == "0A"
-            for line in lab.run("server", ["cat", "/proc/net/tcp"]).stdout.splitlines()[1:]):
-        time.sleep(0.05)
+    proc = start_sink(lab, out, PORT)
     yield out
     proc.terminate()
     proc.wait(timeout=5)
@@ -132,29 +146,6 @@ def test_in_order_token_is_blocked_and_benign_stream_reaches_the_server(lab, sin
     assert got == b"hello world"
 
 
-TALK_SERVER = r"""
-import os, socket, sys, threading
-out = sys.argv[2]
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[3])))
-s.listen(16)
-def serve(c, addr):
-    req = b""
-    while not req.endswith(b"\n"):
-        req += c.recv(1)
-    c.sendall(b"d" * int(req))
-    with open(os.path.join(out, str(addr[1])), "ab") as f:
-        while True:
-            b = c.recv(65536)
-            if not b:
-                return
-            f.write(b)
-            f.flush()
-while True:
-    c, a = s.accept()
-    threading.Thread(target=serve, args=(c, a), daemon=True).start()
-"""
 TALK_CLIENT = r"""
 import socket, sys, time
 server, port, sport, down, up = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -182,13 +173,8 @@ def test_inspection_limit_counts_per_direction(lab, tmp_path):
     out = tmp_path / "talk"
     out.mkdir()
     out.chmod(0o777)
-    proc = lab.spawn("server", [sys.executable, "-c", TALK_SERVER, SERVER, str(out), "7071"])
+    proc = start_sink(lab, out, 7071, "talk")
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(
-                line.split()[1].endswith(":1BAF") and line.split()[3] == "0A"
-                for line in lab.run("server", ["cat", "/proc/net/tcp"]).stdout.splitlines()[1:]):
-            time.sleep(0.05)
         big = 1200 * 1024
         for sport, down, up, reaches in ((45010, big, 0, False), (45011, 0, big, True)):
             res = lab.run("client", [sys.executable, "-c", TALK_CLIENT, SERVER, "7071", str(sport),
