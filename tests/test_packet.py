@@ -8,7 +8,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.packet import Raw
 
-from dataplane.core.packet import TCP_ACK, TCP_PSH, PacketError, parse, transport_checksum_ok
+from dataplane.core.packet import TCP_ACK, TCP_PSH, PacketError, checksum, parse, transport_checksum_ok
 from dataplane.core.reasons import DROP_REASONS
 
 
@@ -123,3 +123,13 @@ def test_ipv6_extension_header_past_the_end_is_truncated():
     with pytest.raises(PacketError) as err:
         parse(data)
     assert err.value.reason == "inner_truncated"
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00", b"\x00\x00\x00", b"\xff\xff", b"\xff", b"\x12\x34\x56",
+                                  bytes(range(255)), bytes(range(256)) * 5 + b"\x07"])
+def test_checksum_is_rfc_1071_for_odd_lengths_and_all_ones(data):
+    """Against Scapy's checksum: an odd length is padded with a zero byte,
+    and a one's complement sum of all ones is 0xFFFF, not 0."""
+    from scapy.utils import checksum as scapy_checksum
+
+    assert checksum(data) == scapy_checksum(data)
