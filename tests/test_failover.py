@@ -55,7 +55,10 @@ class Transfers:
             "client", "fetch", run.url("f"), "-n", str(n), "--pace", str(pace), "--timeout", "5",
             timeout=180)))
         self.t.start()
-        time.sleep(0.8)
+        deadline = time.monotonic() + 10   # the fetcher's start is slow on a loaded machine
+        while sum(len(run.flows(i)) for i in B) < min(n, 4) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
 
     def join(self) -> list[dict[str, Any]]:
         self.t.join(timeout=180)
@@ -149,7 +152,7 @@ def test_secondary_then_new_primary_die_flows_survive_both(fresh, policy):
     epoch = m.epoch
     faults.kill(fresh.state, second)                  # the secondary first
     fresh.wait_epoch(epoch)
-    time.sleep(0.3)                                   # the new secondaries get their bulk
+    assert fresh.wait_in_sync(victim)                 # the new secondaries got their bulk
     faults.kill(fresh.state, victim)                  # then the primary
     rows = tr.join()
     broken = {r["i"] for r in rows if not tr.ok(r)}

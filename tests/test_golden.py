@@ -11,13 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
 from dataplane.lab import faults
-from dataplane.lab.packets import send
+from dataplane.lab.packets import deaf, send, send_session
 from layers.affinity import Affinity
 from dataplane.testing import FABRIC, assert_packets
 from tests.golden.generate import MALFORMED
@@ -33,45 +31,56 @@ def from_client(pkts: list) -> list:
     return [p for p in pkts if IP in p and p[IP].src == "10.1.0.10"]
 
 
-ONE_SIDED = pytest.mark.xfail(strict=False, reason=(
-    "the recorded sessions are one-sided: the lab's real server answers the crafted SYN itself, "
-    "and since the firewall tracks windows as conntrack does (issue #14, finding 5) the "
-    "crafted ACK that follows is out of its window; the pcaps must be regenerated from a "
-    "two-sided session (open)"))
+def session(lab, name: str) -> None:
+    """Send a two-sided golden session, the hosts' kernels deaf to port 7."""
+    with deaf(lab.topo, ["client", "server"], 7):
+        send_session(lab.topo, golden(name))
 
 
-@ONE_SIDED
 def test_tcp_session_through_the_chain(lab, capture):
     m = lab.map()
     code = lab.topo.stream_code(43000, 7)
     a = m.primary("A", code)
-    server = capture("server", "eth0", "src host 10.1.0.10")
+    server = capture("server", "eth0", "tcp port 43000 and src host 10.1.0.10")
+    client = capture("client", "eth0", "tcp port 43000 and src host 10.2.0.10")
     hop = capture(a, "fab0", f"udp port 6886 and dst host {lab.topo.fabric_ip(a)}")
-    send(lab.topo, "client", golden("tcp_session.in"))
+    session(lab, "tcp_session.in")
     assert_packets(golden("tcp_session.server"), server.stop())
+    assert_packets(golden("tcp_session.client"), client.stop())
     fabric = [p for p in hop.stop() if Affinity in p and p[Affinity][TCP].sport == 43000]
     assert_packets(golden("tcp_session.fabric"), fabric, FABRIC)
 
 
-@ONE_SIDED
 def test_return_direction(lab, capture):
-    client = capture("client", "eth0", "src host 10.2.0.10 and not tcp[tcpflags] & tcp-rst != 0")
-    send(lab.topo, "client", golden("return.in_client_syn"))
-    time.sleep(0.2)
-    send(lab.topo, "server", golden("return.in"))
+    client = capture("client", "eth0", "tcp port 43100 and src host 10.2.0.10")
+    session(lab, "return.in")
     assert_packets(golden("return.client"), client.stop())
 
 
-@ONE_SIDED
 def test_blocked_flow_stops_at_the_pattern(lab, capture):
-    server = capture("server", "eth0", "src host 10.1.0.10 and tcp port 7")
+    server = capture("server", "eth0", "src host 10.1.0.10 and tcp port 43200")
     before = sum(lab.ask(i, "status")["drops"].get("blocked", 0) for i in ("aa", "ab"))
-    send(lab.topo, "client", golden("blocked.in"))
+    session(lab, "blocked.in")
     assert_packets(golden("blocked.server"), server.stop())
     after = sum(lab.ask(i, "status")["drops"].get("blocked", 0) for i in ("aa", "ab"))
-    # the matching packet, the one after it, and any of the server's RSTs
-    # (port 7 is closed) that come back after the block
-    assert after - before >= 2
+    assert after - before == 2          # the matching packet and the one after it
+
+
+def test_a_deaf_host_sends_no_rst_and_hears_again_after(lab, capture):
+    """The control for `deaf`: the same SYN to closed port 7 is answered by
+    the server's kernel with a RST outside `deaf`, and not inside."""
+    from tests.golden.generate import _client_tcp
+
+    rsts = "tcp[tcpflags] & tcp-rst != 0 and src host 10.2.0.10"
+    inside = capture("server", "eth0", rsts)
+    with deaf(lab.topo, ["client", "server"], 7):
+        send(lab.topo, "client", [_client_tcp(lab.topo, 43600, "S", 1)])
+        time.sleep(0.3)
+    assert inside.stop() == []
+    outside = capture("server", "eth0", rsts)
+    send(lab.topo, "client", [_client_tcp(lab.topo, 43601, "S", 1)])
+    time.sleep(0.3)
+    assert len(outside.stop()) == 1
 
 
 def test_malformed_headers_are_dropped_and_counted_by_reason(lab, capture):

@@ -7,6 +7,13 @@ a forwarder receives encapsulated packets on its own fabric socket as if
 another forwarder had sent them. `Capture` runs tcpdump inside a namespace
 and hands back Scapy packets. Both are what `amesh send`, `amesh replay`,
 the Scapy shell helpers and the golden tests use.
+
+A crafted TCP session through the stateful chain must be two-sided: the
+firewall tracks each direction's window as conntrack does, so a client's
+ACK for a SYN/ACK nobody sent is out of window. `send_session` sends every
+packet from the host whose address is its source, in order, and `deaf`
+keeps the hosts' own kernels from answering crafted packets (a RST from
+the real server to a crafted SYN would close the flow).
 """
 
 from __future__ import annotations
@@ -18,8 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 from scapy.utils import rdpcap, wrpcap
@@ -77,6 +89,65 @@ def send(topo: Topology, node: str, pkts: list[Packet] | str, iface: str | None 
     if "error" in out:
         raise SendError(out["error"])
     return out
+
+
+def send_session(topo: Topology, pkts: list[Packet], gap: float = 0.05, fast: bool = True) -> int:
+    """Send a two-sided session in order: each run of packets from one lab
+    host (found by the IPv4 source) from that host, then `gap` seconds for
+    it to cross the chain before the other side answers. Returns packets sent."""
+    by_ip = {str(h.address.ip): name for name, h in topo.hosts.items()}
+    runs: list[tuple[str, list[Packet]]] = []
+    for p in pkts:
+        if IP not in p or p[IP].src not in by_ip:
+            raise SendError(f"no lab host has the source of {p.summary()}")
+        host = by_ip[p[IP].src]
+        if runs and runs[-1][0] == host:
+            runs[-1][1].append(p)
+        else:
+            runs.append((host, [p]))
+    sent = 0
+    for host, run in runs:
+        sent += send(topo, host, run, fast=fast)["sent"]
+        time.sleep(gap)
+    return sent
+
+
+# Policy-rule priorities while a host is deaf: the kernel consults rules in
+# priority order and `local` (delivery to this host) sits at 0, so it moves
+# behind the blackhole rules for the duration and back afterwards.
+_DEAF, _LOCAL = 10, 100
+_TCP = 6
+
+
+@contextmanager
+def deaf(topo: Topology, hosts: list[str], port: int, proto: int = _TCP) -> Iterator[None]:
+    """While inside, the kernels of lab `hosts` neither take nor send
+    `proto` packets to or from `port` (policy routing blackholes them;
+    tcpdump on the host still sees what arrives): a crafted two-sided
+    session then meets no RST from a real stack. Restored on exit, also
+    after a failure half-way."""
+    blackholes = [{"priority": _DEAF, "action": "FR_ACT_BLACKHOLE", "ip_proto": proto,
+                   f"{side}_range": f"{port}:{port}"} for side in ("sport", "dport")]
+    steps = [("add", {"priority": _LOCAL, "table": 255}), ("del", {"priority": 0, "table": 255}),
+             *(("add", r) for r in blackholes)]
+    undo = [*(("del", r) for r in blackholes), ("add", {"priority": 0, "table": 255}),
+            ("del", {"priority": _LOCAL, "table": 255})]
+    touched: list[str] = []
+    try:
+        for host in hosts:
+            touched.append(host)
+            with IPRoute(netns=topo.netns(host), flags=0) as ip:
+                for op, rule in steps:
+                    ip.rule(op, family=2, **rule)
+        yield
+    finally:
+        for host in touched:
+            with IPRoute(netns=topo.netns(host), flags=0) as ip:
+                for op, rule in undo:
+                    try:
+                        ip.rule(op, family=2, **rule)
+                    except NetlinkError:
+                        pass  # that step had not been done
 
 
 class Capture:

@@ -99,6 +99,20 @@ class LabRun:
             time.sleep(0.02)
         raise TimeoutError(f"no map epoch above {above} within {timeout} s")
 
+    def wait_in_sync(self, node: str, timeout: float = 5.0) -> bool:
+        """Wait until `node` holds nothing its live sync peers lack: every
+        channel to an instance alive in the map is in sync (bulks done,
+        nothing unacked for long). A test that kills a second instance
+        right after a first failure waits for this, not for a fixed time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m, st = self.map(), self.ask(node, "status")
+            peers = st.get("sync", {}).get("peers", {})
+            if st["epoch"] >= m.epoch and all(p["in_sync"] for name, p in peers.items() if m.is_alive(name)):
+                return True
+            time.sleep(0.05)
+        return False
+
     def wait_state(self, nodes: tuple[str, ...], state: str, timeout: float = 5.0) -> bool:
         """Wait until every instance in `nodes` has `state` in the map."""
         deadline = time.monotonic() + timeout

@@ -7,13 +7,21 @@ the inputs and the default lab's topology (addresses, MACs, secret, map),
 never recorded from the system under test, so a golden test can fail.
 Cases:
 
-* tcp_session: a client's handshake, data and FIN; expected at the server
-  (MACs of the egress -> server link) and on the ingress -> A hop (outer
-  IP/UDP to the A primary, affinity header chain 1, index 2, the code);
-* return: the server's SYN/ACK and data after the client's SYN; expected at
-  the client (MACs of the ingress -> client link);
-* blocked: a flow whose third packet carries the inspection rule's pattern;
-  expected at the server: the packets before it only;
+Every TCP case is a two-sided session (the client's and the server's
+packets in one input pcap, sent each from its host by
+`dataplane.lab.packets.send_session` while the hosts' kernels are kept
+deaf to port 7): the firewall tracks both directions' windows, as conntrack
+does, so a one-sided session would be out of window.
+
+* tcp_session: handshake, data, the server's ACK and both FINs; expected at
+  the server the client's half (MACs of the egress -> server link), at the
+  client the server's half (MACs of the ingress -> client link), and on the
+  ingress -> A hop the client's half (outer IP/UDP to the A primary,
+  affinity header chain 1, index 2, the code);
+* return: a handshake, then data from the server; expected at the client:
+  the server's half;
+* blocked: a flow whose client sends the inspection rule's pattern after
+  the handshake; expected at the server: the client's packets before it;
 * malformed: five bad affinity headers sent into a B instance; expected:
   nothing forwarded, each counted by reason;
 * steering: a client sending an affinity header to the fabric port; expected:
@@ -31,7 +39,7 @@ from scapy.utils import wrpcap
 
 from dataplane.core import header as wire
 from dataplane.core.affinity import AffinityHasher
-from dataplane.lab.topology import Topology, load
+from dataplane.lab.topology import Host, Topology, load
 from layers.affinity import Affinity
 
 HERE = Path(__file__).resolve().parent
@@ -67,6 +75,11 @@ def _at(pkts: list[Packet], src_mac: str, dst_mac: str) -> list[Packet]:
     return out
 
 
+def _half(pkts: list[Packet], host: Host) -> list[Packet]:
+    """The packets one lab host sends in a two-sided session."""
+    return [p for p in pkts if p[IP].src == str(host.address.ip)]
+
+
 def _fabric(topo: Topology, pkts: list[Packet]) -> list[Packet]:
     """Ingress -> A hop: outer IP/UDP to the A primary, header chain 1 index 2."""
     m = topo.build_map()
@@ -85,12 +98,17 @@ def _fabric(topo: Topology, pkts: list[Packet]) -> list[Packet]:
 def cases(topo: Topology) -> dict[str, dict[str, list[Packet]]]:
     srv_link = (topo.mac_of(topo.egress.name), topo.mac_of("server"))
     cli_link = (topo.mac_of(topo.ingress.name), topo.mac_of("client"))
-    session = [_client_tcp(topo, 43000, "S", 1000), _client_tcp(topo, 43000, "A", 1001, 5001),
+    session = [_client_tcp(topo, 43000, "S", 1000), _server_tcp(topo, 43000, "SA", 5000, 1001),
+               _client_tcp(topo, 43000, "A", 1001, 5001),
                _client_tcp(topo, 43000, "PA", 1001, 5001, b"hello golden"),
-               _client_tcp(topo, 43000, "FA", 1013, 5001)]
-    ret = [_server_tcp(topo, 43100, "SA", 5000, 1001),
-           _server_tcp(topo, 43100, "PA", 5001, 1001, b"reply from the server")]
-    blocked = [_client_tcp(topo, 43200, "S", 2000), _client_tcp(topo, 43200, "A", 2001, 7001),
+               _server_tcp(topo, 43000, "A", 5001, 1013), _client_tcp(topo, 43000, "FA", 1013, 5001),
+               _server_tcp(topo, 43000, "FA", 5001, 1014), _client_tcp(topo, 43000, "A", 1014, 5002)]
+    ret = [_client_tcp(topo, 43100, "S", 1000), _server_tcp(topo, 43100, "SA", 5000, 1001),
+           _client_tcp(topo, 43100, "A", 1001, 5001),
+           _server_tcp(topo, 43100, "PA", 5001, 1001, b"reply from the server"),
+           _client_tcp(topo, 43100, "A", 1001, 5022)]
+    blocked = [_client_tcp(topo, 43200, "S", 2000), _server_tcp(topo, 43200, "SA", 7000, 2001),
+               _client_tcp(topo, 43200, "A", 2001, 7001),
                _client_tcp(topo, 43200, "PA", 2001, 7001, b"leak SECRET-TOKEN now"),
                _client_tcp(topo, 43200, "PA", 2022, 7001, b"and more")]
     c, s = topo.hosts["client"], topo.hosts["server"]
@@ -102,10 +120,10 @@ def cases(topo: Topology) -> dict[str, dict[str, list[Packet]]]:
                 / IP(src=str(c.address.ip), dst=str(s.address.ip)) / UDP(sport=43400, dport=wire.UDP_PORT)
                 / Affinity(chain=1, index=1, code=0xBAD, client=1, epoch=1) / IP() / TCP()]
     return {
-        "tcp_session": {"in": session, "server": _at(session, *srv_link), "fabric": _fabric(topo, session)},
-        "return": {"in_client_syn": [_client_tcp(topo, 43100, "S", 1000)], "in": ret,
-                   "client": _at(ret, *cli_link)},
-        "blocked": {"in": blocked, "server": _at(blocked[:2], *srv_link)},
+        "tcp_session": {"in": session, "server": _at(_half(session, c), *srv_link),
+                        "client": _at(_half(session, s), *cli_link), "fabric": _fabric(topo, _half(session, c))},
+        "return": {"in": ret, "client": _at(_half(ret, s), *cli_link)},
+        "blocked": {"in": blocked, "server": _at(_half(blocked, c)[:2], *srv_link)},
         "malformed": {"in": malformed},
         "steering": {"in": steering},
     }
