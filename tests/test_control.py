@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from dataplane.core import syncwire as sw
-from dataplane.core.control import ControlClient, Controller, ControlSend, MapReceived, not_ready, standing
+from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived, not_ready,
+                                    standing)
+from dataplane.core.events import Persist
 from dataplane.core.liveness import FailureDetector
-from dataplane.core.servicemap import Instance, InstanceState
+from dataplane.core.servicemap import Instance, InstanceState, ServiceMap
 from tests.conftest import pair_map
 
 KEYS = sw.Keyring({1: b"c" * 32}, 1)
@@ -174,3 +176,86 @@ def test_what_a_new_map_means_for_the_instance_installing_it(me, was, serving, j
     got = standing(Instance("ba", state=me) if me else None, Instance("ba", state=was) if was else None,
                    serving, join_epoch, 9)
     assert (got.join_epoch, got.change) == want
+
+
+def spare_map():
+    """pair_map with a third B instance, bc, SPARE (what scale-out takes)."""
+    m = pair_map()
+    m.add_instance("B", Instance("bc", state=InstanceState.SPARE))
+    return m
+
+
+def exchange(ctl, clients, now):
+    """One round: every client heartbeats, the controller pushes, each takes its push."""
+    out = []
+    for c in clients:
+        for send in c.tick(now):
+            out += ctl.receive(send.data, now)
+    sends = ctl.push(now)
+    for c in clients:
+        for data in pushes(sends, c.endpoint.me):
+            c.receive(data)
+    return out
+
+
+def test_a_controller_restarted_while_an_instance_joins_still_makes_it_lead():
+    """Issue #13, defect 3: the epoch an instance joined at was kept only in
+    memory, so a controller restarted from its store left it JOINING for
+    ever. A restarted controller takes the stored map's epoch as the join
+    epoch (the latest it can be) and makes bc lead once it reports in sync."""
+    ctl = controller(spare_map())
+    clients = [ControlClient(n, "ctl", ctl.map, KEYS, 100 + i) for i, n in enumerate(("ba", "bb", "bc"))]
+    exchange(ctl, clients, 0.0)
+    kept = [e.data for e in ctl.operator("bc", "scale-out", 0.01) if isinstance(e, Persist)]
+    exchange(ctl, clients, 0.02)
+    assert clients[2].epoch == ctl.map.epoch and ctl.map.instance("bc").state == InstanceState.JOINING
+    again = Controller("ctl", spare_map(), KEYS, 8_000, FailureDetector(0.005, 4, 1.0), now=0.03,
+                       stored=kept[-1])
+    assert again.map == ctl.map
+    clients[2].in_sync = True                                   # its bulks are done
+    for t in (0.04, 0.06, 0.08):                                # hello, bound push, bound STATUS
+        exchange(again, clients, t)
+    assert again.map.instance("bc").state == InstanceState.ACTIVE
+
+
+def test_a_restarted_controller_does_not_make_a_joiner_lead_on_an_older_status():
+    """The restored join epoch is the stored map's: a STATUS saying in sync
+    as of an older epoch (sent before the map that made it join) is not enough."""
+    m = spare_map()
+    m.set_state("bc", InstanceState.JOINING)
+    ctl = Controller("ctl", spare_map(), KEYS, 8_000, FailureDetector(0.005, 4, 1.0), stored=m.to_json().encode())
+    bc = ControlClient("bc", "ctl", spare_map(), KEYS, 100)     # holds the epoch before
+    bc.in_sync = True
+    exchange(ctl, [bc], 0.0)
+    bc.epoch = ctl.map.epoch - 1                                # the push did not reach it
+    exchange(ctl, [bc], 0.02)
+    assert ctl.held["bc"] == m.epoch - 1 and ctl.map.instance("bc").state == InstanceState.JOINING
+
+
+def test_every_published_epoch_is_kept_before_it_is_pushed():
+    """Issue #13, defect 7: the controller does no I/O; every epoch it
+    publishes (operator, detector, a joiner in sync) comes with a Persist
+    of that map, ahead of any push, and a controller built from the last
+    one resumes with the same map."""
+    ctl = Controller("ctl", spare_map(), KEYS, 7_000, FailureDetector(0.005, 4, 0.05))
+    ba, bb, bc = clients = [ControlClient(n, "ctl", ctl.map, KEYS, 100 + i)
+                            for i, n in enumerate(("ba", "bb", "bc"))]
+    events = exchange(ctl, clients, 0.0)
+    events += ctl.operator("bc", "scale-out", 0.01)
+    bc.in_sync = True
+    events += exchange(ctl, clients, 0.02) + exchange(ctl, clients, 0.04)  # bc leads
+    events += ctl.operator("ba", "drain", 0.05)
+    for i in range(20):                                      # ba silent: dead; heard again: joins
+        t = 0.06 + 0.015 * i
+        events += exchange(ctl, clients if i == 0 or i > 5 else [bb, bc], t) + ctl.tick(t)
+    reasons = [e.reason for e in events if isinstance(e, MapPublished)]
+    assert reasons == ["bc scaled out: joining", "bc in sync: takes its buckets", "ba draining",
+                       "ba missed heartbeats", "ba is back: joining"]
+    published = [e.epoch for e in events if isinstance(e, MapPublished)]
+    kept = [e for e in events if isinstance(e, Persist)]
+    assert [ServiceMap.from_json(e.data).epoch for e in kept] == published
+    for i, e in enumerate(events):
+        if isinstance(e, MapPublished):
+            assert isinstance(events[i + 1], Persist)       # before this epoch's pushes
+    again = Controller("ctl", spare_map(), KEYS, 8_000, FailureDetector(0.005, 4, 1.0), stored=kept[-1].data)
+    assert again.map == ctl.map

@@ -19,7 +19,7 @@ from dataplane.core import header as wire
 from dataplane.core import syncwire as sw
 from dataplane.core.control import map_record
 from dataplane.core.header import UDP_PORT
-from dataplane.core.servicemap import InstanceState
+from dataplane.core.servicemap import InstanceState, ServiceMap
 from dataplane.lab.topology import load
 from dataplane.shells.forwarder import Forwarder
 from tests.conftest import codes_led_by, tcp
@@ -205,3 +205,24 @@ def test_the_controller_reads_waiting_heartbeats_before_it_judges_silence(mesh):
         time.sleep(ba.client.interval)
     ctl.tick(time.monotonic())
     assert detector.health("ba").value == "alive"
+
+
+def test_the_controller_shell_keeps_each_epoch_and_a_restarted_controller_resumes_it(mesh, tmp_path):
+    """The controller's Persist events, written by its shell: the store is
+    replaced whole (no temporary file left), a new controller process
+    resumes at its epoch with the joiner still joining, and a store that
+    cannot be written is counted, not a crash."""
+    name = mesh.topo.controller
+    ctl = mesh(name)
+    reply = ctl.answer({"cmd": "operator", "node": "bd", "action": "scale-out"}, 0.0)
+    store = tmp_path / f"{name}-map.json"
+    assert ServiceMap.from_json(store.read_bytes()).epoch == reply["epoch"]
+    assert not store.with_suffix(".tmp").exists()
+    ctl.close()
+    again = mesh(name)
+    assert again.map.epoch == reply["epoch"] and again.map.instance("bd").state == InstanceState.JOINING
+    assert again.ctl.joined_at == {"bd": reply["epoch"]}
+    store.unlink()
+    store.mkdir()                                            # a rename onto it fails
+    again.answer({"cmd": "operator", "node": "ba", "action": "drain"}, 0.0)
+    assert again.status(0.0)["counters"]["persist_error"] == 1

@@ -1,7 +1,9 @@
 """The control channel, without I/O: the controller and its clients.
 
-The controller owns the service map and keeps it in a file (the embedded
-map store), so a restarted controller resumes at the same epoch and states. Every forwarder sends it a HEARTBEAT
+The controller owns the service map and has its shell keep it (the embedded
+map store: a `Persist` event per epoch, before the pushes of that epoch), so
+a restarted controller, built from what was kept, resumes at the same epoch
+and states. Every forwarder sends it a HEARTBEAT
 every interval (and a STATUS saying which epoch it holds); from its first
 heartbeat on, the controller's failure detector declares an instance dead
 after `misses` silent intervals
@@ -17,11 +19,11 @@ and a per-sender anti-replay window; the map rides zlib-compressed.
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 
 from dataplane.core import syncwire as sw
+from dataplane.core.events import Persist
 from dataplane.core.liveness import Declared, FailureDetector, Health
 from dataplane.core.servicemap import Instance, InstanceState, MapError, ServiceMap, load_json
 
@@ -137,18 +139,28 @@ def read_map_record(value: bytes) -> bytes:
 
 
 class Controller:
-    """The embedded map store: detection, map epochs, pushes."""
+    """The embedded map store: detection, map epochs, pushes.
+
+    It does no I/O: every map it publishes comes out as a `Persist` event
+    (before the pushes of that map), and the shell keeps it; a restarted
+    controller is built with what was kept (`stored`)."""
 
     def __init__(self, name: str, smap: ServiceMap, keyring: sw.Keyring, incarnation: int,
-                 detector: FailureDetector, refresh: float = 0.100,
-                 store: Path | None = None, now: float = 0.0) -> None:
-        self.store = store
-        """Where the map is kept across controller restarts (the embedded store)."""
-        if store is not None and store.exists():
-            smap = ServiceMap.from_json(store.read_text())
+                 detector: FailureDetector, refresh: float = 0.100, now: float = 0.0,
+                 stored: bytes | None = None) -> None:
+        """`smap` is the topology's map; `stored`, the store's content when
+        there is one, replaces it (raises MapError when it is no valid map)."""
+        self.joined_at: dict[str, int] = {}
+        """JOINING members and the epoch that made them join."""
+        if stored is not None:
+            smap = ServiceMap.from_json(stored)
             for n, i in ((n, i) for insts in smap.services.values() for n, i in insts.items()):
                 if i.state in _SERVING:
                     detector.watch(n, now)  # silence from now on counts
+                if i.state == InstanceState.JOINING:
+                    # the store keeps no join epoch: the map's is the latest
+                    # it can be, and a joiner in sync holds it once pushed
+                    self.joined_at[n] = smap.epoch
         self.map = smap
         self.members = [n for insts in smap.services.values() for n in insts]
         self.endpoint = Endpoint(name, self.members, keyring, incarnation,
@@ -159,8 +171,6 @@ class Controller:
         self._dirty = True
         self.held: dict[str, int] = {}
         """Epoch each member last reported holding."""
-        self.joined_at: dict[str, int] = {}
-        """JOINING members and the epoch that made them join."""
         self.history: list[tuple[float, int, str]] = []
         self.counters: Counter[str] = Counter()
 
@@ -179,12 +189,6 @@ class Controller:
                 out.extend(self._maybe_active(name, held, rec.value[4], now))
         return out
 
-    def _persist(self) -> None:
-        if self.store is not None:
-            tmp = self.store.with_suffix(".tmp")
-            tmp.write_text(self.map.to_json())
-            tmp.replace(self.store)
-
     def _maybe_active(self, name: str, held: int, flags: int, now: float) -> list[object]:
         """Make before break: a JOINING instance becomes ACTIVE once it reports
         being in sync with every peer as of the epoch that made it join."""
@@ -193,7 +197,7 @@ class Controller:
         if not flags & STATUS_IN_SYNC or held < self.joined_at[name]:
             return []
         del self.joined_at[name]
-        return [self.set_state(name, InstanceState.ACTIVE, f"{name} in sync: takes its buckets", now),
+        return [*self.set_state(name, InstanceState.ACTIVE, f"{name} in sync: takes its buckets", now),
                 *self.push(now)]
 
     def operator(self, name: str, action: str, now: float) -> list[object]:
@@ -204,15 +208,15 @@ class Controller:
         except MapError:
             raise ValueError(f"no instance {name!r}") from None
         if action == "scale-out" and state == InstanceState.SPARE:
-            return [self._join(name, f"{name} scaled out: joining", now), *self.push(now)]
+            return [*self._join(name, f"{name} scaled out: joining", now), *self.push(now)]
         if action == "drain" and state == InstanceState.ACTIVE:
-            return [self.set_state(name, InstanceState.DRAINING, f"{name} draining", now), *self.push(now)]
+            return [*self.set_state(name, InstanceState.DRAINING, f"{name} draining", now), *self.push(now)]
         raise ValueError(f"cannot {action} {name}: it is {state.value}")
 
-    def _join(self, name: str, reason: str, now: float) -> MapPublished:
-        published = self.set_state(name, InstanceState.JOINING, reason, now)
-        self.joined_at[name] = published.epoch
-        return published
+    def _join(self, name: str, reason: str, now: float) -> list[object]:
+        out = self.set_state(name, InstanceState.JOINING, reason, now)
+        self.joined_at[name] = self.map.epoch
+        return out
 
     def tick(self, now: float) -> list[object]:
         out: list[object] = self._declared(self.detector.tick(now), now)
@@ -230,16 +234,17 @@ class Controller:
         heard = self.endpoint.incarnations
         return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members if n in heard]
 
-    def set_state(self, name: str, state: InstanceState, reason: str, now: float) -> MapPublished:
-        """Publish a new epoch with `name` in `state` (operator or detector)."""
+    def set_state(self, name: str, state: InstanceState, reason: str,
+                  now: float) -> list[MapPublished | Persist]:
+        """Publish a new epoch with `name` in `state` (operator or detector),
+        and the store's new content, to be kept before any push of it."""
         new = self.map.copy()
         new.set_state(name, state)
         self.map = new
         self._dirty = True
-        self._persist()
         self.history.append((now, new.epoch, reason))
         self.counters["epochs"] += 1
-        return MapPublished(new.epoch, reason)
+        return [MapPublished(new.epoch, reason), Persist(new.to_json().encode())]
 
     def _declared(self, events: list[Declared], now: float) -> list[object]:
         out: list[object] = []
@@ -248,10 +253,10 @@ class Controller:
             inst = self.map.instance(d.peer)
             if d.health == Health.DEAD and inst.state in _SERVING:
                 self.counters["failovers"] += 1
-                out.append(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
+                out.extend(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
                 out.extend(self.push(now))
             elif d.health == Health.ALIVE and inst.state == InstanceState.DEAD:
-                out.append(self._join(d.peer, f"{d.peer} is back: joining", now))
+                out.extend(self._join(d.peer, f"{d.peer} is back: joining", now))
                 out.extend(self.push(now))
         return out
 

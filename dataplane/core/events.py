@@ -73,4 +73,17 @@ class TookOver:
     key: FlowKey
 
 
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Keep `data` (the controller's map store: the map it published) so a
+    restarted controller resumes from it: the shell replaces its store file
+    with it atomically (a torn store would bring the controller back at no
+    epoch at all). The controller returns it before the pushes of that map,
+    so no forwarder holds an epoch the store has not kept (a controller that
+    came back at an older epoch would publish another map under the same
+    number, which the forwarders holding the first would never install)."""
+
+    data: bytes
+
+
 Event = Send | Deliver | Drop | Mirror | TookOver

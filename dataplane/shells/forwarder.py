@@ -64,7 +64,7 @@ from dataplane.core import syncwire as sw
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived,
                                     not_ready, standing)
-from dataplane.core.events import Deliver, Send, TookOver
+from dataplane.core.events import Deliver, Persist, Send, TookOver
 from dataplane.core.header import UDP_PORT
 from dataplane.lab import keyrot
 from dataplane.lab.topology import Topology, load
@@ -280,9 +280,12 @@ class Forwarder:
         self.scrape_seconds = 0.0
         timers = topo.timers
         if self.role == "controller":
+            self.store = run_dir / f"{node}-map.json"
+            """The controller's embedded map store (what its `Persist` events keep)."""
             self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
-                                  timers.map_refresh, run_dir / f"{node}-map.json", time.monotonic())
+                                  timers.map_refresh, time.monotonic(),
+                                  self.store.read_bytes() if self.store.exists() else None)
         else:
             self.client = ControlClient(node, topo.controller, initial, self.control_keys,
                                         self.incarnation, timers.heartbeat)
@@ -614,11 +617,24 @@ class Forwarder:
                     self.control.sendto(ev.data, (by_name[ev.to], sw.CONTROL_PORT))
                 except (OSError, KeyError):
                     self.ctl.counters["send_error"] += 1
+            elif isinstance(ev, Persist):
+                self._persist(ev.data)
             elif isinstance(ev, MapPublished):
                 self._note("epoch", time.monotonic(), epoch=ev.epoch, reason=ev.reason)
             elif isinstance(ev, Declared):
                 self._note(f"declared_{ev.health.value}", ev.at, peer=ev.peer,
                            last_heard=round(time.time() - (time.monotonic() - ev.last_heard), 6))
+
+    def _persist(self, data: bytes) -> None:
+        """Replace the map store whole (a new file renamed over it): a
+        controller killed mid-write comes back with the old map or the new."""
+        tmp = self.store.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(self.store)
+        except OSError as exc:
+            self.ctl.counters["persist_error"] += 1
+            log(self.name, f"map store not written: {exc}")
 
     def _note(self, what: str, mono: float, **fields: Any) -> None:
         wall = time.time() - (time.monotonic() - mono)

@@ -23,7 +23,6 @@ faults), which `dataplane.sim.checker` reads.
 from __future__ import annotations
 
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,7 @@ from dataplane.core import header as wire
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived,
                                     standing)
-from dataplane.core.events import Deliver, FlowUpdate, Send
+from dataplane.core.events import Deliver, FlowUpdate, Persist, Send
 from dataplane.core.liveness import Declared, FailureDetector
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
@@ -313,7 +312,7 @@ class SimController:
         self.alive = True
         self.ctl = Controller(self.name, topo.build_map(), topo.control_keyring(self.name), incarnation,
                               FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
-                              timers.map_refresh, mesh.store, mesh.clock.now)
+                              timers.map_refresh, mesh.clock.now, mesh.store)
         mesh.clock.after(TICK, self._tick)
 
     @property
@@ -341,6 +340,8 @@ class SimController:
         for ev in events:
             if isinstance(ev, ControlSend):
                 mesh.net.send(self.name, ev.to, CONTROL, ev.data)
+            elif isinstance(ev, Persist):
+                mesh.store = ev.data
             elif isinstance(ev, MapPublished):
                 mesh.history.note(mesh.clock.now, self.name, f"epoch {ev.epoch}: {ev.reason}")
             elif isinstance(ev, Declared):
@@ -362,9 +363,9 @@ class Mesh:
         self.topo = topo or sim_topology()
         self.history = History()
         self.net = Network(clock, rng, self._deliver, faults)
-        self._store_dir = tempfile.TemporaryDirectory(prefix="amesh-sim-")
-        self.store = Path(self._store_dir.name) / "ctl-map.json"
-        """The controller's embedded map store: survives a controller restart."""
+        self.store: bytes | None = None
+        """The controller's embedded map store (what its `Persist` events
+        keep): survives a controller restart."""
         self._incarnation = 1_000_000
         self.topo_nodes = set(self.topo.forwarders())
         self.on_host: HostSink = lambda edge, data: None
@@ -374,9 +375,6 @@ class Mesh:
             n: SimForwarder(self, n, self.new_incarnation())
             for n in self.topo.forwarders() if n != self.topo.controller}
         self.dead: set[str] = set()
-
-    def close(self) -> None:
-        self._store_dir.cleanup()
 
     def new_incarnation(self) -> int:
         """Strictly growing, like the shell's start time in microseconds."""

@@ -111,27 +111,24 @@ class Sim:
     def finish(self) -> Result:
         """Stop opening connections, let the mesh settle, and check the history."""
         clock, mesh, workload = self.clock, self.mesh, self.workload
-        try:
-            workload.stop()
-            end = clock.now + QUIET
-            while clock.now < end and any(c.outcome == Outcome.RUNNING for c in workload.conns):
-                clock.run_until(clock.now + 0.05)
-            _settle(mesh, max(0.0, end - clock.now) + SETTLE)
-            final = Final(mesh.controller.map, {n: f.map for n, f in mesh.nodes.items()},
-                          sum(mesh.history.lost_counts.values())
-                          + sum(f.node.counters["flows_lost"] for f in mesh.nodes.values()
-                                if f.role == "instance"),
-                          [n for n, f in mesh.nodes.items() if not f.serving or f.hung])
-            verdict = check(mesh.history, workload.conns, workload.misdelivered, final,
-                            self.faults.expected_lost, self.faults.maybe_lost)
-            outcomes: dict[str, int] = {}
-            for c in workload.conns:
-                outcomes[c.outcome.value] = outcomes.get(c.outcome.value, 0) + 1
-            return Result(self.seed, self.steps, self.policy, verdict, mesh.history.faults,
-                          len(workload.conns), outcomes, round(clock.now, 3), mesh.controller.map.epoch,
-                          sorted(self.faults.expected_lost), mesh.history.notes)
-        finally:
-            mesh.close()
+        workload.stop()
+        end = clock.now + QUIET
+        while clock.now < end and any(c.outcome == Outcome.RUNNING for c in workload.conns):
+            clock.run_until(clock.now + 0.05)
+        _settle(mesh, max(0.0, end - clock.now) + SETTLE)
+        final = Final(mesh.controller.map, {n: f.map for n, f in mesh.nodes.items()},
+                      sum(mesh.history.lost_counts.values())
+                      + sum(f.node.counters["flows_lost"] for f in mesh.nodes.values()
+                            if f.role == "instance"),
+                      [n for n, f in mesh.nodes.items() if not f.serving or f.hung])
+        verdict = check(mesh.history, workload.conns, workload.misdelivered, final,
+                        self.faults.expected_lost, self.faults.maybe_lost)
+        outcomes: dict[str, int] = {}
+        for c in workload.conns:
+            outcomes[c.outcome.value] = outcomes.get(c.outcome.value, 0) + 1
+        return Result(self.seed, self.steps, self.policy, verdict, mesh.history.faults,
+                      len(workload.conns), outcomes, round(clock.now, 3), mesh.controller.map.epoch,
+                      sorted(self.faults.expected_lost), mesh.history.notes)
 
 
 def run(seed: int, steps: int = 4, policy: str = "async",
