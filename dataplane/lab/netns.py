@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -29,11 +30,31 @@ def enter(name: str) -> None:
     """Move the calling process into namespace `name` (it must exist)."""
     fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+        _setns(fd, name)
     finally:
         os.close(fd)
+
+
+def _setns(fd: int, name: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns({name}): {os.strerror(err)}")
+
+
+def socket_in(name: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket made inside namespace `name`, for this process to use from
+    where it is: a socket stays in the namespace it was made in, so one
+    process can send from several namespaces without a child per namespace.
+    The calling thread enters `name` for the call only."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        enter(name)
+        try:
+            return socket.socket(family, kind, proto)
+        finally:
+            _setns(own, "own namespace")
+    finally:
+        os.close(own)
 
 
 def spawn(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:

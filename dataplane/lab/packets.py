@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ from scapy.packet import Packet
 from scapy.utils import rdpcap, wrpcap
 
 from dataplane.lab import netns
+from dataplane.lab.inject import ETH_P_ALL
 from dataplane.lab.topology import Topology
 
 
@@ -91,25 +94,59 @@ def send(topo: Topology, node: str, pkts: list[Packet] | str, iface: str | None 
     return out
 
 
-def send_session(topo: Topology, pkts: list[Packet], gap: float = 0.05, fast: bool = True) -> int:
-    """Send a two-sided session in order: each run of packets from one lab
-    host (found by the IPv4 source) from that host, then `gap` seconds for
-    it to cross the chain before the other side answers. Returns packets sent."""
+def send_session(topo: Topology, pkts: list[Packet], wait: float = 1.0, fast: bool = True) -> int:
+    """Send a two-sided session in order, each packet out of the `eth0` of
+    the lab host whose address is its IPv4 source. When the sending side
+    changes, the other side answers only once the last packet sent reached
+    it (seen on its `eth0`), or after `wait` seconds (the chain may drop
+    it), and not before the capture's own gap unless `fast`. One process,
+    one socket per host (`netns.socket_in`), so a long conversation does not
+    start a child per turn. Returns packets sent."""
     by_ip = {str(h.address.ip): name for name, h in topo.hosts.items()}
-    runs: list[tuple[str, list[Packet]]] = []
-    for p in pkts:
-        if IP not in p or p[IP].src not in by_ip:
-            raise SendError(f"no lab host has the source of {p.summary()}")
-        host = by_ip[p[IP].src]
-        if runs and runs[-1][0] == host:
-            runs[-1][1].append(p)
-        else:
-            runs.append((host, [p]))
-    sent = 0
-    for host, run in runs:
-        sent += send(topo, host, run, fast=fast)["sent"]
-        time.sleep(gap)
-    return sent
+    socks: dict[str, socket.socket] = {}
+    last: tuple[str, bytes, float] | None = None
+    try:
+        for host in set(by_ip.values()):
+            socks[host] = netns.socket_in(topo.netns(host), socket.AF_PACKET, socket.SOCK_RAW,
+                                          socket.htons(ETH_P_ALL))
+            socks[host].bind(("eth0", 0))
+        for p in pkts:
+            if IP not in p or p[IP].src not in by_ip:
+                raise SendError(f"no lab host has the source of {p.summary()}")
+            host = by_ip[p[IP].src]
+            if last is not None:
+                if last[0] != host:
+                    _arrival(socks[host], last[1], wait)
+                if not fast:
+                    time.sleep(min(max(float(p.time) - last[2], 0.0), 10.0))
+            ip = bytes(p[IP])
+            try:
+                socks[host].send(bytes(frames_for(topo, host, [p])[0]))
+            except OSError as exc:
+                raise SendError(f"sending {p.summary()} from {host}: {exc}") from None
+            last = host, ip, float(p.time)
+    finally:
+        for s in socks.values():
+            s.close()
+    return len(pkts)
+
+
+def _arrival(sock: socket.socket, ip: bytes, wait: float) -> bool:
+    """Wait until `sock` receives the IPv4 packet `ip` (same addresses, id,
+    protocol and first 8 transport bytes: what the chain does not change)."""
+    ihl = (ip[0] & 0xF) * 4
+    key = ip[4:6] + ip[9:10] + ip[12:20] + ip[ihl:ihl + 8]
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            break
+        frame, addr = sock.recvfrom(65535)
+        got = frame[14:]
+        if addr[2] != socket.PACKET_OUTGOING and len(got) >= 20:
+            gihl = (got[0] & 0xF) * 4
+            if got[4:6] + got[9:10] + got[12:20] + got[gihl:gihl + 8] == key:
+                return True
+    return False
 
 
 # Policy-rule priorities while a host is deaf: the kernel consults rules in
