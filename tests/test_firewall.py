@@ -276,3 +276,17 @@ def test_a_promoted_replica_catches_up_loosely_then_checks_strictly():
     assert v.action == Action.FORWARD and st.lag_until == 0.0      # strict from here on
     v, _ = at(LAG_TIME + 0.2, tcp(flags="PA", seq=101 + 201_000 + 10_000_000, ack=901 + 400_000, payload=b"z"))
     assert v.reason == "out_of_window"
+
+
+def test_a_flow_that_comes_back_rerouted_catches_up_loosely():
+    """This instance's own copy stopped at the handshake while the flow ran
+    through another instance; it comes back REROUTED (`moved`): the next
+    segment, far past the window held, passes. Control: without `moved`
+    the same segment is out of window (the stall the comeback would be)."""
+    ahead = tcp(flags="PA", seq=101 + 5_000_000, ack=901 + 3_000_000, payload=b"x" * 100)
+    for came_back, action in ((True, Action.FORWARD), (False, Action.DROP)):
+        st = handshake()
+        if came_back:
+            st = FW.moved(st)
+        v, _ = FW.process(parse(ahead), True, st, 1.0)
+        assert v.action == action
