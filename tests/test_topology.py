@@ -242,3 +242,13 @@ def test_machines_place_instances_in_the_map(tmp_path):
     assert "host" not in plain.to_json() and "anti_affinity" not in plain.to_json()
     off = load(variant(tmp_path, 'policy = "async"', 'policy = "async"\nanti_affinity = false')).build_map()
     assert not off.anti_affinity and off.table_digest("B") == plain.table_digest("B")
+
+
+def test_the_lab_refuses_a_store_it_does_not_run_yet(tmp_path):
+    """An etcd topology validates, but `lab up` says it cannot run it
+    rather than silently running the embedded store."""
+    from dataplane.lab.build import LabError, up
+
+    t = load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"\nendpoints = ["http://10.98.0.1:2379"]'))
+    with pytest.raises(LabError, match="does not run it yet"):
+        up(t, print)
