@@ -103,27 +103,34 @@ def rank_spread(service: str, members: list[str], hosts: list[str], eligible: li
     if not depth_here:
         return out
     for b, row in enumerate(zip(*cols)):
-        order = [i for i in _spread(sorted(idx, key=lambda i, row=row: -row[i]), hosts) if eligible[i]]
-        first = next((i for i in order if i not in joining), order[0])
-        picked = [first]
-        for _ in range(1, depth_here):
-            used = {hosts[i] for i in picked}
-            rest = [i for i in order if i not in picked]
-            picked.append(next((i for i in rest if hosts[i] not in used), rest[0]))
-        for r, c in enumerate(picked[:depth_here]):
-            out[r][b] = index[c]
+        order = [i for i in _spread(sorted(idx, key=row.__getitem__, reverse=True), hosts) if eligible[i]]
+        first = order[0]
+        if joining and first in joining:
+            first = next((i for i in order if i not in joining), first)
+        out[0][b] = index[first]
+        if depth_here > 1:
+            picked = [first]
+            used = {hosts[first]}
+            for r in range(1, depth_here):
+                c = next((i for i in order if hosts[i] not in used and i not in picked), None)
+                if c is None:
+                    c = next(i for i in order if i not in picked)
+                out[r][b] = index[c]
+                picked.append(c)
+                used.add(hosts[c])
     return out
 
 
 def _spread(order: list[int], hosts: list[str]) -> list[int]:
-    """`order` (by weight) rearranged so that each member is the
-    highest-weight one on a host not used yet, while any is left."""
-    out: list[int] = []
-    used: set[str] = set()
-    rest = list(order)
-    every = len(set(hosts))
-    while rest and len(used) < every:
-        i = rest.pop(next(k for k, i in enumerate(rest) if hosts[i] not in used))
-        used.add(hosts[i])
-        out.append(i)
-    return out + rest
+    """`order` (by weight) rearranged: the first member met of each host,
+    in the order met, then the others in `order`'s order."""
+    firsts: list[int] = []
+    others: list[int] = []
+    seen: set[str] = set()
+    for i in order:
+        if hosts[i] in seen:
+            others.append(i)
+        else:
+            seen.add(hosts[i])
+            firsts.append(i)
+    return firsts + others

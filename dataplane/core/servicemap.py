@@ -29,7 +29,9 @@ and secondary share a host loses its flows' state with it. With
 primary's host while another host has an eligible instance
 (`dataplane.core.rendezvous.rank_spread`, like Ceph CRUSH spreading
 replicas over hosts). Without hosts every instance is its own host and the
-tables are plain HRW, exactly as before hosts existed.
+tables are plain HRW, exactly as before hosts existed. Spreading costs
+about twice the build time (14 ms against 6.4 ms for 4 instances on 2
+hosts at 4,096 buckets, best of 7 on this machine).
 
 The default of 65,536 buckets is what keeps HRW's statistical balance within
 10 % (max/mean primary buckets) for 16 instances: with B buckets and N
