@@ -208,3 +208,19 @@ def test_revision_fencing_refuses_an_older_map(etcd):
         await w.close()
         await reader.close()
     run(go())
+
+
+def test_a_dead_endpoint_is_left_for_the_next(etcd):
+    """The first endpoint answers nothing (a closed port): the read fails,
+    the follower backs off and reads from the next one."""
+    async def go():
+        w = EtcdMapStore([etcd.url], "/t")
+        cur = (await w.write(b"v1", 0)).stored
+        got: list[Stored] = []
+        stop = asyncio.Event()
+        reader = EtcdMapStore([f"http://127.0.0.1:{free_port()}", etcd.url], "/t", timeout=0.5)
+        f = await reader.follow(lambda s: (got.append(s), stop.set()), stop)
+        assert got == [cur] and f.counters["resumes"] == 1 and f.endpoint == 1
+        await w.close()
+        await reader.close()
+    run(go())
