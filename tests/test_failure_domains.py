@@ -189,3 +189,17 @@ def test_cli_plan_fail_host():
 def test_cli_plan_host_errors(args, needle):
     res = invoke("map", "plan", *args)
     assert res.exit_code != 0 and needle in res.output
+
+
+def test_lost_counts_primary_and_secondary_only():
+    """State is mirrored to the secondary alone, so with 3 candidates a
+    bucket is lost when its first two die, whatever the third."""
+    m = build([("ba", "h1"), ("bb", "h2"), ("bc", "h3")], replicas=3)
+    t = m.table("B")
+    pairs = {(t.names[p], t.names[s]) for p, s in zip(t.ranks[0], t.ranks[1])}
+    for p, s in pairs:
+        want = sum(1 for b in range(BUCKETS) if t.candidates(b)[:2] in ([p, s], [s, p]))
+        assert lost(m, {p, s})["B"] == want > 0
+    assert lost(m, {"ba"})["B"] == 0
+    single = build([("ba", "h1")])
+    assert lost(single, {"ba"})["B"] == BUCKETS and lost(single, set())["B"] == 0

@@ -108,19 +108,14 @@ def plan(services: dict[str, list[str]], fail: list[str], add: list[str],
 
 
 def lost(m: ServiceMap, dead: set[str]) -> dict[str, int]:
-    """Per service, the buckets of `m` whose every candidate is in `dead`
-    (primary and secondary at 2 replicas): failing them together loses
-    those buckets' flow state, as no live instance held a copy."""
+    """Per service, the buckets of `m` whose primary and secondary (the
+    instance its state is mirrored to) are both in `dead`, or whose lone
+    primary is: failing them together loses those buckets' flow state."""
     out = {}
     for service in m.services:
         t = m.table(service)
-        gone = [i for i, n in enumerate(t.names) if n in dead]
-        if not gone:
-            out[service] = 0
-            continue
-        n = 0
-        for b in range(m.buckets):
-            if all(r[b] == NO_INSTANCE or r[b] in gone for r in t.ranks):
-                n += 1
-        out[service] = n
+        gone = {i for i, n in enumerate(t.names) if n in dead} | {NO_INSTANCE}
+        prim = t.ranks[0]
+        sec = t.ranks[1] if len(t.ranks) > 1 else [NO_INSTANCE] * m.buckets
+        out[service] = sum(1 for p, s in zip(prim, sec) if p in gone and p != NO_INSTANCE and s in gone)
     return out
