@@ -20,7 +20,7 @@ where it ranks first it is swapped with the next candidate, so it starts as
 the *secondary* of the buckets it will lead, receives their state by bulk
 sync, and only when the controller marks it ACTIVE (all its peers' bulks
 done) does it lead them. The primaries of a map with a JOINING instance are
-exactly those of the map without it.
+exactly those of the map without it (with hosts declared: with it DEAD).
 
 Failure domains: an instance may name the `host` (machine) it runs on.
 A host failing takes all its instances at once, so a bucket whose primary
@@ -126,7 +126,8 @@ def _table(service: str, inputs: TableInputs) -> BucketTable:
     buckets, replicas, anti_affinity, members = inputs
     names = [n for n, eligible, _, _, _ in members if eligible]
     if anti_affinity and any(m[3] for m in members):
-        # departed members stay in the walk (see rank_spread); spares never held a role
+        # departed members keep their place in the spread order (see
+        # rank_spread); spares never held a role
         held = [m for m in members if not m[4]]
         joining = frozenset(k for k, m in enumerate(held) if m[1] and m[2])
         t = BucketTable(names, rank_spread(service, [m[0] for m in held], [m[3] or m[0] for m in held],
