@@ -203,3 +203,24 @@ def test_lost_counts_primary_and_secondary_only():
     assert lost(m, {"ba"})["B"] == 0
     single = build([("ba", "h1")])
     assert lost(single, {"ba"})["B"] == BUCKETS and lost(single, set())["B"] == 0
+
+
+def test_cli_plan_from_a_topology(tmp_path):
+    """--topology takes the services, [machines] and buckets of a lab file."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "labs" / "default.toml").read_text()
+    lab = tmp_path / "lab.toml"
+    lab.write_text(text.replace("[controller]", '[machines.h1]\nnodes = ["aa", "ba", "bb"]\n'
+                                '[machines.h2]\nnodes = ["ab", "bc"]\n\n[controller]', 1))
+    out = json.loads(invoke("map", "plan", "--topology", str(lab), "--fail-host", "h1", "--json").output)
+    assert out["B"]["buckets"] == 4096 and out["B"]["lost"] == 0 and out["A"]["lost"] == 0
+    assert out["B"]["after"] == {"ba": 0, "bb": 0, "bc": 4096}
+    off = json.loads(invoke("map", "plan", "--topology", str(lab), "--fail-host", "h1", "--json",
+                            "--no-anti-affinity").output)
+    assert off["B"]["lost"] > 0
+    for args, needle in ((["--topology", str(lab), "--service", "B=x"], "not both"),
+                         ([], "give the services"),
+                         (["--topology", str(tmp_path / "none.toml")], "cannot read")):
+        res = invoke("map", "plan", *args)
+        assert res.exit_code != 0 and needle in res.output

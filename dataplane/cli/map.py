@@ -41,27 +41,47 @@ def map_group() -> None:
 
 
 @map_group.command(name="plan")
-@click.option("--service", "services", multiple=True, required=True, callback=_parse_service,
+@click.option("--service", "services", multiple=True, callback=_parse_service,
               help="SERVICE=inst1,inst2,... (repeatable); inst@HOST puts an instance on a host")
+@click.option("--topology", "topology", type=click.Path(dir_okay=False),
+              help="take the services, their hosts ([machines]), buckets and anti_affinity from a lab file")
 @click.option("--fail", multiple=True, help="instance to declare dead (repeatable)")
 @click.option("--fail-host", "fail_hosts", multiple=True,
               help="host whose every instance dies at once (repeatable)")
-@click.option("--anti-affinity/--no-anti-affinity", default=True, show_default=True,
-              help="keep each bucket's secondary off its primary's host")
+@click.option("--anti-affinity/--no-anti-affinity", default=None,
+              help="keep each bucket's secondary off its primary's host  [default: on]")
 @click.option("--add", multiple=True, help="instance to add: NAME or SERVICE=NAME (repeatable)")
-@click.option("--buckets", type=click.IntRange(1, 1 << 20), default=DEFAULT_BUCKETS, show_default=True)
+@click.option("--buckets", type=click.IntRange(1, 1 << 20), default=None,
+              help=f"buckets per service  [default: the topology's, else {DEFAULT_BUCKETS}]")
 @click.option("--replicas", type=click.IntRange(1, 8), default=2, show_default=True,
               help="candidates per bucket (2 = primary + secondary)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def plan_cmd(services: tuple[dict[str, list[str]], dict[str, str]], fail: tuple[str, ...],
-             fail_hosts: tuple[str, ...], anti_affinity: bool, add: tuple[str, ...],
-             buckets: int, replicas: int, as_json: bool) -> None:
+def plan_cmd(services: tuple[dict[str, list[str]], dict[str, str]], topology: str | None,
+             fail: tuple[str, ...], fail_hosts: tuple[str, ...], anti_affinity: bool | None,
+             add: tuple[str, ...], buckets: int | None, replicas: int, as_json: bool) -> None:
     """What-if: buckets per instance before and after failing/adding
-    instances or whole hosts; `lost` counts the buckets whose every
-    candidate (primary and secondary) failed, so their flows' state is gone."""
+    instances or whole hosts; `lost` counts the buckets whose primary and
+    secondary both failed, so their flows' state is gone."""
     from dataplane.core.mapdiff import lost, plan
 
     names, hosts = services
+    if topology is not None:
+        if names:
+            raise click.UsageError("give --service or --topology, not both")
+        from dataplane.lab.topology import TopologyError, load
+
+        try:
+            topo = load(topology)
+        except TopologyError as exc:
+            raise click.UsageError(str(exc)) from None
+        names = {s.name: list(s.instances) for s in topo.services.values()}
+        hosts = {i: topo.machine_of(i) for insts in names.values() for i in insts if topo.machine_of(i)}
+        buckets = topo.buckets if buckets is None else buckets
+        anti_affinity = topo.anti_affinity if anti_affinity is None else anti_affinity
+    elif not names:
+        raise click.UsageError("give the services: --service SERVICE=inst1,... or --topology FILE")
+    buckets = DEFAULT_BUCKETS if buckets is None else buckets
+    anti_affinity = True if anti_affinity is None else anti_affinity
     try:
         before, after, diffs = plan(names, list(fail), list(add), buckets, replicas, hosts,
                                     list(fail_hosts), anti_affinity)
