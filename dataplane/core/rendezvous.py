@@ -76,11 +76,7 @@ def rank_spread(service: str, members: list[str], hosts: list[str], eligible: li
     by host"). The primary is the first eligible, non-joining member in
     that order (a JOINING one only if no other is eligible); the next
     candidates are the first members left on a host not used by the bucket
-    yet, or, when every host with one left is used, the first left. So a
-    JOINING member that would be first is the secondary whenever its host
-    differs from the primary's (make before break: the primaries with it
-    JOINING are those with it DEAD; a spare turned JOINING may hand some
-    buckets to their secondaries, where their state is). So:
+    yet, or, when every host with one left is used, the first left. So:
 
     * a secondary is on another host than its primary whenever another host
       has an eligible member;
@@ -88,12 +84,16 @@ def rank_spread(service: str, members: list[str], hosts: list[str], eligible: li
       its buckets to the next eligible member in spread order: its
       secondary whenever no other member of the primary's host sits
       between them, which is always so from a healthy map or one that lost
-      whole hosts. Departed members keep their place in the order: without
-      them the spread order of the others would change. After single failures on several hosts it may not: no rule
-      that sees only who is dead can, since with X, Z, i2, Y in weight
-      order, X and i2 on one host, Z and Y on another, "X dies, then Z"
-      leaves the state on i2 and "Z dies, then X" leaves it on Y, in the
-      same map.
+      whole hosts. Departed members keep their place in the order, which
+      would change without them. After single failures on several hosts
+      it may not be so, and no rule that sees only who is dead can promise
+      it: with X, Z, i2, Y in weight order, X and i2 on one host, Z and Y
+      on another, "X dies, then Z" leaves the state on i2 and "Z dies,
+      then X" leaves it on Y, in the same map;
+    * a JOINING member that would be first is the secondary whenever its
+      host differs from the primary's, and the primaries with it JOINING
+      are those with it DEAD (make before break); a spare turned JOINING
+      may hand some buckets to their secondaries, where their state is.
     """
     cols = [weights(service, n, buckets) for n in members]
     index = {m: k for k, m in enumerate(i for i, e in enumerate(eligible) if e)}
