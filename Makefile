@@ -9,7 +9,7 @@ VENV     := .venv
 BIN      := $(VENV)/bin
 # Debian package:command pairs the labs and tests use.
 DEB_TOOLS := iproute2:ip ethtool:ethtool tcpdump:tcpdump tshark:tshark iperf3:iperf3 curl:curl \
-             prometheus:prometheus
+             prometheus:prometheus etcd-server:etcd
 # Example packages installed beside the project: a service kind from another
 # package (entry point affinity_mesh.services), used by the tests.
 EXAMPLE_PKGS := examples/amesh-quota

@@ -64,6 +64,18 @@ def test_rendezvous_weights_and_ranks_known_answers():
     ]
 
 
+def test_spread_ranks_known_answers():
+    """Hosts declared: ba, bb on h1; bc, bd on h2 (bd dead); be on h3,
+    joining. Indexes are into the eligible members [ba, bb, bc, be]: be
+    never leads, no pair shares a host."""
+    ranks = rv.rank_spread("B", ["ba", "bb", "bc", "bd", "be"], ["h1", "h1", "h2", "h2", "h3"],
+                           [True, True, True, False, True], 16, 2, frozenset({4}))
+    assert [list(r) for r in ranks] == [
+        [2, 0, 2, 1, 0, 0, 0, 2, 1, 0, 0, 1, 1, 1, 1, 0],
+        [1, 3, 3, 3, 3, 3, 3, 1, 3, 3, 3, 3, 3, 3, 3, 3],
+    ]
+
+
 def test_service_map_roles_known_answers():
     """A code's bucket (code % buckets) and its primary and secondary."""
     m = ServiceMap(buckets=16)

@@ -50,7 +50,30 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('gso = false', 'gso = 1', "fabric.gso: expected bool, got int"),
     ('attach = "egress"', 'attach = "nowhere"', "hosts.server.attach: 'nowhere' is neither the ingress nor the egress"),
     ('[timers]', '[timer]', "timer: unknown section"),
-    ('store = "embedded"', 'store = "etcd"', "controller.store: 'etcd': only 'embedded' is supported"),
+    ('store = "embedded"', 'store = "etcd"', 'controller.endpoints: store = "etcd" needs at least one endpoint'),
+    ('store = "embedded"', 'store = "zookeeper"', "controller.store: 'zookeeper' is not one of embedded, etcd"),
+    ('store = "embedded"', 'store = "embedded"\nendpoints = ["http://10.0.0.1:2379"]',
+     'controller.endpoints: only with store = "etcd"'),
+    ('store = "embedded"', 'store = "etcd"\nendpoints = ["10.0.0.1:2379"]',
+     "controller.endpoints[0]: '10.0.0.1:2379' is not http://IPv4:PORT"),
+    ('store = "embedded"', 'store = "etcd"\nendpoints = ["http://10.0.0.1:2379", "http://10.0.0.1:99999"]',
+     "controller.endpoints[1]: 'http://10.0.0.1:99999' is not http://IPv4:PORT"),
+    ('store = "embedded"', 'store = "etcd"\nendpoints = ["http://10.0.0.300:2379"]',
+     "controller.endpoints[0]: 'http://10.0.0.300:2379' is not http://IPv4:PORT"),
+    ('store = "embedded"', 'store = "etcd"\nendpoints = "http://10.0.0.1:2379"',
+     "controller.endpoints: expected list, got str"),
+    ('store = "embedded"', 'store = "etcd"\nendpoints = ["http://10.0.0.1:2379", "http://10.0.0.1:2379"]',
+     "controller.endpoints: an endpoint is listed twice"),
+    ('[controller]', '[machines.h1]\nnodes = ["ba", "nope"]\n\n[controller]', "machines.h1.nodes[1]: unknown node 'nope'"),
+    ('[controller]', '[machines.h1]\nnodes = ["ba"]\n[machines.h2]\nnodes = ["ba"]\n\n[controller]',
+     "machines.h2.nodes[0]: 'ba' is already on machine h1"),
+    ('[controller]', '[machines.ba]\nnodes = ["bb"]\n\n[controller]',
+     "machines.ba: name 'ba' already used by the instance of service B"),
+    ('[controller]', '[machines.h1]\nnodes = ["ba"]\nrack = 3\n\n[controller]', "machines.h1.rack: unknown key"),
+    ('[controller]', '[machines.h1]\n\n[controller]', "machines.h1.nodes: missing"),
+    ('[controller]', '[machines.h1]\nnodes = ["ba"]\n[machines.h2]\nnodes = ["h1"]\n\n[controller]',
+     "machines.h2.nodes[0]: unknown node 'h1'"),
+    ('policy = "async"', 'policy = "async"\nanti_affinity = "no"', "lab.anti_affinity: expected bool, got str"),
     ('prefix = "am"', 'prefix = "much-too-long"', "lab.prefix"),
     ('control_key = "affinity-mesh-lab-control-key-1"', 'sync_key = "affinity-mesh-lab-sync-key-1"',
      "lab.sync_key: replaced by lab.control_key (the controller's) and services.<name>.sync_key"),
@@ -193,3 +216,39 @@ def test_the_issue_15_lab_files():
     assert len(large.forwarders()) == 21
     gso = load(by["gso"])
     assert gso.gso and gso.mtu == 65535
+
+
+def test_etcd_store_and_its_endpoints(tmp_path):
+    t = load(variant(tmp_path, 'store = "embedded"',
+                     'store = "etcd"\nendpoints = ["http://10.98.0.1:2379", "http://10.98.0.2:2379"]'))
+    assert t.store == "etcd" and t.etcd_endpoints == ["http://10.98.0.1:2379", "http://10.98.0.2:2379"]
+    assert load(DEFAULT).store == "embedded" and load(DEFAULT).etcd_endpoints == []
+
+
+def test_machines_place_instances_in_the_map(tmp_path):
+    """Declared machines become the instances' hosts; undeclared nodes have
+    none (a machine of their own), and without machines the map is the one
+    a topology had before machines existed."""
+    t = load(variant(tmp_path, "[controller]",
+                     '[machines.h1]\nnodes = ["aa", "ba", "bb"]\n[machines.h2]\nnodes = ["ab", "bc"]\n\n[controller]'))
+    assert t.machine_of("ba") == "h1" and t.machine_of("bc") == "h2" and t.machine_of("ctl") == ""
+    m = t.build_map()
+    assert m.instance("bb").host == "h1" and m.instance("ingress").host == ""
+    assert m.anti_affinity
+    for code in range(0, 4096, 7):
+        cands = m.candidates("B", code)
+        assert {m.instance(n).machine for n in cands[:2]} == {"h1", "h2"}
+    plain = load(DEFAULT).build_map()
+    assert "host" not in plain.to_json() and "anti_affinity" not in plain.to_json()
+    off = load(variant(tmp_path, 'policy = "async"', 'policy = "async"\nanti_affinity = false')).build_map()
+    assert not off.anti_affinity and off.table_digest("B") == plain.table_digest("B")
+
+
+def test_the_lab_refuses_a_store_it_does_not_run_yet(tmp_path):
+    """An etcd topology validates, but `lab up` says it cannot run it
+    rather than silently running the embedded store."""
+    from dataplane.lab.build import LabError, up
+
+    t = load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"\nendpoints = ["http://10.98.0.1:2379"]'))
+    with pytest.raises(LabError, match="does not run it yet"):
+        up(t, print)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataplane.core.servicemap import Instance, InstanceState, ServiceMap
+from dataplane.core.servicemap import NO_INSTANCE, Instance, InstanceState, ServiceMap
 
 
 @dataclass
@@ -75,17 +75,27 @@ def _name(names: list[str], i: int) -> str | None:
 
 
 def plan(services: dict[str, list[str]], fail: list[str], add: list[str],
-         buckets: int, replicas: int = 2) -> tuple[ServiceMap, ServiceMap, dict[str, ServiceDiff]]:
+         buckets: int, replicas: int = 2, hosts: dict[str, str] | None = None,
+         fail_hosts: list[str] = (), anti_affinity: bool = True,
+         ) -> tuple[ServiceMap, ServiceMap, dict[str, ServiceDiff]]:
     """Build the map of `services`, apply failures and additions, diff.
 
     An added name goes to the service given as ``SERVICE=NAME``, or, bare, to
-    the only service (an error when there are several).
+    the only service (an error when there are several). `hosts` places
+    instances on hosts (instance -> host; absent: a host of its own);
+    failing a host fails every instance on it.
     """
-    before = ServiceMap(buckets=buckets, replicas=replicas)
+    hosts = hosts or {}
+    before = ServiceMap(buckets=buckets, replicas=replicas, anti_affinity=anti_affinity)
     for s, names in services.items():
-        before.add_service(s, names)
+        before.add_service(s, [Instance(n, host=hosts.get(n, "")) for n in names])
     after = before.copy()
-    for name in fail:
+    for h in fail_hosts:
+        on = [n for s in before.services.values() for n, i in s.items() if i.machine == h]
+        if not on:
+            raise ValueError(f"--fail-host {h}: no instance is on host {h!r}")
+        fail = [*fail, *on]
+    for name in dict.fromkeys(fail):
         after.set_state(name, InstanceState.DEAD)
     for item in add:
         service, _, name = item.rpartition("=")
@@ -95,3 +105,17 @@ def plan(services: dict[str, list[str]], fail: list[str], add: list[str],
             service = next(iter(services))
         after.add_instance(service, Instance(name))
     return before, after, diff(before, after)
+
+
+def lost(m: ServiceMap, dead: set[str]) -> dict[str, int]:
+    """Per service, the buckets of `m` whose primary and secondary (the
+    instance its state is mirrored to) are both in `dead`, or whose lone
+    primary is: failing them together loses those buckets' flow state."""
+    out = {}
+    for service in m.services:
+        t = m.table(service)
+        gone = {i for i, n in enumerate(t.names) if n in dead} | {NO_INSTANCE}
+        prim = t.ranks[0]
+        sec = t.ranks[1] if len(t.ranks) > 1 else [NO_INSTANCE] * m.buckets
+        out[service] = sum(1 for p, s in zip(prim, sec) if p in gone and p != NO_INSTANCE and s in gone)
+    return out

@@ -67,6 +67,9 @@ def health(state: LabState) -> dict[str, list[str]]:
 def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> LabState:
     """Create the lab; idempotent: an intact lab is left as it is, a broken
     one (a crash half-way, a killed forwarder) is torn down and rebuilt."""
+    if topo.store != "embedded":
+        raise LabError(f"[controller] store = {topo.store!r}: the lab does not run it yet; "
+                       "use store = \"embedded\"")
     check_environment()
     old = LabState.load(topo.name)
     if old is not None:

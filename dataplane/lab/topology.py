@@ -22,6 +22,8 @@ from dataplane.core.services import create, load as load_service
 
 PREFIX = re.compile(r"^[a-z][a-z0-9]{0,3}$")
 POLICIES = ("off", "async", "ordered", "acked")
+STORES = ("embedded", "etcd")
+ENDPOINT = re.compile(r"^http://(?P<ip>[0-9.]+):(?P<port>[0-9]{1,5})$")
 FIRST_INSTANCE_HOST = 10
 
 
@@ -137,6 +139,15 @@ class Topology:
     """Carry the hosts' TCP super-frames whole (see `dataplane.shells.forwarder`)."""
     observability: Observability = field(default_factory=Observability)
     limits: Limits = field(default_factory=Limits)
+    store: str = "embedded"
+    """Where the controller keeps the map: "embedded" (its file) or "etcd"."""
+    etcd_endpoints: list[str] = field(default_factory=list)
+    """`[controller] endpoints` of the etcd cluster, as http://IP:PORT."""
+    machines: dict[str, list[str]] = field(default_factory=dict)
+    """`[machines.NAME] nodes = [...]`: the failure domains; a node in none
+    is a machine of its own (so a topology without machines is unchanged)."""
+    anti_affinity: bool = True
+    """`[lab] anti_affinity`: keep a bucket's secondary off its primary's machine."""
 
     # -- derived ------------------------------------------------------------------
 
@@ -216,13 +227,19 @@ class Topology:
     def all_nodes(self) -> list[str]:
         return [*self.hosts, *self.forwarders()]
 
+    def machine_of(self, node: str) -> str:
+        """The machine (failure domain) a node runs on; "" when none is
+        declared, which the map reads as a machine of its own."""
+        return next((m for m, nodes in self.machines.items() if node in nodes), "")
+
     def build_map(self) -> ServiceMap:
         """The initial service map: every instance active and in sync."""
-        m = ServiceMap(buckets=self.buckets)
+        m = ServiceMap(buckets=self.buckets, anti_affinity=self.anti_affinity)
         m.add_service(INGRESS, [Instance(self.ingress.name, self.fabric_ip(self.ingress.name))])
         for s in self.services.values():
-            m.add_service(s.name, [Instance(i, self.fabric_ip(i)) for i in s.instances]
-                          + [Instance(i, self.fabric_ip(i), InstanceState.SPARE) for i in s.spares])
+            m.add_service(s.name, [Instance(i, self.fabric_ip(i), host=self.machine_of(i)) for i in s.instances]
+                          + [Instance(i, self.fabric_ip(i), InstanceState.SPARE, self.machine_of(i))
+                             for i in s.spares])
         m.add_service(EGRESS, [Instance(self.egress.name, self.fabric_ip(self.egress.name))])
         for t in self.tenants:
             m.add_tenant(Tenant(t["id"], t["name"], t["prefixes"]))
@@ -295,7 +312,7 @@ class _Validator:
     def topology(self) -> Topology:
         unknown = set(self.doc) - {"lab", "timers", "fabric", "controller", "ingress", "egress",
                                    "hosts", "services", "tenants", "observability",
-                                   "limits"}
+                                   "limits", "machines"}
         if unknown:
             raise self.fail(sorted(unknown)[0], "unknown section")
         lab = self.table("lab")
@@ -329,9 +346,8 @@ class _Validator:
         gso = self.get(fabric, "gso", "fabric", bool, False)
         ctl = self.name(self.get(self.table("controller"), "name", "controller", str),
                         "controller.name", "controller")
-        store = self.get(self.table("controller"), "store", "controller", str, "embedded")
-        if store != "embedded":
-            raise self.fail("controller.store", f"{store!r}: only 'embedded' is supported")
+        store, endpoints = self.store(self.table("controller"))
+        anti_affinity = self.get(lab, "anti_affinity", "lab", bool, True)
         edges = {}
         for role in ("ingress", "egress"):
             t = self.table(role)
@@ -340,6 +356,7 @@ class _Validator:
         hosts = self.hosts(edges)
         services = self.services()
         tenants = self.tenants(services)
+        machines = self.machines(self.table("machines", required=False))
         obs = self.observability(self.table("observability", required=False))
         limits = self.limits(self.table("limits", required=False))
         n_extra = int(obs.prometheus)
@@ -359,7 +376,56 @@ class _Validator:
             keys[f"services.{sname}.sync_key"] = spec.sync_key
         return Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
-                        services, tenants, gso, obs, limits)
+                        services, tenants, gso, obs, limits, store, endpoints, machines, anti_affinity)
+
+    def store(self, t: dict[str, Any]) -> tuple[str, list[str]]:
+        """`[controller] store` and, for etcd, its `endpoints` (http://IP:PORT each)."""
+        store = self.get(t, "store", "controller", str, "embedded")
+        if store not in STORES:
+            raise self.fail("controller.store", f"{store!r} is not one of {', '.join(STORES)}")
+        endpoints = self.get(t, "endpoints", "controller", list, [])
+        if store == "embedded":
+            if endpoints:
+                raise self.fail("controller.endpoints", "only with store = \"etcd\"")
+            return store, []
+        if not endpoints:
+            raise self.fail("controller.endpoints", "store = \"etcd\" needs at least one endpoint")
+        for i, ep in enumerate(endpoints):
+            m = ENDPOINT.match(ep) if isinstance(ep, str) else None
+            ok = m is not None and 1 <= int(m["port"]) <= 65535
+            if ok:
+                try:
+                    ipaddress.IPv4Address(m["ip"])
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise self.fail(f"controller.endpoints[{i}]", f"{ep!r} is not http://IPv4:PORT")
+        if len(set(endpoints)) != len(endpoints):
+            raise self.fail("controller.endpoints", "an endpoint is listed twice")
+        return store, list(endpoints)
+
+    def machines(self, table: dict[str, Any]) -> dict[str, list[str]]:
+        """`[machines.NAME] nodes = [...]`: each node on at most one machine."""
+        out: dict[str, list[str]] = {}
+        placed: dict[str, str] = {}
+        for mname, mt in table.items():
+            where = f"machines.{mname}"
+            if not isinstance(mt, dict):
+                raise self.fail(where, "expected a table")
+            self.name(mname, where, "machine")
+            unknown = set(mt) - {"nodes"}
+            if unknown:
+                raise self.fail(f"{where}.{sorted(unknown)[0]}", "unknown key")
+            nodes = self.get(mt, "nodes", where, list)
+            for i, node in enumerate(nodes):
+                at = f"{where}.nodes[{i}]"
+                if node not in self.names or self.names[node] == "machine":
+                    raise self.fail(at, f"unknown node {node!r}")
+                if node in placed:
+                    raise self.fail(at, f"{node!r} is already on machine {placed[node]}")
+                placed[node] = mname
+            out[mname] = list(nodes)
+        return out
 
     def limits(self, t: dict[str, Any]) -> Limits:
         unknown = set(t) - {"flows", "embryonic_per_tenant"}
