@@ -259,3 +259,16 @@ def test_every_published_epoch_is_kept_before_it_is_pushed():
             assert isinstance(events[i + 1], Persist)       # before this epoch's pushes
     again = Controller("ctl", spare_map(), KEYS, 8_000, FailureDetector(0.005, 4, 1.0), stored=kept[-1].data)
     assert again.map == ctl.map
+
+
+def test_a_restored_controller_counts_silence_from_its_first_tick():
+    """A controller restarted from its store whose shell took longer to set
+    up than a detector timeout declares nobody dead at its first tick: the
+    members had no chance to be heard yet. They still are declared dead
+    when they stay silent past the timeout after it."""
+    m = spare_map()
+    ctl = Controller("ctl", spare_map(), KEYS, 8_000, FailureDetector(0.005, 4, 1.0), now=0.0,
+                     stored=m.to_json().encode())
+    assert not [e for e in ctl.tick(1.0) if isinstance(e, MapPublished)]
+    assert ctl.map.epoch == m.epoch
+    assert [e for e in ctl.tick(1.1) if isinstance(e, MapPublished)]

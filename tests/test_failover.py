@@ -270,9 +270,6 @@ def test_pattern_split_across_the_failover_is_still_caught(fresh, policy):
         assert "SECRET-TOKEN" in text                       # control: the split pattern slips through
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known flake since the first round: the restarted controller's failure detector starts "
-    "counting before its loop runs, so it can publish extra epochs; open"))
 def test_controller_restart_does_not_disturb_forwarding(fresh):
     tr = Transfers(fresh)
     epochs = {n: fresh.ask(n, "status")["epoch"] for n in B}

@@ -152,11 +152,15 @@ class Controller:
         there is one, replaces it (raises MapError when it is no valid map)."""
         self.joined_at: dict[str, int] = {}
         """JOINING members and the epoch that made them join."""
+        self._watch: list[str] = []
+        """Serving members of a stored map, watched from the first tick on:
+        silence before the shell's loop runs (its set-up can take longer
+        than a detector timeout) is not the members' silence."""
         if stored is not None:
             smap = ServiceMap.from_json(stored)
             for n, i in ((n, i) for insts in smap.services.values() for n, i in insts.items()):
                 if i.state in _SERVING:
-                    detector.watch(n, now)  # silence from now on counts
+                    self._watch.append(n)
                 if i.state == InstanceState.JOINING:
                     # the store keeps no join epoch: the map's is the latest
                     # it can be, and a joiner in sync holds it once pushed
@@ -219,6 +223,9 @@ class Controller:
         return out
 
     def tick(self, now: float) -> list[object]:
+        for n in self._watch:
+            self.detector.watch(n, now)  # silence from now on counts
+        self._watch.clear()
         out: list[object] = self._declared(self.detector.tick(now), now)
         if self._dirty or now - self._last_push >= self.refresh:
             out.extend(self.push(now))
