@@ -40,6 +40,7 @@ from dataplane.lab.state import LabState, Proc, alive, run_dir, start_time, stop
 from dataplane.lab.topology import GSO_MAX_SIZE, Topology
 
 Progress = Callable[[str], None]
+IFF_UP = 0x1
 OFFLOADS = ["rx", "off", "tx", "off", "tso", "off", "gso", "off", "gro", "off"]
 REQUIRED_TOOLS = ("ethtool",)
 READY_TIMEOUT = 30.0
@@ -102,6 +103,7 @@ def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> Lab
         _offloads(topo)
         progress("offloads on the host links (GSO super-frames), off on the fabric" if topo.gso
                  else "offloads off on every lab link")
+        _wait_links_up(state.namespaces)
         if start_forwarders:
             for node in topo.forwarders():
                 start_node(topo, state, node)
@@ -116,6 +118,26 @@ def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> Lab
         progress("set-up failed; removing what was created")
         down(state, progress)
         raise
+
+
+def _wait_links_up(namespaces: list[str], timeout: float = 5.0) -> None:
+    """Wait until every link set up in the lab is operationally up. The
+    kernel brings a new link's carrier and queueing discipline up, and a
+    bridge's port to forwarding, from deferred work (up to a second later,
+    more under load); until then frames sent on it are dropped without a
+    trace, so a lab that says it is up must be past that."""
+    deadline = time.monotonic() + timeout
+    for ns in namespaces:
+        with IPRoute(netns=ns, flags=0) as ip:
+            while True:
+                down = [link.get_attr("IFLA_IFNAME") for link in ip.get_links()
+                        if link["flags"] & IFF_UP and link.get_attr("IFLA_IFNAME") != "lo"
+                        and link.get_attr("IFLA_OPERSTATE") != "UP"]
+                if not down:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"links {', '.join(down)} in {ns} not up after {timeout} s")
+                time.sleep(0.02)
 
 
 def _all_namespaces(topo: Topology) -> list[str]:
