@@ -326,6 +326,22 @@ def test_a_new_flow_under_a_deleted_key_is_mirrored():
     assert sec.apply_update(again[0].update, 1001.0) and upsert.key in sec.flows
 
 
+def test_a_flow_evicted_on_its_primary_comes_back_past_its_replica():
+    """A full table evicts a flow this primary leads; when the flow comes
+    back, the new entry's versions start past the evicted one's, so the
+    replica (which still holds the old, higher version) takes its updates
+    instead of keeping a stale state as `stale_updates`."""
+    prim, sec, upsert, packet = _udp_flow(capacity=2)
+    sec.apply_update(upsert, 0.0)
+    code = codes_led_by(prim.map, "ba")[0]
+    for sport in (5998, 5999):
+        prim.from_fabric(wire.pack(1, 1, code, 1, prim.map.epoch) + udp(sport=sport), INGRESS, 0.1)
+    assert upsert.key not in prim.flows                                    # evicted
+    again = [e for e in prim.from_fabric(packet, INGRESS, 0.2) if isinstance(e, Mirror)]
+    assert again[0].update.version > upsert.version
+    assert sec.apply_update(again[0].update, 0.2) and sec.counters["stale_updates"] == 0
+
+
 def test_tombstones_are_bounded():
     """A tombstone lasts the service's longest timeout, and there are never
     more than the flow table's capacity (the oldest go first, counted)."""

@@ -36,7 +36,7 @@ without a counter saying so.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
@@ -93,10 +93,15 @@ class FlowTable:
     """A bounded map of FlowKey -> FlowEntry: two LRU classes (embryonic
     evicted first), per-tenant embryonic counts, counted removals."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY,
+                 on_evict: Callable[[FlowEntry, float], None] | None = None) -> None:
+        """`on_evict(entry, now)` hears of every entry evicted for room (the
+        node remembers the version of a flow it led, so the flow's next
+        entry is not older than its replica)."""
         if capacity < 1:
             raise ValueError("flow table capacity must be at least 1")
         self.capacity = capacity
+        self.on_evict = on_evict
         self._embryonic: OrderedDict[FlowKey, FlowEntry] = OrderedDict()
         self._established: OrderedDict[FlowKey, FlowEntry] = OrderedDict()
         self._tenants: Counter[int] = Counter()
@@ -160,6 +165,8 @@ class FlowTable:
                 _, old = self._established.popitem(last=False)
                 self.counters["evicted_established"] += 1
             self.generation += 1
+            if self.on_evict is not None:
+                self.on_evict(old, now)
         if old is not None and old.replica:
             self.replicas -= 1
         e = FlowEntry(key, now, state, tenant, established)

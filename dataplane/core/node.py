@@ -188,6 +188,7 @@ class ServiceNode(Node):
         self._lost: OrderedDict[FlowKey, None] = OrderedDict()
         self._tombstones: dict[FlowKey, tuple[int, float]] = {}
         """Deleted flows: key -> (version of the delete, when), oldest first."""
+        self.flows.on_evict = self._evicted
         self._rewrite = getattr(service, "rewrite", None)
         self._translated = getattr(service, "translated", None)
         self._by_translated: dict[tuple, FlowKey] | None = None
@@ -510,6 +511,14 @@ class ServiceNode(Node):
                     events.append(Mirror(peer, self.update_of(e, deleted=True)))
         self._forget_tombstones(now)
         return events
+
+    def _evicted(self, entry: FlowEntry, now: float) -> None:
+        """A flow this node led was evicted for room: remember its version
+        (a tombstone, no delete mirrored: the replica may still serve it
+        after a failover), so the flow's next entry here starts past it and
+        its replica takes the new entry's updates."""
+        if not entry.replica:
+            self._bury(entry.key, entry.version, now)
 
     def _bury(self, key: FlowKey, version: int, now: float) -> None:
         """Remember a flow's delete; past the table's capacity the oldest
