@@ -51,6 +51,15 @@ on delivery. An ICMP error is carried as part of the flow it quotes
 where the flow is held, and is dropped (`icmp_unrelated`) where it is not;
 it never creates or changes flow state.
 
+IPv6 takes the same path as IPv4 (the header's next protocol says which;
+a header that names the other version is dropped, `next_proto_mismatch`),
+with three differences at the edges: a host's neighbour discovery, MLD and
+link-local packets are the link's own business and never enter a chain
+(`link_local`); IPv6 fragments are dropped (`frag_unsupported`); and an
+IPv6 packet too big for the host link is not fragmented but answered with
+an ICMPv6 Packet Too Big, sent back through the chain as an error of its
+flow (`too_big`), so its sender's path MTU discovery works.
+
 A service that rewrites packets (the NAT, `dataplane.core.services.nat`)
 offers `rewrite`, called on every packet it forwards (such a service never
 takes the exact-match cache), and `translated(state)`, the tuple its flow's
@@ -70,7 +79,7 @@ from dataplane.core.defrag import Defrag, fragment
 from dataplane.core.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send, TookOver
 from dataplane.core.flowtable import FlowEntry, FlowKey, FlowTable
 from dataplane.core.header import Flags, HeaderError
-from dataplane.core.packet import TCP, UDP, Inner, PacketError, parse
+from dataplane.core.packet import TCP, UDP, Inner, PacketError, link_local, parse, too_big
 from dataplane.core.servicemap import ServiceMap
 from dataplane.core.services import Action, Service
 
@@ -93,6 +102,8 @@ EMBRYONIC_PER_TENANT = 1 << 16
 (`embryonic_limit`) before it fills the table for the others."""
 HOST_MTU = 1500
 """MTU of the edges' host links: what a reassembled datagram is fragmented to."""
+NEXT_PROTO = {4: int(wire.NextProto.IPV4), 6: int(wire.NextProto.IPV6)}
+"""The header's next protocol for an inner packet of each IP version."""
 
 
 def flow_key(chain: int, code: int, inner: Inner) -> tuple[FlowKey, bool]:
@@ -246,6 +257,8 @@ class ServiceNode(Node):
         inner = self._parse(data, h.length)
         if isinstance(inner, Drop):
             return [inner]
+        if NEXT_PROTO[inner.family] != h.next_proto:
+            return self._drop("next_proto_mismatch")
         if h.length > 20:
             inner.csum_partial = _checksum_left(data[20:h.length])
         if inner.icmp_error is not None:
@@ -389,7 +402,8 @@ class ServiceNode(Node):
             return [Drop(reason)]
         index, flags = (n - pos - 1, 0) if reverse else (pos, _REVERSE)
         self.counters["replied"] += 1
-        hdr = wire.pack(h.chain, index, h.code, h.client, self.map.epoch, flags)
+        hdr = wire.pack(h.chain, index, h.code, h.client, self.map.epoch, flags,
+                        next_proto=h.next_proto)  # the reply is of the packet's IP version
         return [Drop(reason), Send(src, hdr + reply)]
 
     def _index(self, entry: FlowEntry) -> None:
@@ -568,13 +582,32 @@ class EdgeNode(Node):
         parsed = self._parse(whole)
         return [parsed] if isinstance(parsed, Drop) else (whole, parsed)
 
-    def _deliver(self, inner: bytes, options: bytes) -> list[Event]:
+    def _local(self, data: bytes) -> list[Event] | None:
+        """The drop of a host's packet that is its link's own business
+        (`packet.link_local`: neighbour discovery, MLD, link-local
+        addresses), which the shell leaves to the kernel and must never
+        reach a chain; None for any other packet."""
+        return self._drop("link_local") if link_local(data) else None
+
+    def _back(self, data: bytes, now: float) -> list[Event]:
+        """Send a packet from this edge's host side into the chain (the
+        ingress's `from_client`, the egress's `from_server`)."""
+        raise NotImplementedError
+
+    def _deliver(self, inner: bytes, options: bytes, now: float) -> list[Event]:
         """Deliver an inner packet to a host, re-fragmented to the host link's
         MTU when an edge reassembled it bigger than that (a super-frame with
-        its GSO option is the host kernel's business, never fragmented)."""
-        self.counters["delivered"] += 1
+        its GSO option is the host kernel's business, never fragmented). An
+        IPv6 packet too big for the link is not fragmented (no router
+        fragments IPv6): it is dropped (`too_big`) and answered with an
+        ICMPv6 Packet Too Big, which goes back through the chain as an error
+        of the packet's flow, as a router on the path would send it."""
         if len(inner) <= self.host_mtu or options:
+            self.counters["delivered"] += 1
             return [Deliver(inner, options)]
+        if inner[0] >> 4 == 6:
+            return self._drop("too_big", self._back(too_big(inner, self.host_mtu), now))
+        self.counters["delivered"] += 1
         pieces = fragment(inner, self.host_mtu)
         self.counters["refragmented"] += len(pieces) > 1
         return [Deliver(p) for p in pieces]
@@ -602,6 +635,8 @@ class IngressNode(EdgeNode):
         inner = self._parse(data)
         if isinstance(inner, Drop):
             return [inner]
+        if inner.family == 6 and (local := self._local(data)) is not None:
+            return local
         if inner.fragment:
             whole = self._whole(data, inner, now)
             if isinstance(whole, list):
@@ -637,8 +672,8 @@ class IngressNode(EdgeNode):
         entry.fwd_hop = hop
         entry.packets += 1
         n = len(chain.services)
-        hdr = wire.pack(chain_id, n, code, client, self.map.epoch,
-                        _REROUTED if rerouted else 0, words=5 + (len(options) >> 2))
+        hdr = wire.pack(chain_id, n, code, client, self.map.epoch, _REROUTED if rerouted else 0,
+                        next_proto=NEXT_PROTO[inner.family], words=5 + (len(options) >> 2))
         self.counters["encapsulated"] += 1
         return [Send(hop, hdr + options + data[:inner.length])]
 
@@ -648,7 +683,10 @@ class IngressNode(EdgeNode):
             return [h]
         if not h.flags & _REVERSE or h.index != 0:
             return self._drop("bad_index")
-        return self._deliver(data[h.length:], data[20:h.length])
+        return self._deliver(data[h.length:], data[20:h.length], now)
+
+    def _back(self, data: bytes, now: float) -> list[Event]:
+        return self.from_client(data, now)
 
 
 class EgressNode(EdgeNode):
@@ -664,6 +702,8 @@ class EgressNode(EdgeNode):
         inner = self._parse(data, h.length)
         if isinstance(inner, Drop):
             return [inner]
+        if NEXT_PROTO[inner.family] != h.next_proto:
+            return self._drop("next_proto_mismatch")
         if inner.icmp_error is None:  # an error about a flow records no flow of its own
             key, _ = flow_key(0, 0, inner)
             entry = self.flows.lookup(key, now)
@@ -674,13 +714,15 @@ class EgressNode(EdgeNode):
             if src is not None:
                 entry.prev_hop = src
             entry.packets += 1
-        return self._deliver(data[h.length:], data[20:h.length])
+        return self._deliver(data[h.length:], data[20:h.length], now)
 
     def from_server(self, data: bytes, now: float, options: bytes = b"") -> list[Event]:
         """A reply from a server; `options` (whole words) go into the header."""
         inner = self._parse(data)
         if isinstance(inner, Drop):
             return [inner]
+        if inner.family == 6 and (local := self._local(data)) is not None:
+            return local
         if inner.fragment:
             whole = self._whole(data, inner, now)
             if isinstance(whole, list):
@@ -709,9 +751,12 @@ class EgressNode(EdgeNode):
         entry.prev_hop = hop
         flags = _REVERSE | (_REROUTED if rerouted else 0)
         hdr = wire.pack(chain_id, len(chain.services), code, client, self.map.epoch, flags,
-                        words=5 + (len(options) >> 2))
+                        next_proto=NEXT_PROTO[inner.family], words=5 + (len(options) >> 2))
         self.counters["encapsulated"] += 1
         return [Send(hop, hdr + options + data[:inner.length])]
+
+    def _back(self, data: bytes, now: float) -> list[Event]:
+        return self.from_server(data, now)
 
 
 def _checksum_left(options: bytes) -> bool:

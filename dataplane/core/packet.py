@@ -16,6 +16,12 @@ ICMP_ECHO = {ICMP: (8, 0), ICMPV6: (128, 129)}
 ICMP_ERRORS = {ICMP: frozenset({3, 4, 5, 11, 12}), ICMPV6: frozenset({1, 2, 3, 4})}
 V6_EXT_HEADERS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
 V6_FRAGMENT = 44
+ICMPV6_TOO_BIG = 2
+ICMPV6_LINK_LOCAL = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})
+"""MLD (130-132, 143) and neighbour discovery (133-137: router and
+neighbour solicitation and advertisement, redirect): a link's own business,
+answered by the kernel on each link, never carried through a chain."""
+IPV6_MIN_MTU = 1280
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -229,6 +235,46 @@ def tcp_reset(p: Inner) -> bytes:
     else:
         ip = bytearray(struct.pack("!IHBB", 6 << 28, len(seg), TCP, 64) + p.dst + p.src)
     return bytes(ip + seg)
+
+
+def link_local(ip: bytes | memoryview, own: frozenset[bytes] = frozenset()) -> bool:
+    """Whether an IP packet a host sent on its link is the link's own
+    business, for the edge's kernel and not for the chain: addressed to one
+    of the edge's `own` addresses, broadcast or multicast (ARP-resolved
+    gateway traffic, IPv4 224/4, IPv6 ff00::/8); for IPv6 also link-local
+    addresses (fe80::/10, the unspecified source of duplicate address
+    detection) and ICMPv6 neighbour discovery and MLD whatever their
+    address. The edges must leave these to the kernel: carried through the
+    chain, neighbour discovery would break on the far link. Judged on the
+    first bytes only (it runs for every frame the edge reads)."""
+    if len(ip) >= 20 and ip[0] >> 4 == 4:
+        dst = bytes(ip[16:20])
+        return dst in own or dst[0] >= 224
+    if len(ip) < 40 or ip[0] >> 4 != 6:
+        return False
+    src, dst = bytes(ip[8:24]), bytes(ip[24:40])
+    if dst in own or dst[0] == 0xFF or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80):
+        return True
+    if (src[0] == 0xFE and src[1] & 0xC0 == 0x80) or not any(src):
+        return True
+    return ip[6] == ICMPV6 and len(ip) > 40 and ip[40] in ICMPV6_LINK_LOCAL
+
+
+def too_big(packet: bytes | memoryview, mtu: int) -> bytes:
+    """An ICMPv6 Packet Too Big (RFC 4443 section 3.2) about an IPv6
+    `packet` that does not fit a link of `mtu` bytes, from the packet's
+    destination to its source, quoting as much of it as fits in the
+    minimum IPv6 MTU. An IPv6 packet is never fragmented on its way (RFC
+    8200 section 5): its sender learns the path MTU from this message and
+    sends smaller packets. It claims the destination's address because the
+    edge that sends it has none in the flow; the sender's stack matches the
+    message to its connection by the quoted header."""
+    src, dst = bytes(packet[8:24]), bytes(packet[24:40])
+    body = bytearray(struct.pack("!BBHI", ICMPV6_TOO_BIG, 0, 0, mtu)
+                     + bytes(packet[:IPV6_MIN_MTU - 48]))
+    pseudo = dst + src + struct.pack("!IxxxB", len(body), ICMPV6)
+    struct.pack_into("!H", body, 2, checksum(pseudo + body))
+    return struct.pack("!IHBB", 6 << 28, len(body), ICMPV6, 64) + dst + src + bytes(body)
 
 
 def transport_checksum_ok(p: Inner) -> bool:

@@ -32,6 +32,7 @@ DROP_REASONS: dict[str, str] = {
     "bad_length": "affinity header length field below 5 words or past the datagram",
     "ttl_expired": "affinity header TTL reached 0 (a forwarding loop)",
     "bad_next_proto": "affinity header next-protocol not IPv4, IPv6 or Ethernet",
+    "next_proto_mismatch": "affinity header next-protocol says another IP version than the inner packet's",
     "bad_option": "an affinity header option that runs past the header or has a wrong size",
     # the inner packet (dataplane.core.packet)
     "inner_truncated": "inner packet shorter than its own headers say",
@@ -46,6 +47,8 @@ DROP_REASONS: dict[str, str] = {
     "frag_limit": "IP fragment past the reassembly limits (datagrams, bytes or fragments in progress)",
     "frag_timeout": "IP datagram not complete within the reassembly timeout (counted per datagram)",
     "frag_unsupported": "an IPv6 fragment: not reassembled, so not classified (stated policy)",
+    "link_local": "a host's ICMPv6 neighbour discovery or MLD, or link-local or multicast IPv6: the link's own business",
+    "too_big": "an IPv6 packet bigger than the host link's MTU: answered with ICMPv6 Packet Too Big",
     "icmp_bad_quote": "ICMP error whose quoted packet is not an IP header with 8 bytes after it",
     "icmp_unrelated": "ICMP error quoting no flow this node holds",
     # classification and routing (dataplane.core.classifier, node)
