@@ -26,6 +26,32 @@ def test_default_lab_is_valid_and_names_its_nodes():
     assert all(len(t.netns(n)) <= 15 for n in t.all_nodes())
 
 
+def test_the_default_lab_is_dual_stack():
+    t = load(DEFAULT)
+    c, s = t.hosts["client"], t.hosts["server"]
+    assert (str(c.address6), str(c.gateway6), str(s.address6), str(s.gateway6)) == (
+        "fd00:1::10/64", "fd00:1::1", "fd00:2::10/64", "fd00:2::1")
+    assert t.host_ip("server", 6) == "fd00:2::10" and t.host_ip("server") == "10.2.0.10"
+    assert t.build_map().tenants[1].prefixes == ["10.1.0.0/24", "fd00:1::/64"]
+    assert t.stream_code(40000, 80, family=6) != t.stream_code(40000, 80)
+    lines = [ln for ln in TEXT.splitlines() if not ln.startswith("address6")]
+    single = load_text("\n".join(lines).replace(', "fd00:1::/64"', ""))
+    assert all(h.address6 is None and h.gateway6 is None for h in single.hosts.values())
+    with pytest.raises(ValueError, match="no address6"):
+        single.host_ip("client", 6)
+
+
+def load_text(text: str):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(text)
+    try:
+        return load(f.name)
+    finally:
+        Path(f.name).unlink()
+
+
 def variant(tmp_path, old: str, new: str) -> str:
     assert old in TEXT, old
     p = tmp_path / "lab.toml"
@@ -93,6 +119,16 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('embryonic_per_tenant = 65536', 'embryonic_per_tenant = "lots"', "limits.embryonic_per_tenant: expected int, got str"),
     ('flows = 1048576', 'flows = 0', "limits.flows: must be 1-16777216"),
     ('flows = 1048576', 'max_flows = 1', "limits.max_flows: unknown key"),
+    ('address6 = "fd00:1::10/64"', 'address6 = "10.1.0.11/24"',
+     "hosts.client.address6: '10.1.0.11/24' is not an IPv6 address with prefix"),
+    ('address6 = "fd00:1::10/64"', 'address6 = "fd00:1::10/128"', "hosts.client.address6: needs a prefix length below 128"),
+    ('address6 = "fd00:1::10/64"', 'address6 = "fe80::10/64"', "hosts.client.address6: fe80::10 is a link-local"),
+    ('address6 = "fd00:1::10/64"', 'address6 = "fd00:7::10/64"',
+     "hosts.client.address6: fd00:7::10/64 must be another address in ingress's IPv6 subnet fd00:1::/64"),
+    ('address6 = "fd00:1::10/64"', 'address6 = "fd00:1::1/64"', "hosts.client.address6: fd00:1::1/64 must be another"),
+    ('address6 = "fd00:1::10/64"', 'address6 = 10', "hosts.client.address6: expected str, got int"),
+    ('address6 = "fd00:2::1/64"', 'address6 = "ff02::1/64"', "egress.address6: ff02::1 is a link-local, multicast"),
+    ('address6 = "fd00:1::1/64"', '', "hosts.client.address6: needs ingress.address6 (the hosts' IPv6 gateway)"),
 ])
 def test_precise_errors(tmp_path, old, new, needle):
     path = variant(tmp_path, old, new)

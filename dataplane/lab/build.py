@@ -23,8 +23,10 @@ forwarders are ready and are recorded and stopped the same way.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -92,14 +94,15 @@ def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> Lab
             state.namespaces.append(ns)
             state.save()
             pr_netns.create(ns)
+        for ns in state.namespaces:  # before any link exists: every link is made without IPv6
+            netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
+            netns.sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
         progress(f"created {len(state.namespaces)} namespaces")
         _build_fabric(topo)
         progress(f"fabric bridge with {len(topo.forwarders())} ports, {topo.subnet}")
         _build_edges(topo)
-        progress(f"hosts {', '.join(topo.hosts)} attached")
-        for ns in state.namespaces:
-            netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
-            netns.sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+        progress(f"hosts {', '.join(topo.hosts)} attached"
+                 + (" (dual stack)" if any(h.address6 for h in topo.hosts.values()) else ""))
         _offloads(topo)
         progress("offloads on the host links (GSO super-frames), off on the fabric" if topo.gso
                  else "offloads off on every lab link")
@@ -179,6 +182,14 @@ def _build_edges(topo: Topology) -> None:
             ip.link("add", ifname="hbr0", kind="bridge", address=topo.mac_of(edge.name))
             br = _up(ip, "hbr0")
             ip.addr("add", index=br, address=str(edge.address.ip), prefixlen=edge.address.network.prefixlen)
+        if edge.address6 is not None:
+            _add6(topo.netns(edge.name), "hbr0", edge.address6)
+            with IPRoute(netns=topo.netns(edge.name), flags=0) as ip:
+                # the hosts' packets through the edge are the forwarder's (it
+                # reads copies); without a route the kernel would answer each
+                # with an ICMPv6 no-route error (IPv4 stays silent with
+                # forwarding off), which aborts a connection in SYN_SENT
+                ip.route("add", dst="::/0", type="blackhole", family=socket.AF_INET6)
         for host in (h for h in topo.hosts.values() if h.attach == edge.name):
             with IPRoute(netns=topo.netns(host.name), flags=0) as ip:
                 ip.link("add", ifname="eth0", kind="veth",
@@ -188,8 +199,27 @@ def _build_edges(topo: Topology) -> None:
                         prefixlen=host.address.network.prefixlen)
                 _up(ip, "lo")
                 ip.route("add", dst="0.0.0.0/0", gateway=str(host.gateway))
+            if host.address6 is not None:
+                _add6(topo.netns(host.name), "eth0", host.address6, host.gateway6)
             with IPRoute(netns=topo.netns(edge.name), flags=0) as ip:
                 _up(ip, f"h-{host.name}", master=br)
+
+
+def _add6(ns: str, ifname: str, address: ipaddress.IPv6Interface,
+          gateway: ipaddress.IPv6Address | None = None) -> None:
+    """IPv6 on one host-facing interface only (the namespaces are made
+    without it, and the fabric carries IPv6 inside IPv4 so it needs none):
+    no duplicate address detection (the lab's addresses are unique by
+    validation, and DAD would leave them tentative for a second or two)
+    and no router advertisements; the address, and a default route via
+    `gateway`. The kernel answers neighbour discovery on it."""
+    for key, value in (("accept_dad", "0"), ("accept_ra", "0"), ("disable_ipv6", "0")):
+        netns.sysctl(ns, f"net.ipv6.conf.{ifname}.{key}", value)
+    with IPRoute(netns=ns, flags=0) as ip:
+        idx = ip.link_lookup(ifname=ifname)[0]
+        ip.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+        if gateway is not None:
+            ip.route("add", dst="::/0", gateway=str(gateway), family=socket.AF_INET6)
 
 
 def _offloads(topo: Topology) -> None:

@@ -55,28 +55,29 @@ class LabRun:
         assert res.returncode == 0, res.stderr
         return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
 
-    def http_server(self, files: dict[str, bytes], port: int = 8080) -> dict[str, str]:
-        """Serve `files` from the server host; returns name -> sha256."""
+    def http_server(self, files: dict[str, bytes], port: int = 8080, family: int = 4) -> dict[str, str]:
+        """Serve `files` from the server host on its IPv4 or (`family` 6)
+        IPv6 address; returns name -> sha256."""
         www = self.tmp / "www"
         www.mkdir(exist_ok=True)
         for fname, data in files.items():
             (www / fname).write_bytes(data)
-        ip = str(self.topo.hosts["server"].address.ip)
         self.spawn("server", [sys.executable, str(TOOLS / "serve.py"), "--port", str(port),
-                              "--bind", ip, "--directory", str(www)],
+                              "--bind", self.topo.host_ip("server", family), "--directory", str(www)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not self._listening(port) and time.monotonic() < deadline:
+        while not self._listening(port, family) and time.monotonic() < deadline:
             time.sleep(0.05)
         return {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}
 
-    def _listening(self, port: int) -> bool:
-        tcp = self.run("server", ["cat", "/proc/net/tcp"]).stdout
+    def _listening(self, port: int, family: int = 4) -> bool:
+        tcp = self.run("server", ["cat", "/proc/net/tcp6" if family == 6 else "/proc/net/tcp"]).stdout
         return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
                    for line in tcp.splitlines()[1:])
 
-    def url(self, fname: str, port: int = 8080) -> str:
-        return f"http://{self.topo.hosts['server'].address.ip}:{port}/{fname}"
+    def url(self, fname: str, port: int = 8080, family: int = 4) -> str:
+        ip = self.topo.host_ip("server", family)
+        return f"http://{f'[{ip}]' if family == 6 else ip}:{port}/{fname}"
 
     def ask(self, node: str, cmd: str, **kw: Any) -> dict[str, Any]:
         return ask(self.name, node, {"cmd": cmd, **kw})

@@ -37,12 +37,18 @@ class Host:
     address: ipaddress.IPv4Interface
     attach: str
     gateway: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Interface | None = None
+    """Dual stack: the host's IPv6 address (optional)."""
+    gateway6: ipaddress.IPv6Address | None = None
+    """Its IPv6 default route: its edge's `address6`."""
 
 
 @dataclass
 class Edge:
     name: str
     address: ipaddress.IPv4Interface
+    address6: ipaddress.IPv6Interface | None = None
+    """The hosts' IPv6 gateway on this edge's host bridge (dual stack)."""
 
 
 @dataclass
@@ -200,10 +206,20 @@ class Topology:
         return f"02:a1:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
 
     def stream_code(self, sport: int, dport: int, proto: int = 6, host: str = "client",
-                    server: str = "server", client: int = 1) -> int:
-        """The affinity code of a stream from `host` to `server` (tenant `client`)."""
-        return AffinityHasher(self.secret).code_of(client, str(self.hosts[host].address.ip), sport,
-                                                   str(self.hosts[server].address.ip), dport, proto)
+                    server: str = "server", client: int = 1, family: int = 4) -> int:
+        """The affinity code of a stream from `host` to `server` (tenant
+        `client`), between their IPv4 or (`family` 6) IPv6 addresses."""
+        return AffinityHasher(self.secret).code_of(client, self.host_ip(host, family), sport,
+                                                   self.host_ip(server, family), dport, proto)
+
+    def host_ip(self, host: str, family: int = 4) -> str:
+        """A host's IPv4 or (`family` 6) IPv6 address as text."""
+        h = self.hosts[host]
+        if family == 6:
+            if h.address6 is None:
+                raise ValueError(f"host {host!r} has no address6")
+            return str(h.address6.ip)
+        return str(h.address.ip)
 
     def service_of(self, node: str) -> ServiceSpec | None:
         return next((s for s in self.services.values() if node in s.members), None)
@@ -309,6 +325,25 @@ class _Validator:
             raise self.fail(key, "needs a prefix length below 32")
         return iface
 
+    def iface6(self, table: dict[str, Any], where: str) -> ipaddress.IPv6Interface | None:
+        """The optional `address6` of an edge or a host: a global or unique
+        local IPv6 address with a prefix (link-local, multicast, loopback
+        and unspecified addresses are the link's own, never a host's)."""
+        value = self.get(table, "address6", where, str, None)
+        if value is None:
+            return None
+        key = f"{where}.address6"
+        try:
+            iface = ipaddress.IPv6Interface(value)
+        except (ValueError, TypeError):
+            raise self.fail(key, f"{value!r} is not an IPv6 address with prefix, like fd00:1::1/64") from None
+        if iface.network.prefixlen == 128:
+            raise self.fail(key, "needs a prefix length below 128")
+        ip = iface.ip
+        if ip.is_link_local or ip.is_multicast or ip.is_loopback or ip.is_unspecified:
+            raise self.fail(key, f"{ip} is a link-local, multicast, loopback or unspecified address")
+        return iface
+
     def topology(self) -> Topology:
         unknown = set(self.doc) - {"lab", "timers", "fabric", "controller", "ingress", "egress",
                                    "hosts", "services", "tenants", "observability",
@@ -352,7 +387,8 @@ class _Validator:
         for role in ("ingress", "egress"):
             t = self.table(role)
             edges[role] = Edge(self.name(self.get(t, "name", role, str), f"{role}.name", role),
-                               self.iface(self.get(t, "address", role, str), f"{role}.address"))
+                               self.iface(self.get(t, "address", role, str), f"{role}.address"),
+                               self.iface6(t, role))
         hosts = self.hosts(edges)
         services = self.services()
         tenants = self.tenants(services)
@@ -492,7 +528,15 @@ class _Validator:
                 raise self.fail(f"{where}.address",
                                 f"{addr} must be another address in {edge.name}'s subnet {edge.address.network}")
             gw = self.get(h, "gateway", where, str, str(edge.address.ip))
-            out[hname] = Host(hname, addr, attach, ipaddress.IPv4Address(gw))
+            addr6 = self.iface6(h, where)
+            if addr6 is not None:
+                if edge.address6 is None:
+                    raise self.fail(f"{where}.address6", f"needs {attach}.address6 (the hosts' IPv6 gateway)")
+                if addr6.network != edge.address6.network or addr6.ip == edge.address6.ip:
+                    raise self.fail(f"{where}.address6", f"{addr6} must be another address in {edge.name}'s "
+                                    f"IPv6 subnet {edge.address6.network}")
+            out[hname] = Host(hname, addr, attach, ipaddress.IPv4Address(gw), addr6,
+                              edge.address6.ip if addr6 is not None and edge.address6 else None)
         return out
 
     def services(self) -> dict[str, ServiceSpec]:

@@ -6,9 +6,13 @@ By role:
 
 * **controller**: `dataplane.core.control.Controller` on the control socket;
 * **ingress**: an AF_PACKET socket on the hosts bridge (kernel BPF: IPv4
-  only; forwarding is off in the namespace, so the kernel does not route
+  and IPv6; forwarding is off in the namespace, so the kernel does not route
   these packets itself) feeding `IngressNode`; replies from the fabric are
-  written back as Ethernet frames to the client's MAC. With `[fabric] gso`
+  written back as Ethernet frames to the client's MAC. What is the link's
+  own business (`dataplane.core.packet.link_local`: ARP'd traffic to the
+  edge's own addresses, broadcast and multicast, IPv6 neighbour discovery
+  and link-local addresses) is left to the namespace's kernel, which
+  answers it: the socket reads a copy, and the edge does not carry it. With `[fabric] gso`
   the socket has PACKET_VNET_HDR: the host's TCP super-frames (up to 60 KB)
   arrive whole with the kernel's virtio_net_hdr, which rides the affinity
   header as a GSO option to the far edge, where the frame is written back
@@ -72,6 +76,7 @@ from dataplane.core.liveness import Declared, FailureDetector
 from dataplane.shells.metrics import MetricsServer, registry_for
 from dataplane.shells.mmsg import BatchReceiver, BatchSender
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
+from dataplane.core.packet import link_local
 from dataplane.core.replicator import Policy, Replicator
 from dataplane.core.resend import ResendBuffer
 from dataplane.core.servicemap import ServiceMap
@@ -79,15 +84,18 @@ from dataplane.core.services import create
 from dataplane.core.syncchannel import SyncConfig
 from dataplane.shells.syncudp import UdpSync
 
-ETH_P_ALL, ETH_P_IP = 0x0003, 0x0800
+ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
+ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}
 SOL_PACKET, PACKET_VNET_HDR = 263, 15
 VNET_HDR = struct.Struct("=BBHHHH")
 """struct virtio_net_hdr, in host byte order: flags, gso_type, hdr_len,
 gso_size, csum_start, csum_offset."""
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
-BPF_IPV4 = [(0x28, 0, 0, 12), (0x15, 0, 1, ETH_P_IP), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
-"""ldh [12]; jeq #0x800; ret #262144; ret #0: IPv4 frames only."""
+BPF_IP = [(0x28, 0, 0, 12), (0x15, 1, 0, ETH_P_IP), (0x15, 0, 1, ETH_P_IPV6), (0x06, 0, 0, 0x40000),
+          (0x06, 0, 0, 0)]
+"""ldh [12]; jeq #0x800 (accept); jeq #0x86dd (accept, else refuse); ret
+#262144; ret #0: IPv4 and IPv6 frames only."""
 TICK = 0.001
 HANG_AFTER = 1.0
 """A forwarder whose loop has not come round for this long stops
@@ -346,11 +354,14 @@ class Forwarder:
             self.node = EgressNode(self.name, smap, capacity=topo.limits.flows)
         self.edge_ip = edge.address.ip.packed
         self.edge_mac = bytes.fromhex(topo.mac_of(self.name).replace(":", ""))
-        self.host_macs = {h.address.ip.packed: bytes.fromhex(topo.mac_of(h.name).replace(":", ""))
-                          for h in topo.hosts.values() if h.attach == self.name}
-        self.broadcast = edge.address.network.broadcast_address.packed
+        self.host_macs = {a.ip.packed: bytes.fromhex(topo.mac_of(h.name).replace(":", ""))
+                          for h in topo.hosts.values() if h.attach == self.name
+                          for a in (h.address, h.address6) if a is not None}
+        self.own = frozenset(a for a in (self.edge_ip, edge.address.network.broadcast_address.packed,
+                                         edge.address6.ip.packed if edge.address6 else None) if a)
+        """The edge's own addresses on its host link (and the broadcast): the kernel's."""
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        attach_bpf(s, BPF_IPV4)
+        attach_bpf(s, BPF_IP)
         if topo.gso:
             s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
         s.bind((HOSTS_BRIDGE, 0))
@@ -465,9 +476,8 @@ class Forwarder:
                 break
             if addr[2] == PACKET_OUTGOING or len(frame) < skip + 34:
                 continue
-            dst = frame[skip + 30:skip + 34]
-            if dst == self.edge_ip or dst == self.broadcast or dst[0] >= 224:
-                continue  # for the namespace's own stack (ARP'd gateway, broadcast)
+            if link_local(frame[skip + 14:skip + 94], self.own):
+                continue  # for the namespace's own stack (its addresses, broadcast, neighbour discovery)
             options = b""
             if skip:
                 vnet = VNET_HDR.unpack_from(frame)
@@ -588,7 +598,8 @@ class Forwarder:
             self.node.drops["send_error"] += 1
 
     def _deliver(self, ip: bytes, options: bytes) -> None:
-        mac = self.host_macs.get(ip[16:20])
+        v6 = ip[0] >> 4 == 6
+        mac = self.host_macs.get(ip[24:40] if v6 else ip[16:20])
         if mac is None or self.packet is None:
             self.node.drops["unknown_host"] += 1
             return
@@ -601,7 +612,7 @@ class Forwarder:
                 return
             vnet = VNET_HDR.pack(*fields) if fields else bytes(VNET_HDR.size)
         try:
-            self.packet.send(vnet + mac + self.edge_mac + b"\x08\x00" + ip)
+            self.packet.send(vnet + mac + self.edge_mac + ETHERTYPE[6 if v6 else 4] + ip)
         except OSError:
             self.node.drops["send_error"] += 1
             return

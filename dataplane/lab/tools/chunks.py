@@ -20,7 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     row = {"sent": 0, "error": None}
     try:
-        s = socket.socket()
+        s = socket.socket(socket.AF_INET6 if ":" in args.dst else socket.AF_INET)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("", args.local_port))
         s.settimeout(10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import socket
 import socketserver
 
 
@@ -18,6 +19,13 @@ class Server(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), port
+
+
+class Server6(Server):
+    """The same on an IPv6 address ("::" also takes IPv4, as Linux's
+    bindv6only is off by default)."""
+
+    address_family = socket.AF_INET6
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -34,7 +42,7 @@ def main() -> None:
     ap.add_argument("--directory", required=True)
     args = ap.parse_args()
     handler = functools.partial(Quiet, directory=args.directory)
-    Server((args.bind, args.port), handler).serve_forever()
+    (Server6 if ":" in args.bind else Server)((args.bind, args.port), handler).serve_forever()
 
 
 if __name__ == "__main__":

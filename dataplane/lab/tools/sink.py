@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     lock = threading.Lock()
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in args.bind else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((args.bind, args.port))
     s.listen(128)
