@@ -49,10 +49,11 @@ def fresh(request):
 class Transfers:
     """N paced downloads in the background; results when joined."""
 
-    def __init__(self, run: LabRun, n: int = 50, pace: float = 0.12) -> None:
-        self.run, self.rows = run, []
+    def __init__(self, run: LabRun, n: int = 50, pace: float = 0.12, url: str | None = None,
+                 sha: str | None = None) -> None:
+        self.run, self.rows, self.sha = run, [], sha or run.sha
         self.t = threading.Thread(target=lambda: self.rows.extend(run.tool(
-            "client", "fetch", run.url("f"), "-n", str(n), "--pace", str(pace), "--timeout", "5",
+            "client", "fetch", url or run.url("f"), "-n", str(n), "--pace", str(pace), "--timeout", "5",
             timeout=180)))
         self.t.start()
         deadline = time.monotonic() + 10   # the fetcher's start is slow on a loaded machine
@@ -65,7 +66,7 @@ class Transfers:
         return self.rows
 
     def ok(self, row: dict[str, Any]) -> bool:
-        return row["error"] is None and row["sha256"] == self.run.sha
+        return row["error"] is None and row["sha256"] == self.sha
 
 
 def leaders(run: LabRun, service_instances: tuple[str, ...]) -> dict[str, int]:

@@ -1,0 +1,83 @@
+"""Dual stack on the namespace lab (issue #15 item 3): IPv6 through the
+chain with real kernels on both hosts, neighbour discovery answered on each
+link and never carried, `amesh send` of crafted IPv6, and a failover of
+IPv6 flows under load with its control.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from click.testing import CliRunner
+from scapy.layers.inet import UDP
+from scapy.layers.inet6 import IPv6
+
+from dataplane.cli.main import main
+from dataplane.lab import faults
+from tests import test_failover
+from tests.test_failover import B, WITH_CONTROL, Transfers, counters, leaders
+
+fresh = test_failover.fresh
+"""A fresh default lab per test (policy from the test's mark), as the failover tests use."""
+
+PAGE = os.urandom(300_000)
+
+
+def test_curl6_through_the_chain_and_ipv4_beside_it(lab, tmp_path):
+    sha = lab.http_server({"page": PAGE}, port=8086, family=6)["page"]
+    before = lab.ask("ingress", "status")
+    for family in (6, 4):
+        if family == 4:
+            lab.http_server({"page": PAGE}, port=8084)
+        out = tmp_path / f"page{family}"
+        res = lab.run("client", ["curl", f"-{family}", "-sS", "-m", "20", "-o", str(out),
+                                 lab.url("page", 8086 if family == 6 else 8084, family)])
+        assert res.returncode == 0, res.stderr
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == sha
+    after = lab.ask("ingress", "status")
+    assert after["counters"]["encapsulated"] > before["counters"].get("encapsulated", 0)
+    # the edges' kernels answered neighbour discovery on each link; the chain never saw it
+    neigh = lab.run("client", ["ip", "-6", "neigh", "show", "fd00:1::1"]).stdout
+    assert lab.topo.mac_of("ingress") in neigh
+    assert all(lab.ask(n, "status")["drops"].get("link_local", 0) == 0 for n in ("ingress", "egress"))
+    for i in ("aa", "ab", *B):
+        drops = lab.ask(i, "status")["drops"]
+        assert not drops.get("next_proto_mismatch") and not drops.get("misdelivery"), (i, drops)
+
+
+def test_amesh_send_crafted_ipv6_from_the_client_reaches_the_server(lab, capture):
+    cap = capture("server", "eth0", "ip6 and udp port 9696")
+    res = CliRunner().invoke(main, ["send", "--lab", lab.name, "client", "--src", "fd00:1::10",
+                                    "--dst", "fd00:2::10", "--proto", "udp", "--sport", "45000",
+                                    "--dport", "9696", "--payload", "crafted six", "--encap", "none",
+                                    "--count", "3"])
+    assert res.exit_code == 0, res.output
+    got = cap.stop()
+    assert len(got) == 3
+    assert all(p[IPv6].src == "fd00:1::10" and p[UDP].sport == 45000 and bytes(p[UDP].payload) == b"crafted six"
+               for p in got)
+
+
+@WITH_CONTROL
+def test_kill_the_b_primary_during_ipv6_transfers(fresh, policy):
+    """IPv6 flows fail over like IPv4 ones: with sync every transfer ends
+    sha256-intact; without it (the control) the transfers of the victim's
+    flows break."""
+    sha = fresh.http_server({"f6": PAGE * 4}, port=8086, family=6)["f6"]
+    tr = Transfers(fresh, n=30, pace=0.15, url=fresh.url("f6", 8086, 6), sha=sha)
+    m = fresh.map()
+    victim = max(leaders(fresh, B).items(), key=lambda kv: kv[1])[0]
+    faults.kill(fresh.state, victim)
+    rows = tr.join()
+    assert len(rows) == 30
+    affected = {r["i"] for r in rows
+                if m.primary("B", fresh.topo.stream_code(r["port"], 8086, family=6)) == victim}
+    broken = {r["i"] for r in rows if not tr.ok(r)}
+    assert affected, "no transfer had its flow on the victim"
+    if policy == "async":
+        assert broken == set()
+        assert counters(fresh, tuple(i for i in B if i != victim), "took_over") > 0
+    else:
+        assert broken and broken <= affected
+        assert counters(fresh, tuple(i for i in B if i != victim), "misdelivery", "drops") > 0
