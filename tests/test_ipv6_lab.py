@@ -22,6 +22,9 @@ fresh = test_failover.fresh
 """A fresh default lab per test (policy from the test's mark), as the failover tests use."""
 
 PAGE = os.urandom(300_000)
+BIG = os.urandom(3 << 20)
+"""Big enough that 30 paced downloads are still running when the kill
+comes (a smaller file sits whole in the client's receive buffer before it)."""
 
 
 def test_curl6_through_the_chain_and_ipv4_beside_it(lab, tmp_path):
@@ -64,7 +67,7 @@ def test_kill_the_b_primary_during_ipv6_transfers(fresh, policy):
     """IPv6 flows fail over like IPv4 ones: with sync every transfer ends
     sha256-intact; without it (the control) the transfers of the victim's
     flows break."""
-    sha = fresh.http_server({"f6": PAGE * 4}, port=8086, family=6)["f6"]
+    sha = fresh.http_server({"f6": BIG}, port=8086, family=6)["f6"]
     tr = Transfers(fresh, n=30, pace=0.15, url=fresh.url("f6", 8086, 6), sha=sha)
     m = fresh.map()
     victim = max(leaders(fresh, B).items(), key=lambda kv: kv[1])[0]
