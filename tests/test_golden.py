@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.utils import rdpcap
 
 from dataplane.lab import faults
@@ -83,6 +83,29 @@ def test_a_deaf_host_sends_no_rst_and_hears_again_after(lab, capture):
     assert len(outside.stop()) == 1
 
 
+def test_ipv6_datagrams_through_the_chain(lab, capture):
+    m = lab.map()
+    code = lab.topo.stream_code(43600, 9697, proto=17, family=6)
+    a = m.primary("A", code)
+    server = capture("server", "eth0", "ip6 and udp port 9697")
+    hop = capture(a, "fab0", f"udp port 6886 and dst host {lab.topo.fabric_ip(a)}")
+    send(lab.topo, "client", golden("udp6.in"))
+    assert_packets(golden("udp6.server"), server.stop())
+    fabric = [p for p in hop.stop() if Affinity in p and UDP in p[Affinity] and p[Affinity][UDP].sport == 43600]
+    assert_packets(golden("udp6.fabric"), fabric, FABRIC)
+
+
+def test_icmpv6_echo_both_ways(lab, capture):
+    """Two-sided: the server's kernel answers the crafted requests, so the
+    firewall sees a real exchange (no TCP window for one-sided traffic to miss)."""
+    server = capture("server", "eth0", "icmp6 and ip6[40] == 128")
+    client = capture("client", "eth0", "icmp6 and ip6[40] == 129")
+    send(lab.topo, "client", golden("ping6.in"))
+    time.sleep(0.3)
+    assert_packets(golden("ping6.server"), server.stop())
+    assert_packets(golden("ping6.client"), client.stop(), {"IPv6": {"fl"}})
+
+
 def test_malformed_headers_are_dropped_and_counted_by_reason(lab, capture):
     server = capture("server", "eth0", "src host 10.1.0.10 and tcp portrange 43300-43304")
     before = lab.ask("ba", "status")["drops"]
@@ -133,7 +156,6 @@ def test_garbage_on_every_port_is_counted_and_harmless(lab):
     """Random datagrams to an instance's fabric, sync and control ports."""
     import os as _os
 
-    from scapy.layers.inet import UDP
     from scapy.layers.l2 import Ether
 
     from dataplane.core import syncwire as sw
@@ -158,8 +180,6 @@ def test_a_client_reaches_its_edges_own_sockets_only_to_be_refused(lab):
     fabric and control sockets: the fabric socket drops them (not a node),
     the control socket refuses them (no key), and the ingress's classifier
     drops the UDP to the fabric port (a steering attempt)."""
-    from scapy.layers.inet import UDP
-
     from dataplane.core import syncwire as sw
 
     ingress = lab.topo.fabric_ip("ingress")

@@ -25,7 +25,14 @@ does, so a one-sided session would be out of window.
 * malformed: five bad affinity headers sent into a B instance; expected:
   nothing forwarded, each counted by reason;
 * steering: a client sending an affinity header to the fabric port; expected:
-  nothing at the server, `steering_attempt` counted at the ingress.
+  nothing at the server, `steering_attempt` counted at the ingress;
+* udp6: IPv6 datagrams from the client; expected at the server unchanged
+  and on the ingress -> A hop with the header's next protocol IPv6;
+* ping6: ICMPv6 echo requests from the client, which the server's kernel
+  answers: a two-sided exchange (no TCP window to track); expected: the
+  requests at the server and the replies at the client (built here from the
+  requests: addresses swapped, type 129, the same id, sequence and data,
+  the kernel's hop limit 64; its flow label is masked).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 from scapy.utils import wrpcap
@@ -95,6 +103,35 @@ def _fabric(topo: Topology, pkts: list[Packet]) -> list[Packet]:
     return out
 
 
+def _client6(topo: Topology, l4: Packet) -> Packet:
+    c, s = topo.hosts["client"], topo.hosts["server"]
+    assert c.address6 is not None and s.address6 is not None
+    return (Ether(src=topo.mac_of("client"), dst=topo.mac_of(topo.ingress.name))
+            / IPv6(src=str(c.address6.ip), dst=str(s.address6.ip)) / l4)
+
+
+def _echo_reply(req: Packet, src_mac: str, dst_mac: str) -> Packet:
+    """What the server's kernel answers to an echo request, as the client sees it."""
+    ip, echo = req[IPv6], req[ICMPv6EchoRequest]
+    return (Ether(src=src_mac, dst=dst_mac) / IPv6(src=ip.dst, dst=ip.src, hlim=64)
+            / ICMPv6EchoReply(id=echo.id, seq=echo.seq, data=echo.data))
+
+
+def _fabric6(topo: Topology, pkts: list[Packet]) -> list[Packet]:
+    """Ingress -> A hop of IPv6 UDP datagrams: next protocol IPv6."""
+    m = topo.build_map()
+    out = []
+    for p in pkts:
+        inner = p[IPv6]
+        code = AffinityHasher(topo.secret).code_of(1, inner.src, inner[UDP].sport, inner.dst,
+                                                   inner[UDP].dport, 17)
+        out.append(Ether() / IP(src=topo.fabric_ip(topo.ingress.name), dst=topo.fabric_ip(m.primary("A", code)))
+                   / UDP(dport=wire.UDP_PORT) / Affinity(chain=1, index=2, code=code, client=1, epoch=m.epoch,
+                                                         next_proto=wire.NextProto.IPV6)
+                   / IPv6(bytes(inner)))
+    return out
+
+
 def cases(topo: Topology) -> dict[str, dict[str, list[Packet]]]:
     srv_link = (topo.mac_of(topo.egress.name), topo.mac_of("server"))
     cli_link = (topo.mac_of(topo.ingress.name), topo.mac_of("client"))
@@ -119,7 +156,13 @@ def cases(topo: Topology) -> dict[str, dict[str, list[Packet]]]:
     steering = [Ether(src=topo.mac_of("client"), dst=topo.mac_of(topo.ingress.name))
                 / IP(src=str(c.address.ip), dst=str(s.address.ip)) / UDP(sport=43400, dport=wire.UDP_PORT)
                 / Affinity(chain=1, index=1, code=0xBAD, client=1, epoch=1) / IP() / TCP()]
+    udp6 = [_client6(topo, UDP(sport=43600, dport=9697) / Raw(f"datagram {i} over IPv6".encode()))
+            for i in range(3)]
+    ping6 = [_client6(topo, ICMPv6EchoRequest(id=0x6006, seq=i, data=b"golden ping6 %d" % i)) for i in range(3)]
     return {
+        "udp6": {"in": udp6, "server": _at(udp6, *srv_link), "fabric": _fabric6(topo, udp6)},
+        "ping6": {"in": ping6, "server": _at(ping6, *srv_link),
+                  "client": [_echo_reply(p, *cli_link) for p in ping6]},
         "tcp_session": {"in": session, "server": _at(_half(session, c), *srv_link),
                         "client": _at(_half(session, s), *cli_link), "fabric": _fabric(topo, _half(session, c))},
         "return": {"in": ret, "client": _at(_half(ret, s), *cli_link)},
