@@ -199,3 +199,14 @@ def test_affinity_known_answer_for_an_ipv6_five_tuple_from_packets_of_both_direc
     ping = IPv6(src=CLIENT6, dst=SERVER6) / ICMPv6EchoRequest(id=9)
     pong = IPv6(src=SERVER6, dst=CLIENT6) / ICMPv6EchoReply(id=9)
     assert hasher.code(1, parse(bytes(ping))) == hasher.code(1, parse(bytes(pong)))
+
+
+def test_the_inspection_blocks_a_pattern_in_an_ipv6_stream():
+    mesh = Mesh()
+    mesh.client(c2s())
+    mesh.server(s2c())
+    mesh.client(c2s(flags="A", seq=1001, ack=5001))
+    mesh.client(c2s(flags="PA", seq=1001, ack=5001, load=b"GET /SECR"))
+    mesh.client(c2s(flags="PA", seq=1010, ack=5001, load=b"ET HTTP/1.1\r\n"))   # split over segments
+    assert [r for _, r in mesh.dropped] == ["blocked"]
+    assert len(mesh.delivered[EGRESS]) == 3

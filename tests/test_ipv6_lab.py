@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 from click.testing import CliRunner
 from scapy.layers.inet import UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
 
 from dataplane.cli.main import main
 from dataplane.lab import faults
@@ -60,6 +61,14 @@ def test_amesh_send_crafted_ipv6_from_the_client_reaches_the_server(lab, capture
     assert len(got) == 3
     assert all(p[IPv6].src == "fd00:1::10" and p[UDP].sport == 45000 and bytes(p[UDP].payload) == b"crafted six"
                for p in got)
+    replies = capture("client", "eth0", "icmp6 and ip6[40] == 129")     # echo replies from the server's kernel
+    res = CliRunner().invoke(main, ["send", "--lab", lab.name, "client", "--src", "fd00:1::10",
+                                    "--dst", "fd00:2::10", "--proto", "icmp", "--sport", "4646",
+                                    "--encap", "none", "--count", "2"])
+    assert res.exit_code == 0, res.output
+    time.sleep(0.3)
+    got = replies.stop()
+    assert [(p[IPv6].src, p[ICMPv6EchoReply].id) for p in got] == [("fd00:2::10", 4646)] * 2
 
 
 @WITH_CONTROL
