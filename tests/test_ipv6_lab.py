@@ -7,6 +7,7 @@ IPv6 flows under load with its control.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 
@@ -48,6 +49,9 @@ def test_curl6_through_the_chain_and_ipv4_beside_it(lab, tmp_path):
     for i in ("aa", "ab", *B):
         drops = lab.ask(i, "status")["drops"]
         assert not drops.get("next_proto_mismatch") and not drops.get("misdelivery"), (i, drops)
+    status = CliRunner().invoke(main, ["lab", "status", "--lab", lab.name, "--json"])
+    rows = {r["node"]: r for r in json.loads(status.output)["nodes"]}
+    assert (rows["client"]["address6"], rows["server"]["address6"]) == ("fd00:1::10/64", "fd00:2::10/64")
 
 
 def test_amesh_send_crafted_ipv6_from_the_client_reaches_the_server(lab, capture):

@@ -157,6 +157,8 @@ def status(lab: str | None, as_json: bool) -> None:
                                "netns_exists": netns.exists(topo.netns(node))}
         if node in topo.hosts:
             row["address"] = str(topo.hosts[node].address)
+            if topo.hosts[node].address6 is not None:
+                row["address6"] = str(topo.hosts[node].address6)
         else:
             row["fabric_address"] = topo.fabric_ip(node)
         if proc is not None:
@@ -179,6 +181,8 @@ def status(lab: str | None, as_json: bool) -> None:
     click.echo(f"lab {state.lab} ({state.topology})")
     for r in nodes:
         where = r.get("address") or r.get("fabric_address")
+        if "address6" in r:
+            where += f" {r['address6']}"
         proc = "" if "pid" not in r else \
             f" pid {r['pid']} {'running' if r['running'] else 'DEAD'}" + \
             ("" if r.get("responding", True) else " NOT RESPONDING") + \
