@@ -54,6 +54,11 @@ def test_curl6_through_the_chain_and_ipv4_beside_it(lab, tmp_path):
     assert (rows["client"]["address6"], rows["server"]["address6"]) == ("fd00:1::10/64", "fd00:2::10/64")
 
 
+def test_ping6_through_the_chain(lab):
+    out = lab.tool("client", "ping", lab.topo.host_ip("server", 6), "-c", "3")[0]
+    assert out["received"] == 3, out
+
+
 def test_amesh_send_crafted_ipv6_from_the_client_reaches_the_server(lab, capture):
     cap = capture("server", "eth0", "ip6 and udp port 9696")
     res = CliRunner().invoke(main, ["send", "--lab", lab.name, "client", "--src", "fd00:1::10",

@@ -1,11 +1,12 @@
 """The lab's host tools over IPv6 on loopback: the HTTP server binds an
-IPv6 address (and "::", which takes IPv4 too) and the fetcher follows a
-bracketed IPv6 URL."""
+IPv6 address (and "::", which takes IPv4 too), the fetcher follows a
+bracketed IPv6 URL, the ping speaks ICMPv6."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -48,3 +49,14 @@ def test_serve_and_fetch_over_ipv6(tmp_path: Path, bind: str, host: str) -> None
     finally:
         server.terminate()
         server.wait(timeout=5)
+
+
+@pytest.mark.parametrize("dst", ["::1", "127.0.0.1"])
+def test_ping_both_families_on_loopback(dst: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("raw ICMP sockets need root")
+    if ":" in dst:
+        free_port()  # skips without IPv6 loopback
+    res = subprocess.run([sys.executable, str(TOOLS / "ping.py"), dst, "-c", "2"],
+                         capture_output=True, text=True, timeout=30)
+    assert json.loads(res.stdout)["received"] == 2, res.stderr
