@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+import pytest
 from click.testing import CliRunner
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
@@ -102,3 +103,14 @@ def test_kill_the_b_primary_during_ipv6_transfers(fresh, policy):
     else:
         assert broken and broken <= affected
         assert counters(fresh, tuple(i for i in B if i != victim), "misdelivery", "drops") > 0
+
+
+@pytest.mark.gso
+def test_ipv6_super_frames_cross_the_chain(fresh):
+    """With `[fabric] gso` the hosts' IPv6 TCP super-frames (gso_type TCPV6)
+    cross the chain whole and arrive intact."""
+    sha = fresh.http_server({"f6": BIG}, port=8086, family=6)["f6"]
+    before = counters(fresh, ("ingress", "egress"), "super_frames")
+    rows = Transfers(fresh, n=5, pace=0, url=fresh.url("f6", 8086, 6), sha=sha).join()
+    assert [r for r in rows if r["error"] or r["sha256"] != sha] == []
+    assert counters(fresh, ("ingress", "egress"), "super_frames") > before
