@@ -69,6 +69,21 @@ class Transfers:
         return row["error"] is None and row["sha256"] == self.sha
 
 
+def why(run: LabRun, rows: list[dict[str, Any]], tr: "Transfers") -> str:
+    """What a failed survival assertion prints: the broken transfers and
+    every forwarder's drops and epoch, so a failure in CI can be read."""
+    broken = [r for r in rows if not tr.ok(r)]
+    nodes = {}
+    for n in run.topo.forwarders():
+        try:
+            st = run.ask(n, "status")
+        except Exception as exc:  # a killed node does not answer
+            nodes[n] = str(exc)
+            continue
+        nodes[n] = {"epoch": st["epoch"], "drops": {k: v for k, v in st.get("drops", {}).items() if v}}
+    return json.dumps({"broken": broken, "nodes": nodes}, default=str)
+
+
 def leaders(run: LabRun, service_instances: tuple[str, ...]) -> dict[str, int]:
     return {i: sum(f["role"] == "primary" for f in run.flows(i)) for i in service_instances}
 
@@ -101,7 +116,7 @@ def test_kill_primary_during_50_transfers_all_complete_without_rst(fresh):
     victim = max(leaders(fresh, B).items(), key=lambda kv: kv[1])[0]
     t_kill = faults.kill(fresh.state, victim)
     rows = tr.join()
-    assert [r for r in rows if not tr.ok(r)] == []
+    assert [r for r in rows if not tr.ok(r)] == [], why(fresh, rows, tr)
     assert stop_rst() == [], "a client saw a TCP RST"
     promoted = counters(fresh, tuple(i for i in B if i != victim), "took_over")
     assert promoted > 0
@@ -124,7 +139,7 @@ def test_super_frames_cross_the_chain_and_survive_a_kill(fresh, policy):
     assert counters(fresh, ("ingress", "egress"), "super_frames") > 0
     broken = {r["i"] for r in rows if not tr.ok(r)}
     if policy == "async":
-        assert broken == set()
+        assert broken == set(), why(fresh, rows, tr)
     else:
         affected = {r["i"] for r in rows if m.primary("B", fresh.topo.stream_code(r["port"], 8080)) == victim}
         assert broken and broken <= affected
@@ -158,7 +173,7 @@ def test_secondary_then_new_primary_die_flows_survive_both(fresh, policy):
     rows = tr.join()
     broken = {r["i"] for r in rows if not tr.ok(r)}
     if policy == "async":
-        assert broken == set()
+        assert broken == set(), why(fresh, rows, tr)
     else:  # control: what either dead instance led breaks
         affected = {r["i"] for r in rows
                     if m.primary("B", fresh.topo.stream_code(r["port"], 8080)) in (victim, second)}
@@ -174,7 +189,7 @@ def test_kill_a_service_a_instance(fresh, policy):
     victim = max(leaders(fresh, ("aa", "ab")).items(), key=lambda kv: kv[1])[0]
     faults.kill(fresh.state, victim)
     rows = tr.join()
-    assert [r for r in rows if not tr.ok(r)] == []
+    assert [r for r in rows if not tr.ok(r)] == [], why(fresh, rows, tr)
     took_over = counters(fresh, tuple(i for i in ("aa", "ab") if i != victim), "took_over")
     assert (took_over > 0) if policy == "async" else (took_over == 0)
 
@@ -191,7 +206,7 @@ def test_partition_then_heal_no_split_brain_no_lost_flow(fresh, policy):
     rows = tr.join()
     broken = {r["i"] for r in rows if not tr.ok(r)}
     if policy == "async":
-        assert broken == set()
+        assert broken == set(), why(fresh, rows, tr)
     else:  # control: the partitioned primary's flows break
         affected = {r["i"] for r in rows if m.primary("B", fresh.topo.stream_code(r["port"], 8080)) == victim}
         assert broken and broken <= affected
@@ -210,7 +225,7 @@ def test_restart_and_scale_out_lose_no_established_flow(fresh):
     epoch = faults.operator(fresh.topo, "bd", "scale-out")
     assert fresh.map().instance("bd").state.value in ("joining", "active")
     rows = tr.join()
-    assert [r for r in rows if not tr.ok(r)] == []
+    assert [r for r in rows if not tr.ok(r)] == [], why(fresh, rows, tr)
     fresh.wait_state((victim, "bd"), "active")
     m = fresh.map()
     assert m.epoch > epoch and m.instance("bd").state.value == "active"
@@ -278,7 +293,7 @@ def test_controller_restart_does_not_disturb_forwarding(fresh):
     time.sleep(0.3)
     faults.restart(fresh.topo, fresh.state, fresh.topo.controller)
     rows = tr.join()
-    assert [r for r in rows if not tr.ok(r)] == []
+    assert [r for r in rows if not tr.ok(r)] == [], why(fresh, rows, tr)
     assert {n: fresh.ask(n, "status")["epoch"] for n in B} == epochs
     epoch = fresh.map().epoch
     assert epoch == max(epochs.values())                       # resumed from its store
