@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from pyroute2 import netns as pr_netns
 
 from dataplane.lab import netns
@@ -58,6 +59,7 @@ def test_the_finder_sees_a_process_in_a_namespace_of_its_own():
         pr_netns.remove(name)
 
 
+@pytest.mark.lab
 def test_lab_exec_forwards_signals_and_down_ends_what_is_left(tmp_path):
     need_root()
     topo = tmp_path / "sweep.toml"
