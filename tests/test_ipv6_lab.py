@@ -19,7 +19,7 @@ from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
 from dataplane.cli.main import main
 from dataplane.lab import faults
 from tests import test_failover
-from tests.test_failover import B, WITH_CONTROL, Transfers, counters, leaders
+from tests.test_failover import B, WITH_CONTROL, Transfers, counters, leaders, why
 
 fresh = test_failover.fresh
 """A fresh default lab per test (policy from the test's mark), as the failover tests use."""
@@ -98,7 +98,7 @@ def test_kill_the_b_primary_during_ipv6_transfers(fresh, policy):
     broken = {r["i"] for r in rows if not tr.ok(r)}
     assert affected, "no transfer had its flow on the victim"
     if policy == "async":
-        assert broken == set(), [r for r in rows if r["i"] in broken]
+        assert broken == set(), why(fresh, rows, tr)
         assert counters(fresh, tuple(i for i in B if i != victim), "took_over") > 0
     else:
         assert broken and broken <= affected

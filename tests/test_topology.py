@@ -190,6 +190,8 @@ def test_missing_key(tmp_path):
 def test_validate_command(tmp_path):
     res = CliRunner().invoke(main, ["lab", "validate", str(DEFAULT)])
     assert res.exit_code == 0 and "ok: lab default, 11 nodes" in res.output
+    res = CliRunner().invoke(main, ["lab", "validate"])   # the default every lab command uses
+    assert res.exit_code == 0 and "ok: lab default, 11 nodes" in res.output, res.output
     bad = variant(tmp_path, 'policy = "async"', 'policy = "x"')
     res = CliRunner().invoke(main, ["lab", "validate", bad])
     assert res.exit_code == 1 and "lab.policy" in res.output and "Traceback" not in res.output

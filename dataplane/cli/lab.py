@@ -17,9 +17,6 @@ import click
 
 from dataplane.cli.packets import craft_options, spec_from
 
-DEFAULT_LAB = Path(__file__).resolve().parents[1] / "labs" / "default.toml"
-
-
 def _progress(msg: str) -> None:
     click.echo(f"[lab] {msg}", err=True)
 
@@ -30,7 +27,7 @@ def _fail(msg: str) -> NoReturn:
 
 
 def _topology(path: str | None) -> Any:
-    from dataplane.lab.topology import TopologyError, load
+    from dataplane.lab.topology import DEFAULT_LAB, TopologyError, load
 
     try:
         return load(path or DEFAULT_LAB)
@@ -97,11 +94,12 @@ def lab() -> None:
 
 
 @lab.command()
-@click.argument("file", type=click.Path(dir_okay=False))
-def validate(file: str) -> None:
-    """Check a topology file; errors name the file, the key and the problem."""
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+def validate(file: str | None) -> None:
+    """Check a topology FILE (default: labs/default.toml); errors name the
+    file, the key and the problem."""
     topo = _topology(file)
-    click.echo(f"{file}: ok: lab {topo.name}, {len(topo.all_nodes())} nodes, "
+    click.echo(f"{file or topo.path}: ok: lab {topo.name}, {len(topo.all_nodes())} nodes, "
                f"services {', '.join(f'{s.name}({len(s.instances)}+{len(s.spares)} spare)' for s in topo.services.values())}")
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2 import config as pr_config
 from pyroute2 import netns as pr_netns
 
 from dataplane.lab import netns
@@ -46,6 +47,12 @@ IFF_UP = 0x1
 OFFLOADS = ["rx", "off", "tx", "off", "tso", "off", "gso", "off", "gro", "off"]
 REQUIRED_TOOLS = ("ethtool",)
 READY_TIMEOUT = 30.0
+# IPRoute(netns=...) forks a helper that enters the namespace and must answer
+# within pyroute2's default 2 s, or the lab set-up fails with "no response from
+# the child". Forking a large process (pytest with Scapy loaded) on a loaded
+# 2-core machine took longer than that in CI; a dead child is still reported
+# at once, only a slow one gets longer.
+pr_config.default_communicate_timeout = 15
 
 
 class LabError(RuntimeError):

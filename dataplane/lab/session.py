@@ -20,11 +20,10 @@ from typing import Any
 from dataplane.lab import build, netns
 from dataplane.lab.query import ask
 from dataplane.lab.state import LabState, alive
-from dataplane.lab.topology import Topology, load
+from dataplane.lab.topology import DEFAULT_LAB, Topology, load
 
-ROOT = Path(__file__).resolve().parents[2]
 TOOLS = Path(__file__).resolve().parent / "tools"
-DEFAULT = ROOT / "labs" / "default.toml"
+DEFAULT = DEFAULT_LAB
 
 
 class LabRun:

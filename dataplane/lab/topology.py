@@ -20,6 +20,9 @@ from dataplane.core.node import EGRESS, INGRESS
 from dataplane.core.servicemap import NAME, SERVICE_NAME, Chain, Instance, InstanceState, ServiceMap, Tenant
 from dataplane.core.services import create, load as load_service
 
+DEFAULT_LAB = Path(__file__).resolve().parents[2] / "labs" / "default.toml"
+"""The default lab: what `amesh lab up`, the demo, the simulator and the
+pytest plugin use when no file is named."""
 PREFIX = re.compile(r"^[a-z][a-z0-9]{0,3}$")
 POLICIES = ("off", "async", "ordered", "acked")
 STORES = ("embedded", "etcd")

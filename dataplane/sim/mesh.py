@@ -41,7 +41,7 @@ from dataplane.core.resend import ResendBuffer
 from dataplane.core.servicemap import ServiceMap
 from dataplane.core.services import create
 from dataplane.core.syncchannel import SyncConfig
-from dataplane.lab.topology import Timers, Topology, load
+from dataplane.lab.topology import DEFAULT_LAB, Timers, Topology, load
 from dataplane.sim.clock import Clock
 from dataplane.sim.network import CONTROL, FABRIC, SYNC, LinkFaults, Network
 
@@ -61,10 +61,9 @@ TIMERS = Timers(heartbeat=0.010, misses=4, holddown=0.200, map_refresh=0.100)
 sees crashed instances rejoin within its fault episodes."""
 BUCKETS = 256
 """Bucket tables are built per distinct map (about 0.5 s at the lab's 4096)."""
-DEFAULT_TOPOLOGY = Path(__file__).resolve().parents[2] / "labs" / "default.toml"
 
 
-def sim_topology(policy: str = "async", path: Path = DEFAULT_TOPOLOGY) -> Topology:
+def sim_topology(policy: str = "async", path: Path = DEFAULT_LAB) -> Topology:
     """The lab's default topology with the sim's timers, buckets and policy."""
     topo = load(path)
     services = {n: replace(s, options={}) for n, s in topo.services.items()}

@@ -44,7 +44,6 @@ import pytest
 
 from dataplane.testing.compare import HOST_LINK, assert_packets
 
-DEFAULT_TOPOLOGY = Path(__file__).resolve().parents[2] / "labs" / "default.toml"
 _REPORT = pytest.StashKey[pytest.TestReport]()
 
 
@@ -76,7 +75,8 @@ def amesh_topology(request: pytest.FixtureRequest) -> Path:
     cfg = request.config
     given = cfg.getoption("--amesh-topology") or cfg.getini("amesh_topology")
     if not given:
-        return DEFAULT_TOPOLOGY
+        from dataplane.lab.topology import DEFAULT_LAB
+        return DEFAULT_LAB
     path = Path(given)
     return path if path.is_absolute() else Path(cfg.rootpath) / path
 
