@@ -76,7 +76,10 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('gso = false', 'gso = 1', "fabric.gso: expected bool, got int"),
     ('attach = "egress"', 'attach = "nowhere"', "hosts.server.attach: 'nowhere' is neither the ingress nor the egress"),
     ('[timers]', '[timer]', "timer: unknown section"),
-    ('store = "embedded"', 'store = "etcd"', 'controller.endpoints: store = "etcd" needs at least one endpoint'),
+    ('store = "embedded"', 'store = "etcd"\nmembers = 2', "controller.members: 2: the lab runs 1, 3 or 5 etcd members"),
+    ('store = "embedded"', 'store = "embedded"\nmembers = 3', 'controller.members: only with store = "etcd"'),
+    ('store = "embedded"', 'store = "etcd"\nendpoints = ["http://10.0.0.1:2379"]\nmembers = 3',
+     "controller.members: the lab runs members only when no endpoints are given"),
     ('store = "embedded"', 'store = "zookeeper"', "controller.store: 'zookeeper' is not one of embedded, etcd"),
     ('store = "embedded"', 'store = "embedded"\nendpoints = ["http://10.0.0.1:2379"]',
      'controller.endpoints: only with store = "etcd"'),
@@ -260,7 +263,26 @@ def test_etcd_store_and_its_endpoints(tmp_path):
     t = load(variant(tmp_path, 'store = "embedded"',
                      'store = "etcd"\nendpoints = ["http://10.98.0.1:2379", "http://10.98.0.2:2379"]'))
     assert t.store == "etcd" and t.etcd_endpoints == ["http://10.98.0.1:2379", "http://10.98.0.2:2379"]
+    assert t.etcd_members == 0 and [e.name for e in t.extra_nodes()] == []
     assert load(DEFAULT).store == "embedded" and load(DEFAULT).etcd_endpoints == []
+
+
+def test_etcd_store_without_endpoints_runs_three_members_on_the_fabric(tmp_path):
+    """The lab's own cluster: members etcd1..3 addressed down from the top
+    of the fabric subnet (below Prometheus when it runs), their client URLs
+    the controller's endpoints."""
+    t = load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"'))
+    assert t.etcd_members == 3
+    assert [(e.name, e.address) for e in t.extra_nodes()] == [
+        ("etcd1", "10.99.0.254"), ("etcd2", "10.99.0.253"), ("etcd3", "10.99.0.252")]
+    assert t.etcd_endpoints == [f"http://10.99.0.{a}:2379" for a in (254, 253, 252)]
+    t = load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"\nmembers = 1'))
+    assert t.etcd_endpoints == ["http://10.99.0.254:2379"]
+    taken = tmp_path / "taken.toml"
+    taken.write_text(DEFAULT.read_text().replace('store = "embedded"', 'store = "etcd"')
+                     .replace('"bd"', '"etcd2"'))
+    with pytest.raises(TopologyError, match="etcd2 is taken by the spare of service B"):
+        load(taken)
 
 
 def test_machines_place_instances_in_the_map(tmp_path):
@@ -280,13 +302,3 @@ def test_machines_place_instances_in_the_map(tmp_path):
     assert "host" not in plain.to_json() and "anti_affinity" not in plain.to_json()
     off = load(variant(tmp_path, 'policy = "async"', 'policy = "async"\nanti_affinity = false')).build_map()
     assert not off.anti_affinity and off.table_digest("B") == plain.table_digest("B")
-
-
-def test_the_lab_refuses_a_store_it_does_not_run_yet(tmp_path):
-    """An etcd topology validates, but `lab up` says it cannot run it
-    rather than silently running the embedded store."""
-    from dataplane.lab.build import LabError, up
-
-    t = load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"\nendpoints = ["http://10.98.0.1:2379"]'))
-    with pytest.raises(LabError, match="does not run it yet"):
-        up(t, print)

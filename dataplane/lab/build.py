@@ -77,9 +77,6 @@ def health(state: LabState) -> dict[str, list[str]]:
 def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> LabState:
     """Create the lab; idempotent: an intact lab is left as it is, a broken
     one (a crash half-way, a killed forwarder) is torn down and rebuilt."""
-    if topo.store != "embedded":
-        raise LabError(f"[controller] store = {topo.store!r}: the lab does not run it yet; "
-                       "use store = \"embedded\"")
     check_environment()
     old = LabState.load(topo.name)
     if old is not None:
@@ -115,11 +112,18 @@ def up(topo: Topology, progress: Progress, start_forwarders: bool = True) -> Lab
                  else "offloads off on every lab link")
         _wait_links_up(state.namespaces)
         if start_forwarders:
+            later = []
+            for extra in extras(topo, rd):
+                if extra.early:
+                    start_extra(topo, state, extra)
+                    progress(f"started {extra.node} ({extra.argv[0]}) on the fabric")
+                else:
+                    later.append(extra)
             for node in topo.forwarders():
                 start_node(topo, state, node)
-            progress(f"started {len(state.processes)} forwarders; waiting for them")
+            progress(f"started {len(topo.forwarders())} forwarders; waiting for them")
             wait_ready(topo, state)
-            for extra in extras(topo, rd):
+            for extra in later:
                 start_extra(topo, state, extra)
                 progress(f"started {extra.node} ({extra.argv[0]}) on the fabric")
         progress(f"lab {topo.name} is up")

@@ -1,13 +1,16 @@
 """Lab processes that are not forwarders: what they run and when they are
-ready. Today the Prometheus server of `[observability] prometheus = true`.
+ready. The Prometheus server of `[observability] prometheus = true`, and
+the etcd cluster of `[controller] store = "etcd"` without endpoints.
 
 An extra node is a namespace on the fabric like a forwarder's (its address
 counts down from the top of the fabric subnet, `Topology.extra_nodes`), but
 it runs some other program: `dataplane.lab.build` creates its namespace and
 fabric link with the others (recorded in the state file before they exist),
 writes its files into the lab's run directory, starts it after the
-forwarders are ready, records its process, waits for `ready_url` to answer,
-and stops it with the rest on `down`/`cleanup`. Adding another kind of
+forwarders are ready (`early`: before them, as the etcd members the
+controller reads its map from), records its process, waits for `ready_url`
+to answer, and stops it with the rest on `down`/`cleanup` (which removes the
+run directory, data directories included). Adding another kind of
 extra process is a new function returning `Extra`s, listed in `extras()`.
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataplane.lab.topology import PROMETHEUS_NODE, Topology
+from dataplane.lab.topology import ETCD_CLIENT_PORT, ETCD_NODE, ETCD_PEER_PORT, PROMETHEUS_NODE, Topology
 
 JOB = "amesh"
 
@@ -27,6 +30,8 @@ class Extra:
     argv: list[str]
     ready_url: str
     files: dict[Path, str] = field(default_factory=dict)
+    early: bool = False
+    """Started before the forwarders (they need it), not after."""
 
 
 def extras(topo: Topology, run_dir: Path) -> list[Extra]:
@@ -35,6 +40,29 @@ def extras(topo: Topology, run_dir: Path) -> list[Extra]:
     out = []
     if PROMETHEUS_NODE in by_name:
         out.append(prometheus(topo, run_dir, by_name[PROMETHEUS_NODE].address))
+    out.extend(etcd_members(topo, run_dir))
+    return out
+
+
+def etcd_members(topo: Topology, run_dir: Path) -> list[Extra]:
+    """The lab's etcd cluster: one member per extra node etcd1..N, a fresh
+    cluster (token: the lab's name) with its data under the run directory.
+    Members are started one after the other, but a member serves its
+    clients only once a majority runs and has elected a leader, so each is
+    ready when its peer listener answers `/version`, and the last (the
+    majority is then up) when its client `/health` says true."""
+    members = [e for e in topo.extra_nodes() if e.name.startswith(ETCD_NODE)]
+    cluster = ",".join(f"{e.name}=http://{e.address}:{ETCD_PEER_PORT}" for e in members)
+    out = []
+    for i, e in enumerate(members):
+        client, peer = f"http://{e.address}:{ETCD_CLIENT_PORT}", f"http://{e.address}:{ETCD_PEER_PORT}"
+        argv = ["etcd", "--name", e.name, "--data-dir", str(run_dir / e.name),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"amesh-{topo.name}", "--log-level", "warn"]
+        ready = f"{client}/health" if i == len(members) - 1 else f"{peer}/version"
+        out.append(Extra(e.name, argv, ready, early=True))
     return out
 
 

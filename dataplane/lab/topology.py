@@ -113,6 +113,10 @@ class Limits:
 
 PROMETHEUS_NODE = "prom"
 """The name (and namespace suffix) of the lab's Prometheus server."""
+ETCD_NODE = "etcd"
+"""Name prefix of the etcd members the lab runs (etcd1, etcd2, ...)."""
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
 
 
 @dataclass
@@ -151,7 +155,11 @@ class Topology:
     store: str = "embedded"
     """Where the controller keeps the map: "embedded" (its file) or "etcd"."""
     etcd_endpoints: list[str] = field(default_factory=list)
-    """`[controller] endpoints` of the etcd cluster, as http://IP:PORT."""
+    """`[controller] endpoints` of the etcd cluster, as http://IP:PORT: given
+    (a cluster outside the lab), or those of the members the lab runs."""
+    etcd_members: int = 0
+    """etcd members the lab runs on its fabric (`[controller] members`, 3
+    when store = "etcd" names no endpoints; 0 otherwise)."""
     machines: dict[str, list[str]] = field(default_factory=dict)
     """`[machines.NAME] nodes = [...]`: the failure domains; a node in none
     is a machine of its own (so a topology without machines is unchanged)."""
@@ -178,6 +186,8 @@ class Topology:
         out = []
         if self.observability.prometheus:
             out.append(ExtraNode(PROMETHEUS_NODE, str(top - 1 - len(out))))
+        for k in range(1, self.etcd_members + 1):
+            out.append(ExtraNode(f"{ETCD_NODE}{k}", str(top - 1 - len(out))))
         return out
 
     def netns(self, node: str) -> str:
@@ -384,7 +394,6 @@ class _Validator:
         gso = self.get(fabric, "gso", "fabric", bool, False)
         ctl = self.name(self.get(self.table("controller"), "name", "controller", str),
                         "controller.name", "controller")
-        store, endpoints = self.store(self.table("controller"))
         anti_affinity = self.get(lab, "anti_affinity", "lab", bool, True)
         edges = {}
         for role in ("ingress", "egress"):
@@ -395,10 +404,11 @@ class _Validator:
         hosts = self.hosts(edges)
         services = self.services()
         tenants = self.tenants(services)
+        store, endpoints, members = self.store(self.table("controller"))
         machines = self.machines(self.table("machines", required=False))
         obs = self.observability(self.table("observability", required=False))
         limits = self.limits(self.table("limits", required=False))
-        n_extra = int(obs.prometheus)
+        n_extra = int(obs.prometheus) + members
         n_fabric = 3 + sum(len(s.members) for s in services.values())
         if FIRST_INSTANCE_HOST + n_fabric + n_extra > subnet.num_addresses - 2:
             raise self.fail("fabric.subnet", f"too small for {n_fabric + n_extra} fabric nodes")
@@ -413,22 +423,40 @@ class _Validator:
             if other is not None:
                 raise self.fail(f"services.{sname}.sync_key", f"the same as {other}: every key must differ")
             keys[f"services.{sname}.sync_key"] = spec.sync_key
-        return Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
+        topo = Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
-                        services, tenants, gso, obs, limits, store, endpoints, machines, anti_affinity)
+                        services, tenants, gso, obs, limits, store, endpoints, members, machines,
+                        anti_affinity)
+        if members:
+            topo.etcd_endpoints = [f"http://{e.address}:{ETCD_CLIENT_PORT}" for e in topo.extra_nodes()
+                                   if e.name.startswith(ETCD_NODE)]
+        return topo
 
-    def store(self, t: dict[str, Any]) -> tuple[str, list[str]]:
-        """`[controller] store` and, for etcd, its `endpoints` (http://IP:PORT each)."""
+    def store(self, t: dict[str, Any]) -> tuple[str, list[str], int]:
+        """`[controller] store`; for etcd, the cluster's `endpoints`
+        (http://IP:PORT each) or, without them, how many `members` the lab
+        runs itself (3 by default; an odd number, so a majority is clear)."""
         store = self.get(t, "store", "controller", str, "embedded")
         if store not in STORES:
             raise self.fail("controller.store", f"{store!r} is not one of {', '.join(STORES)}")
         endpoints = self.get(t, "endpoints", "controller", list, [])
         if store == "embedded":
-            if endpoints:
-                raise self.fail("controller.endpoints", "only with store = \"etcd\"")
-            return store, []
+            for key in ("endpoints", "members"):
+                if key in t:
+                    raise self.fail(f"controller.{key}", "only with store = \"etcd\"")
+            return store, [], 0
         if not endpoints:
-            raise self.fail("controller.endpoints", "store = \"etcd\" needs at least one endpoint")
+            members = self.get(t, "members", "controller", int, 3)
+            if members not in (1, 3, 5):
+                raise self.fail("controller.members", f"{members}: the lab runs 1, 3 or 5 etcd members")
+            for k in range(1, members + 1):
+                if f"{ETCD_NODE}{k}" in self.names:
+                    raise self.fail("controller.members", f"the etcd members are named {ETCD_NODE}1.."
+                                    f"{ETCD_NODE}{members}: {ETCD_NODE}{k} is taken by the "
+                                    f"{self.names[f'{ETCD_NODE}{k}']}")
+            return store, [], members
+        if "members" in t:
+            raise self.fail("controller.members", "the lab runs members only when no endpoints are given")
         for i, ep in enumerate(endpoints):
             m = ENDPOINT.match(ep) if isinstance(ep, str) else None
             ok = m is not None and 1 <= int(m["port"]) <= 65535
@@ -441,7 +469,7 @@ class _Validator:
                 raise self.fail(f"controller.endpoints[{i}]", f"{ep!r} is not http://IPv4:PORT")
         if len(set(endpoints)) != len(endpoints):
             raise self.fail("controller.endpoints", "an endpoint is listed twice")
-        return store, list(endpoints)
+        return store, list(endpoints), 0
 
     def machines(self, table: dict[str, Any]) -> dict[str, list[str]]:
         """`[machines.NAME] nodes = [...]`: each node on at most one machine."""

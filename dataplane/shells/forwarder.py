@@ -73,6 +73,7 @@ from dataplane.core.header import UDP_PORT
 from dataplane.lab import keyrot
 from dataplane.lab.topology import Topology, load
 from dataplane.core.liveness import Declared, FailureDetector
+from dataplane.shells.mapkeep import Conflict, KeepError, keeper
 from dataplane.shells.metrics import MetricsServer, registry_for
 from dataplane.shells.mmsg import BatchReceiver, BatchSender
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
@@ -288,12 +289,14 @@ class Forwarder:
         self.scrape_seconds = 0.0
         timers = topo.timers
         if self.role == "controller":
-            self.store = run_dir / f"{node}-map.json"
-            """The controller's embedded map store (what its `Persist` events keep)."""
+            self.store = keeper(topo, run_dir / f"{node}-map.json")
+            """Where the controller's `Persist` events are kept (a file or etcd)."""
+            stored = self.store.load()
             self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
-                                  timers.map_refresh, time.monotonic(),
-                                  self.store.read_bytes() if self.store.exists() else None)
+                                  timers.map_refresh, time.monotonic(), stored)
+            if stored is None:   # the first map is kept before anything is pushed
+                self._persist(self.ctl.map.to_json().encode())
         else:
             self.client = ControlClient(node, topo.controller, initial, self.control_keys,
                                         self.incarnation, timers.heartbeat)
@@ -637,15 +640,16 @@ class Forwarder:
                            last_heard=round(time.time() - (time.monotonic() - ev.last_heard), 6))
 
     def _persist(self, data: bytes) -> None:
-        """Replace the map store whole (a new file renamed over it): a
-        controller killed mid-write comes back with the old map or the new."""
-        tmp = self.store.with_suffix(".tmp")
+        """Keep a published map before it is pushed; a failure is counted
+        and logged, and the map in memory is pushed all the same."""
         try:
-            tmp.write_bytes(data)
-            tmp.replace(self.store)
-        except OSError as exc:
+            self.store.keep(data)
+        except Conflict as exc:
+            self.ctl.counters["persist_conflict"] += 1
+            log(self.name, f"map store: {exc}")
+        except KeepError as exc:
             self.ctl.counters["persist_error"] += 1
-            log(self.name, f"map store not written: {exc}")
+            log(self.name, f"map store: {exc}")
 
     def _note(self, what: str, mono: float, **fields: Any) -> None:
         wall = time.time() - (time.monotonic() - mono)
@@ -746,6 +750,7 @@ class Forwarder:
             out["counters"] = dict(self.ctl.counters)
             out["held_epochs"] = self.ctl.held
             out["rejected"] = dict(self.ctl.endpoint.rejected)
+            out["store"] = self.store.describe()
             return out
         out["counters"] = dict(self.node.counters)
         out["drops"] = dict(self.node.drops)
