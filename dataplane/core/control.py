@@ -12,6 +12,21 @@ buckets led by their former secondaries). Every change is pushed at once to
 every forwarder, and the current map is re-pushed every `refresh` seconds,
 so a lost push or a restarted forwarder catches up without a request.
 
+Several controllers can share one store (`shared=True`), so that none is a
+single point of failure. Every forwarder heartbeats to all of them and
+installs the newest map whichever pushes it first (`ControlClient`'s
+`others`). Each controller detects failures on its own; a change it wants
+(an instance dead, back, in sync, an operator's) is a `Change`, and the next
+map is `successor(map, changes)`, a deterministic function of the map the
+store holds and those changes, so controllers that saw the same failure
+compute the same map. It is not published directly but proposed
+(`Propose`): a compare-and-swap against the store revision it was computed
+from. The winner pushes it; a loser adopts the winner's map (`on_cas`,
+`adopt`) and proposes what is still missing from it. A controller pushes
+only maps the store holds, so no two maps ever carry one epoch and no
+forwarder goes back. A controller that hears fewer than half of the
+serving members proposes no deaths (it is the one cut off, not they).
+
 Messages are sync-wire datagrams (`dataplane.core.syncwire`) with the same HMAC
 and a per-sender anti-replay window; the map rides zlib-compressed.
 """
@@ -20,10 +35,11 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from dataplane.core import syncwire as sw
-from dataplane.core.events import Persist
+from dataplane.core.events import Persist, Propose
 from dataplane.core.liveness import Declared, FailureDetector, Health
 from dataplane.core.servicemap import Instance, InstanceState, MapError, ServiceMap, load_json
 
@@ -53,6 +69,41 @@ class MapReceived:
 
 
 _SERVING = (InstanceState.ACTIVE, InstanceState.JOINING, InstanceState.DRAINING)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A state a controller wants an instance in, and the states it applies
+    to: a change the store's map already made, or overtook (another
+    controller's), no longer applies and is dropped, never made twice."""
+
+    state: InstanceState
+    applies_to: frozenset[InstanceState]
+    reason: str
+
+
+def died(names: Iterable[str]) -> dict[str, Change]:
+    """The changes of a dead set: every serving one of `names` DEAD."""
+    return {n: Change(InstanceState.DEAD, frozenset(_SERVING), f"{n} missed heartbeats") for n in names}
+
+
+def successor(prev: ServiceMap, changes: Mapping[str, Change]) -> tuple[ServiceMap, list[str]] | None:
+    """The map after `changes`, computed from `prev` alone: the changes that
+    still apply, in name order, each one epoch; with their reasons. None
+    when none applies. Two controllers that computed from the same map with
+    the same changes (the same dead set) propose the very same map, so it
+    does not matter which of them wins."""
+    new: ServiceMap | None = None
+    reasons = []
+    for name in sorted(changes):
+        c = changes[name]
+        if prev.instance(name).state not in c.applies_to:
+            continue
+        if new is None:
+            new = prev.copy()
+        new.set_state(name, c.state)
+        reasons.append(c.reason)
+    return None if new is None else (new, reasons)
 
 
 class Endpoint:
@@ -147,9 +198,12 @@ class Controller:
 
     def __init__(self, name: str, smap: ServiceMap, keyring: sw.Keyring, incarnation: int,
                  detector: FailureDetector, refresh: float = 0.100, now: float = 0.0,
-                 stored: bytes | None = None) -> None:
+                 stored: bytes | None = None, shared: bool = False, revision: int = 0) -> None:
         """`smap` is the topology's map; `stored`, the store's content when
-        there is one, replaces it (raises MapError when it is no valid map)."""
+        there is one, replaces it (raises MapError when it is no valid map).
+        `shared`: other controllers write the same store, so every new map
+        is proposed by compare-and-swap (`Propose`) instead of kept
+        (`Persist`); `revision` is the store revision of `stored` (0: none)."""
         self.joined_at: dict[str, int] = {}
         """JOINING members and the epoch that made them join."""
         self._watch: list[str] = []
@@ -177,6 +231,13 @@ class Controller:
         """Epoch each member last reported holding."""
         self.history: list[tuple[float, int, str]] = []
         self.counters: Counter[str] = Counter()
+        self.shared = shared
+        self.revision = revision
+        """Store revision of `map` (shared): the fencing token of what it holds."""
+        self._changes: dict[str, Change] = {}
+        """Changes wanted and not yet in the store's map (shared)."""
+        self._proposal: tuple[ServiceMap, list[str]] | None = None
+        """The map proposed and not yet answered, with its reasons (shared)."""
 
     def receive(self, data: bytes, now: float) -> list[object]:
         got = self.endpoint.decode(data)
@@ -200,6 +261,9 @@ class Controller:
             return []
         if not flags & STATUS_IN_SYNC or held < self.joined_at[name]:
             return []
+        if self.shared:
+            return self._want(name, Change(InstanceState.ACTIVE, frozenset({InstanceState.JOINING}),
+                                           f"{name} in sync: takes its buckets"), now)
         del self.joined_at[name]
         return [*self.set_state(name, InstanceState.ACTIVE, f"{name} in sync: takes its buckets", now),
                 *self.push(now)]
@@ -212,8 +276,14 @@ class Controller:
         except MapError:
             raise ValueError(f"no instance {name!r}") from None
         if action == "scale-out" and state == InstanceState.SPARE:
+            if self.shared:
+                return self._want(name, Change(InstanceState.JOINING, frozenset({state}),
+                                               f"{name} scaled out: joining"), now)
             return [*self._join(name, f"{name} scaled out: joining", now), *self.push(now)]
         if action == "drain" and state == InstanceState.ACTIVE:
+            if self.shared:
+                return self._want(name, Change(InstanceState.DRAINING, frozenset({state}),
+                                               f"{name} draining"), now)
             return [*self.set_state(name, InstanceState.DRAINING, f"{name} draining", now), *self.push(now)]
         raise ValueError(f"cannot {action} {name}: it is {state.value}")
 
@@ -227,6 +297,8 @@ class Controller:
             self.detector.watch(n, now)  # silence from now on counts
         self._watch.clear()
         out: list[object] = self._declared(self.detector.tick(now), now)
+        if self.shared:
+            out.extend(self._propose(now))   # what waited for an answer, or for a quorum
         if self._dirty or now - self._last_push >= self.refresh:
             out.extend(self.push(now))
         return out
@@ -260,12 +332,104 @@ class Controller:
             inst = self.map.instance(d.peer)
             if d.health == Health.DEAD and inst.state in _SERVING:
                 self.counters["failovers"] += 1
+                if self.shared:
+                    out.extend(self._want(d.peer, died([d.peer])[d.peer], now))
+                    continue
                 out.extend(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
                 out.extend(self.push(now))
             elif d.health == Health.ALIVE and inst.state == InstanceState.DEAD:
+                if self.shared:
+                    out.extend(self._want(d.peer, Change(InstanceState.JOINING, frozenset({inst.state}),
+                                                         f"{d.peer} is back: joining"), now))
+                    continue
                 out.extend(self._join(d.peer, f"{d.peer} is back: joining", now))
                 out.extend(self.push(now))
         return out
+
+    # -- a shared store ------------------------------------------------------------
+
+    def _want(self, name: str, change: Change, now: float) -> list[object]:
+        self._changes[name] = change
+        return self._propose(now)
+
+    def _quorum(self, now: float) -> bool:
+        """Hears more than half of the serving members: when most of them
+        fall silent at once, this controller is the one cut off, and its
+        deaths would kill a working mesh."""
+        serving = [n for insts in self.map.services.values() for n, i in insts.items() if i.state in _SERVING]
+        heard = sum(not self.detector.silent(n, now) for n in serving)
+        return 2 * heard > len(serving)
+
+    def _propose(self, now: float) -> list[object]:
+        """Propose the changes still wanted, computed from the store's map;
+        one proposal at a time, since the next must be computed from the
+        answer. A death not yet published whose instance is heard again is
+        dropped (the silence was this controller's); deaths wait while this
+        controller has no quorum."""
+        if self._proposal is not None or not self._changes:
+            return []
+        self._changes = {n: c for n, c in self._changes.items()
+                         if self.map.instance(n).state in c.applies_to
+                         and not (c.state == InstanceState.DEAD and not self.detector.silent(n, now))}
+        wanted = self._changes if self._quorum(now) else \
+            {n: c for n, c in self._changes.items() if c.state != InstanceState.DEAD}
+        got = successor(self.map, wanted)
+        if got is None:
+            return []
+        self._proposal = got
+        self.counters["proposals"] += 1
+        return [Propose(got[0].to_json().encode(), self.revision, got[0].epoch)]
+
+    def on_cas(self, won: bool, revision: int, stored: bytes | None, now: float) -> list[object]:
+        """The store's answer to the last `Propose`: won (our map is stored
+        at `revision`: publish it), or lost (`stored` is the map that won, at
+        `revision`: adopt it), or unknown (lost with `stored` None: the store
+        could not be asked; the next tick proposes again from what is held,
+        and if the write did land after all, that proposal loses to it and
+        adopts it). Then propose whatever is still wanted."""
+        if self._proposal is None:
+            raise ValueError("an answer to no proposal")
+        proposed, reasons = self._proposal
+        self._proposal = None
+        if won:
+            out = self._take(proposed, revision, reasons, now)
+        elif stored is not None:
+            self.counters["cas_lost"] += 1
+            out = self.adopt(stored, revision, now)
+        else:
+            self.counters["cas_unknown"] += 1
+            return []
+        return out + self._propose(now)
+
+    def adopt(self, stored: bytes, revision: int, now: float) -> list[object]:
+        """Take the store's map at `revision` (the winner of a race, or one
+        seen by following the store) and push it; a revision not newer than
+        the one held is refused (the fence: no controller goes back)."""
+        if revision <= self.revision:
+            return []
+        self.counters["adopted"] += 1
+        return self._take(ServiceMap.from_json(stored), revision, [], now)
+
+    def _take(self, smap: ServiceMap, revision: int, reasons: list[str], now: float) -> list[object]:
+        """Hold `smap`, the store's at `revision`, and push it. Its joiners
+        are watched for being in sync from its epoch on (as after a restart);
+        an instance it has dead that this detector still hears is held dead
+        here too, so this controller, too, makes it rejoin once back."""
+        was = self.map
+        self.map, self.revision, self._dirty = smap, revision, True
+        out: list[object] = []
+        for reason in reasons:
+            self.history.append((now, smap.epoch, reason))
+            self.counters["epochs"] += 1
+            out.append(MapPublished(smap.epoch, reason))
+        joining = {n for insts in smap.services.values() for n, i in insts.items()
+                   if i.state == InstanceState.JOINING}
+        self.joined_at = {n: self.joined_at.get(n, smap.epoch) for n in joining}
+        for insts in smap.services.values():
+            for n, i in insts.items():
+                if i.state == InstanceState.DEAD and was.instance(n).state != InstanceState.DEAD:
+                    self.detector.declare_dead(n, now)
+        return out + self.push(now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,20 +485,32 @@ def not_ready(confirmed: bool, state: InstanceState | None, serving: bool,
 
 
 class ControlClient:
-    """A forwarder's side: heartbeats out, newer maps in."""
+    """A forwarder's side: heartbeats out, newer maps in.
+
+    With `others` (the other controllers of a shared store, each with this
+    forwarder's keyring for it) it heartbeats to every controller, so each
+    detects failures itself, and takes a map from whichever pushes it first;
+    a map is installed only if its epoch is newer than the one held, so the
+    slower controller's push of the same map, or an older one, changes
+    nothing."""
 
     def __init__(self, me: str, controller: str, smap: ServiceMap, keyring: sw.Keyring,
-                 incarnation: int, interval: float = 0.010) -> None:
+                 incarnation: int, interval: float = 0.010,
+                 others: Mapping[str, sw.Keyring] | None = None) -> None:
         self.controller = controller
         self.in_sync = False
         """Set by the shell: the replicator is synced as of the epoch held."""
         self.endpoint = Endpoint(me, [controller], keyring, incarnation)
+        self.endpoints = {controller: self.endpoint,
+                          **{c: Endpoint(me, [c], k, incarnation) for c, k in (others or {}).items()}}
+        """Controller -> the endpoint that signs for it and checks its pushes."""
+        self._by_id = {sw.node_id(c): e for c, e in self.endpoints.items()}
         self.epoch = smap.epoch
         self.interval = interval
         self._last = -1.0
         self.declared_dead = False
         self.confirmed = False
-        """The controller sent the map held (a newer one, or a re-push of it)."""
+        """A controller sent the map held (a newer one, or a re-push of it)."""
         self.counters: Counter[str] = Counter()
 
     def tick(self, now: float) -> list[ControlSend]:
@@ -346,10 +522,11 @@ class ControlClient:
         status = (self.epoch & 0xFFFFFFFF).to_bytes(4, "big") + bytes([flags])
         recs = [sw.Record(sw.RecordType.HEARTBEAT, sw.u64(int(now * 1e6))),
                 sw.Record(sw.RecordType.STATUS, status)]
-        return [ControlSend(self.controller, self.endpoint.encode(self.controller, recs))]
+        return [ControlSend(c, e.encode(c, recs)) for c, e in self.endpoints.items()]
 
     def receive(self, data: bytes) -> list[MapReceived]:
-        got = self.endpoint.decode(data)
+        # the claimed sender only picks the keys: they check the claim
+        got = self._by_id.get(sw.sender_of(data) or 0, self.endpoint).decode(data)
         if got is None:
             return []
         out = []

@@ -86,4 +86,19 @@ class Persist:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Propose:
+    """Write `data`, the next map (`epoch`), to the shared store by
+    compare-and-swap against `computed_from`, the store revision of the map
+    it was computed from (0: the key must not exist yet), and hand the
+    answer to `Controller.on_cas`. A controller of a shared store returns
+    this instead of `Persist` and pushes nothing of the map before it wins:
+    of several controllers that computed a map from one revision only one
+    can publish it, so no two maps ever carry the same epoch."""
+
+    data: bytes
+    computed_from: int
+    epoch: int
+
+
 Event = Send | Deliver | Drop | Mirror | TookOver

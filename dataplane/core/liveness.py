@@ -58,6 +58,23 @@ class FailureDetector:
         """Start watching `peer` as if just heard (so silence from now counts)."""
         self.peers.setdefault(peer, _Peer(Health.ALIVE, now, now))
 
+    def declare_dead(self, peer: str, now: float) -> None:
+        """Another controller declared `peer` dead (its map won the store):
+        hold it dead here too, so that this detector, too, declares it alive
+        only after `holddown` of steady heartbeats from now. Without this a
+        controller that kept hearing it would never see it come back, and
+        would never make it rejoin. A peer held dead already is left as is."""
+        p = self.peers.setdefault(peer, _Peer())
+        if p.health != Health.DEAD:
+            p.health = Health.DEAD
+            p.heard_since = now
+
+    def silent(self, peer: str, now: float) -> bool:
+        """Not heard within the timeout (or never): the level that the
+        DEAD event is the edge of."""
+        p = self.peers.get(peer)
+        return p is None or p.last_heard < 0 or now - p.last_heard > self.timeout
+
     def forget(self, peer: str) -> None:
         self.peers.pop(peer, None)
 

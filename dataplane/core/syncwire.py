@@ -284,6 +284,15 @@ def encode(keyring: Keyring, sender: int, receiver: int, incarnation: int,
     return data + tag(keyring.signing_key(sender, receiver), data)
 
 
+def sender_of(data: bytes) -> int | None:
+    """The sender id a datagram claims, unchecked: only to choose which
+    keys to check it with (a client of several controllers); None when it is
+    too short to say."""
+    if len(data) < HEADER_LEN:
+        return None
+    return int(_HDR.unpack_from(data)[4])
+
+
 def decode(keyring: Keyring, data: bytes, me: int) -> Datagram:
     """Check and parse a datagram; raise SyncError(reason) if refused.
 
