@@ -65,3 +65,11 @@ def test_simulate_a_passing_seed_exits_0():
     res = invoke("simulate", "--seed", "5", "--steps", "2", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["ok"] is True
+
+
+def test_simulate_with_two_controllers():
+    res = invoke("simulate", "--seed", "2", "--steps", "1", "--controllers", "2", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["ok"] is True and out["controllers"] == 2
+    assert out["faults"][0][1] == "ctl_crash"                  # a controller fault, feasible with two

@@ -180,3 +180,19 @@ def test_a_client_of_two_controllers_heartbeats_to_both_and_takes_the_first_push
     assert ba.receive([e.data for e in older.push(0.03) if e.to == "ba"][0]) == []  # never back
     assert ba.epoch == store_epoch and ba.confirmed
     assert not any(e.rejected for e in ba.endpoints.values())
+
+
+def test_a_won_answer_that_comes_after_a_newer_map_does_not_take_the_controller_back():
+    """The store's watch can bring c1's own write, and the next map on top
+    of it, before the answer to c1's transaction: the answer publishes the
+    change (it won) but c1 keeps the newer map."""
+    store = SimStore()
+    c1, c2 = shared("c1"), shared("c2")
+    mine = proposals(c1.operator("bc", "drain", 0.0))[0]
+    won = store.propose(mine.data, mine.computed_from)
+    c2.adopt(store.stored.value, store.stored.revision, 0.001)
+    answer(store, c2, proposals(c2.operator("bb", "drain", 0.001))[0], 0.001)
+    c1.adopt(store.stored.value, store.stored.revision, 0.002)    # revision 2, from the watch
+    out = c1.on_cas(True, won.stored.revision, None, 0.003)
+    assert [e.reason for e in out if isinstance(e, MapPublished)] == ["bc draining"]
+    assert c1.revision == 2 and c1.map.instance("bb").state == InstanceState.DRAINING

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataplane.core.servicemap import InstanceState, ServiceMap
 from dataplane.sim.checker import (Final, converged, epochs_grow, flows_survive, lost_counted,
-                                   one_server_per_epoch, versions_grow)
+                                   one_map_per_epoch, one_server_per_epoch, versions_grow)
 from dataplane.sim.mesh import History
 from dataplane.sim.workload import Conn, Outcome
 
@@ -48,6 +48,22 @@ def test_epochs_grow_within_an_incarnation():
     assert epochs_grow(h) == []
     h.epochs.append((0.3, "ba", 1, 6))
     assert epochs_grow(h) == ["t=0.300 ba went from epoch 7 back to 6"]
+
+
+def test_one_map_per_epoch_across_every_node():
+    h = History()
+    m = ServiceMap(buckets=16)
+    m.add_service("B", ["ba", "bb"])
+    a, b = m.copy(), m.copy()
+    a.set_state("ba", InstanceState.DEAD)
+    b.set_state("bb", InstanceState.DEAD)                 # the same epoch, another map
+    h.took(0.1, "ctl", m)
+    h.took(0.2, "aa", a)
+    h.took(0.3, "ab", a)
+    assert one_map_per_epoch(h) == []
+    h.took(0.4, "ctl2", b)
+    assert one_map_per_epoch(h) == [f"t=0.400 ctl2 took a map of epoch {a.epoch} other than the one "
+                                    "aa took at t=0.200"]
 
 
 def _map() -> ServiceMap:

@@ -80,14 +80,16 @@ def _report(r) -> None:  # type: ignore[no-untyped-def]
               help="run this many seeds from --seed on (a soak); print the failing ones")
 @click.option("--policy", type=click.Choice(["off", "async", "ordered", "acked"]), default="async",
               show_default=True, help="sync policy of the simulated mesh (off: the control)")
+@click.option("--controllers", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="controllers sharing the map store (compare-and-swap); 2 or more adds controller faults")
 @click.option("--story", is_flag=True, help="the fixed claim-1 story instead (one stream, one failure)")
 @click.option("--segments", type=click.IntRange(2, 10000), default=20, show_default=True,
               help="--story: data segments in the stream")
 @click.option("--fail-after", type=click.IntRange(1, 9999), default=8, show_default=True,
               help="--story: segments through the primary before it dies")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def simulate(seed: int, steps: int, seeds: int | None, policy: str, story: bool, segments: int,
-             fail_after: int, as_json: bool) -> None:
+def simulate(seed: int, steps: int, seeds: int | None, policy: str, controllers: int, story: bool,
+             segments: int, fail_after: int, as_json: bool) -> None:
     """The whole mesh in one process on a simulated clock and network (no
     root, no lab): random traffic and faults from a seed, then the checker.
     Exits 1 when an invariant broke, and prints the command that replays it."""
@@ -98,14 +100,16 @@ def simulate(seed: int, steps: int, seeds: int | None, policy: str, story: bool,
 
     failed = []
     for s in range(seed, seed + (seeds or 1)):
-        r = run(s, steps, policy)
+        r = run(s, steps, policy, controllers=controllers)
         if as_json:
-            click.echo(json.dumps({"seed": s, "steps": steps, "policy": policy, "ok": r.ok,
+            click.echo(json.dumps({"seed": s, "steps": steps, "policy": policy,
+                                   "controllers": controllers, "ok": r.ok,
                                    "violations": r.verdict.violations, "faults": r.faults,
                                    "connections": r.connections, "outcomes": r.outcomes,
                                    "sim_seconds": r.sim_seconds, "epochs": r.epochs}))
         elif seeds is None:
-            click.echo(f"== seed {s}, {steps} faults, policy {policy}")
+            ctls = "" if controllers == 1 else f", {controllers} controllers"
+            click.echo(f"== seed {s}, {steps} faults, policy {policy}{ctls}")
             for t, _, what in r.faults:
                 click.echo(f"  t={t * 1000:8.1f} ms  {what}")
             click.echo(f"  {r.connections} connections: {r.outcomes}; {r.epochs} map epochs; "

@@ -392,7 +392,9 @@ class Controller:
         proposed, reasons = self._proposal
         self._proposal = None
         if won:
-            out = self._take(proposed, revision, reasons, now)
+            out = self._published(proposed.epoch, reasons, now)
+            # the store's watch may have brought it (or a newer map) first
+            out += self._take(proposed, revision, now) if revision > self.revision else []
         elif stored is not None:
             self.counters["cas_lost"] += 1
             out = self.adopt(stored, revision, now)
@@ -408,20 +410,22 @@ class Controller:
         if revision <= self.revision:
             return []
         self.counters["adopted"] += 1
-        return self._take(ServiceMap.from_json(stored), revision, [], now)
+        return self._take(ServiceMap.from_json(stored), revision, now)
 
-    def _take(self, smap: ServiceMap, revision: int, reasons: list[str], now: float) -> list[object]:
+    def _published(self, epoch: int, reasons: list[str], now: float) -> list[object]:
+        """Our proposal won: its changes are published (once, by the winner)."""
+        for reason in reasons:
+            self.history.append((now, epoch, reason))
+            self.counters["epochs"] += 1
+        return [MapPublished(epoch, reason) for reason in reasons]
+
+    def _take(self, smap: ServiceMap, revision: int, now: float) -> list[object]:
         """Hold `smap`, the store's at `revision`, and push it. Its joiners
         are watched for being in sync from its epoch on (as after a restart);
         an instance it has dead that this detector still hears is held dead
         here too, so this controller, too, makes it rejoin once back."""
         was = self.map
         self.map, self.revision, self._dirty = smap, revision, True
-        out: list[object] = []
-        for reason in reasons:
-            self.history.append((now, smap.epoch, reason))
-            self.counters["epochs"] += 1
-            out.append(MapPublished(smap.epoch, reason))
         joining = {n for insts in smap.services.values() for n, i in insts.items()
                    if i.state == InstanceState.JOINING}
         self.joined_at = {n: self.joined_at.get(n, smap.epoch) for n in joining}
@@ -429,7 +433,7 @@ class Controller:
             for n, i in insts.items():
                 if i.state == InstanceState.DEAD and was.instance(n).state != InstanceState.DEAD:
                     self.detector.declare_dead(n, now)
-        return out + self.push(now)
+        return list(self.push(now))
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,11 +244,15 @@ class Topology:
             raise ValueError(f"{node!r} is not a service instance")
         return sw.Keyring({1: spec.sync_key}, 1, senders=[sw.node_id(n) for n in spec.members])
 
-    def control_keyring(self, node: str) -> sw.Keyring:
+    def control_keyring(self, node: str, controller: str | None = None) -> sw.Keyring:
         """The controller's: the master key, pairwise, bound to the forwarders;
-        a forwarder's: its pair key with the controller, bound to the controller."""
-        ctl = sw.node_id(self.controller)
-        if node == self.controller:
+        a forwarder's: its pair key with the controller, bound to the controller.
+        `controller` names another controller sharing the map store (the
+        simulator's): every controller holds the master, and a forwarder has
+        one pair key per controller."""
+        controller = controller or self.controller
+        ctl = sw.node_id(controller)
+        if node == controller:
             return sw.Keyring({1: self.control_key}, 1, pairwise=True,
                               senders=[sw.node_id(n) for n in self.forwarders() if n != node])
         return sw.Keyring({1: sw.pair_key(self.control_key, ctl, sw.node_id(node))}, 1, senders=[ctl])

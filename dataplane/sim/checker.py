@@ -21,8 +21,9 @@ class Final:
     """The mesh at the end of the quiet time."""
 
     controller_map: ServiceMap
+    """The authority: the controller's map, or the shared store's."""
     maps: dict[str, ServiceMap]
-    """Each live forwarder's map."""
+    """Each live forwarder's map (and, with a shared store, each controller's)."""
     flows_lost: int
     """flows_lost summed over every instance, crashed incarnations included."""
     not_serving: list[str] = field(default_factory=list)
@@ -88,6 +89,23 @@ def epochs_grow(h: History) -> list[str]:
     return out
 
 
+def one_map_per_epoch(h: History) -> list[str]:
+    """No two different maps ever carry the same epoch, anywhere: the
+    forwarders install by epoch alone, so two maps of one epoch split them
+    for good (some hold one, some the other: split brain)."""
+    first: dict[int, tuple[float, str, str]] = {}
+    out = []
+    for t, node, epoch, digest in h.maps:
+        if epoch not in first:
+            first[epoch] = (t, node, digest)
+        elif first[epoch][2] != digest:
+            t0, node0, _ = first[epoch]
+            out.append(f"t={t:.3f} {node} took a map of epoch {epoch} other than the one "
+                       f"{node0} took at t={t0:.3f}")
+            first[epoch] = (t, node, digest)
+    return out
+
+
 def converged(final: Final) -> list[str]:
     """After the quiet time every forwarder holds the controller's map, and
     no instance is left dead, joining or declared dead."""
@@ -111,8 +129,8 @@ def lost_counted(final: Final, expected: set[int], maybe: set[int]) -> list[str]
             f"{lo} flows (+{len(maybe)} that may carry on): {sorted(expected)}"]
 
 
-CHECKS = ("flows_survive", "versions_grow", "one_server_per_epoch", "epochs_grow", "converged",
-          "lost_counted")
+CHECKS = ("flows_survive", "versions_grow", "one_server_per_epoch", "epochs_grow", "one_map_per_epoch",
+          "converged", "lost_counted")
 
 
 def check(h: History, conns: list[Conn], misdelivered: list[tuple[float, str, str]], final: Final,
@@ -123,6 +141,7 @@ def check(h: History, conns: list[Conn], misdelivered: list[tuple[float, str, st
         "versions_grow": versions_grow(h),
         "one_server_per_epoch": one_server_per_epoch(h),
         "epochs_grow": epochs_grow(h),
+        "one_map_per_epoch": one_map_per_epoch(h),
         "converged": converged(final),
         "lost_counted": lost_counted(final, expected_lost, maybe_lost),
     })

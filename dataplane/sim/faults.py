@@ -3,9 +3,13 @@
 Each fault is one episode: it starts now and heals itself after its
 duration (a crashed process restarts as a new incarnation, a hung loop
 resumes, a partition heals: `partition` cuts a node off from every other,
-`ctl_cut` only from the controller, so it is declared dead while the fabric
+`ctl_cut` only from the controllers, so it is declared dead while the fabric
 and its peers still reach it, the split-brain case; a sync link's loss
-burst ends, the controller comes back from its store). The run waits until
+burst ends, the controllers come back from their store: `ctl_restart`
+restarts every one of them). With several controllers sharing a store,
+`CONTROLLER_KINDS` are feasible too: `ctl_crash` (one controller dies and
+restarts) and `ctl_partition` (one controller is cut off from the network,
+the forwarders and the store alike, and reads the store again once back). The run waits until
 the mesh is healthy again before the next episode, so two faults overlap
 only when a fault is meant to be double (`double`: two instances of one
 service crash together).
@@ -30,6 +34,8 @@ from dataplane.sim.workload import TCP, Outcome, Workload
 
 KINDS = ("crash", "hang", "partition", "ctl_cut", "sync_loss", "ctl_restart", "double", "scale_out",
          "drain")
+CONTROLLER_KINDS = ("ctl_crash", "ctl_partition")
+"""Faults of one controller among several (the others carry on)."""
 LOSING_SERVICE = "B"
 """The firewall: the one service whose lost state breaks a flow (a
 mid-stream packet without state is misdelivery)."""
@@ -63,7 +69,7 @@ class Faults:
         without state; the client's next packet opens the flow again)."""
 
     def _states(self) -> dict[str, InstanceState]:
-        m = self.mesh.controller.map
+        m = self.mesh.map
         return {n: m.instance(n).state for n in self.mesh.instances()}
 
     def feasible(self) -> list[Fault]:
@@ -83,6 +89,8 @@ class Faults:
             if len(serving) >= 2:
                 out += [Fault("sync_loss", (a, b)) for i, a in enumerate(serving) for b in serving[i + 1:]]
             out += [Fault("scale_out", (n,)) for n in svc.members if st[n] == InstanceState.SPARE]
+        if len(self.mesh.controllers) > 1:
+            out += [Fault(k, (c,)) for k in CONTROLLER_KINDS for c in self.mesh.controllers]
         return out
 
     def pick(self) -> Fault:
@@ -93,6 +101,8 @@ class Faults:
                     "partition": rng.uniform(0.05, 0.6),
                     "ctl_cut": rng.uniform(0.05, 0.6), "sync_loss": rng.uniform(0.05, 0.4),
                     "ctl_restart": rng.uniform(0.02, 0.3), "double": rng.uniform(0.1, 0.5)}.get(f.kind, 0.0)
+        if f.kind in CONTROLLER_KINDS:  # drawn apart: the draws of a run with one controller stay as they were
+            duration = rng.uniform(0.05, 0.6)
         loss = rng.uniform(0.3, 1.0) if f.kind == "sync_loss" else 0.0
         return Fault(f.kind, f.targets, duration, loss)
 
@@ -100,8 +110,8 @@ class Faults:
         """Start fault `f` now; its healing is scheduled on the clock."""
         mesh, clock = self.mesh, self.mesh.clock
         mesh.history.faults.append((clock.now, f.kind, str(f)))
-        if f.kind in ("crash", "double", "ctl_restart"):
-            targets = f.targets or (mesh.topo.controller,)
+        if f.kind in ("crash", "double", "ctl_restart", "ctl_crash"):
+            targets = f.targets or tuple(mesh.controllers)
             if f.kind == "double":
                 self._note_lost(set(targets))
             for t in targets:
@@ -115,15 +125,20 @@ class Faults:
             mesh.net.partition(f.targets[0])
             clock.after(f.duration, lambda: mesh.net.heal(f.targets[0]))
         elif f.kind == "ctl_cut":  # split brain: declared dead, still on the fabric
-            node, ctl = f.targets[0], mesh.topo.controller
-            mesh.net.impair(node, ctl, CONTROL, LinkFaults(loss=1.0))
-            clock.after(f.duration, lambda: mesh.net.impair(node, ctl, CONTROL, None))
+            node, ctls = f.targets[0], list(mesh.controllers)
+            for ctl in ctls:
+                mesh.net.impair(node, ctl, CONTROL, LinkFaults(loss=1.0))
+            clock.after(f.duration, lambda: [mesh.net.impair(node, c, CONTROL, None) for c in ctls])
+        elif f.kind == "ctl_partition":
+            ctl = f.targets[0]
+            mesh.net.partition(ctl)
+            clock.after(f.duration, lambda: (mesh.net.heal(ctl), mesh.controllers[ctl].resync()))
         elif f.kind == "sync_loss":
             a, b = f.targets
             mesh.net.impair(a, b, SYNC, LinkFaults(loss=f.loss))
             clock.after(f.duration, lambda: mesh.net.impair(a, b, SYNC, None))
         elif f.kind in ("scale_out", "drain"):
-            mesh.controller.operator(f.targets[0], f.kind.replace("_", "-"))
+            mesh.operator(f.targets[0], f.kind.replace("_", "-"))
         else:
             raise ValueError(f"unknown fault {f.kind!r}")
 
@@ -133,7 +148,7 @@ class Faults:
         past its handshake, still running, that opened longer ago than the
         resend buffers keep packets (a younger one may open again at the new
         primary when the buffers send its SYN and SYN-ACK there)."""
-        m = self.mesh.controller.map
+        m = self.mesh.map
         holder: dict[int, tuple[str, int]] = {}
         opened: dict[int, float] = {}
         for t, svc, node, _, _, code, conn in self.mesh.history.serves:

@@ -15,6 +15,10 @@ is not mirrored here makes the simulator test something else. Left out:
 the shell's `_prepare_failures` (it only warms the bucket-table cache), its
 metrics, queries and event log.
 
+With `controllers` > 1 the controllers share a `SimStore` (the etcd key, with
+its compare-and-swap), each reached over the simulated network; every
+forwarder heartbeats to all of them and takes maps from any.
+
 What happens is written to a `History` (who served which flow at which
 epoch, the epochs each node installed, every replica update applied, the
 faults), which `dataplane.sim.checker` reads.
@@ -22,6 +26,7 @@ faults), which `dataplane.sim.checker` reads.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -33,8 +38,9 @@ from dataplane.core import header as wire
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived,
                                     standing)
-from dataplane.core.events import Deliver, FlowUpdate, Persist, Send
+from dataplane.core.events import Deliver, FlowUpdate, Persist, Propose, Send
 from dataplane.core.liveness import Declared, FailureDetector
+from dataplane.core.mapstore import CasResult, Read, Stored
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
 from dataplane.core.resend import ResendBuffer
@@ -44,6 +50,7 @@ from dataplane.core.syncchannel import SyncConfig
 from dataplane.lab.topology import DEFAULT_LAB, Timers, Topology, load
 from dataplane.sim.clock import Clock
 from dataplane.sim.network import CONTROL, FABRIC, SYNC, LinkFaults, Network
+from dataplane.sim.store import SimStore
 
 TICK = 0.002
 """A forwarder's tick period (the shell's is 1 ms; 2 ms halves the cost of a
@@ -61,6 +68,13 @@ TIMERS = Timers(heartbeat=0.010, misses=4, holddown=0.200, map_refresh=0.100)
 sees crashed instances rejoin within its fault episodes."""
 BUCKETS = 256
 """Bucket tables are built per distinct map (about 0.5 s at the lab's 4096)."""
+STORE_DELAY = 0.0005
+STORE_JITTER = 0.0005
+"""One way between a controller and the shared store: the jitter decides
+which of two controllers' transactions lands first."""
+STORE_TIMEOUT = 0.020
+"""A transaction unanswered for this long has an unknown outcome (the
+controller is cut off): the controller proposes again from what it holds."""
 
 
 def sim_topology(policy: str = "async", path: Path = DEFAULT_LAB) -> Topology:
@@ -78,16 +92,23 @@ class History:
     """(t, service, node, incarnation, epoch of the packet's header, affinity code,
     connection id) of every packet an instance forwarded."""
     epochs: list[tuple[float, str, int, int]] = field(default_factory=list)
-    """(t, node, incarnation, epoch held after an install)."""
+    """(t, node, incarnation, epoch held after an install; a controller's
+    after every map it takes)."""
     applies: list[tuple[float, str, int, Any, int, bool]] = field(default_factory=list)
     """(t, node, incarnation, flow key, version, deleted) of every replica update applied."""
     faults: list[tuple[float, str, str]] = field(default_factory=list)
     notes: list[tuple[float, str, str]] = field(default_factory=list)
     lost_counts: Counter[str] = field(default_factory=Counter)
     """flows_lost of every incarnation that crashed (its counters die with it)."""
+    maps: list[tuple[float, str, int, str]] = field(default_factory=list)
+    """(t, node, epoch, digest of the whole map) of every map a forwarder
+    installed or a controller took: one epoch must never name two maps."""
 
     def note(self, t: float, node: str, what: str) -> None:
         self.notes.append((t, node, what))
+
+    def took(self, t: float, node: str, smap: ServiceMap) -> None:
+        self.maps.append((t, node, smap.epoch, hashlib.sha256(smap.to_json().encode()).hexdigest()[:16]))
 
 
 class SimForwarder:
@@ -99,8 +120,9 @@ class SimForwarder:
         self.role = topo.role(name)
         initial = topo.build_map()
         timers = topo.timers
+        others = {c: topo.control_keyring(name, c) for c in mesh.controllers_named[1:]}
         self.client = ControlClient(name, topo.controller, initial, topo.control_keyring(name),
-                                    incarnation, timers.heartbeat)
+                                    incarnation, timers.heartbeat, others=others)
         self.resend = ResendBuffer(timers.heartbeat * (2 * timers.misses + 2))
         self.serving = True
         self.join_epoch: int | None = None
@@ -123,6 +145,7 @@ class SimForwarder:
         else:
             self.node = EgressNode(name, initial)
         mesh.history.epochs.append((mesh.clock.now, name, incarnation, initial.epoch))
+        mesh.history.took(mesh.clock.now, name, initial)
         mesh.clock.after(TICK, self._tick)
         mesh.clock.after(timers.heartbeat / 2, self._heartbeat)
 
@@ -276,6 +299,7 @@ class SimForwarder:
         else:
             self.node.update_map(smap)
         self.mesh.history.epochs.append((now, self.name, self.incarnation, self.map.epoch))
+        self.mesh.history.took(now, self.name, smap)
         again = self.resend.reroute(old, smap, now) if self.serving else []
         if again:
             self._out(again, now)
@@ -302,16 +326,33 @@ class SimForwarder:
 
 
 class SimController:
-    """The controller process: `Controller` on the control socket, its tick, its store."""
+    """A controller process: `Controller` on the control socket, its tick, its
+    store: the embedded one (the mesh's `store`, kept by `Persist`) when it is
+    alone, else the shared `SimStore`, reached over the simulated network: a
+    `Propose` is a transaction that lands a delay later and is answered a
+    delay after that, and the store's watch brings every write; while the
+    controller is cut off (`Network.partition`) requests and answers are lost."""
 
-    def __init__(self, mesh: Mesh, incarnation: int) -> None:
-        self.mesh = mesh
+    def __init__(self, mesh: Mesh, name: str, incarnation: int) -> None:
+        self.mesh, self.name, self.incarnation = mesh, name, incarnation
         topo, timers = mesh.topo, mesh.topo.timers
-        self.name = topo.controller
         self.alive = True
-        self.ctl = Controller(self.name, topo.build_map(), topo.control_keyring(self.name), incarnation,
-                              FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
-                              timers.map_refresh, mesh.clock.now, mesh.store)
+        detector = FailureDetector(timers.heartbeat, timers.misses, timers.holddown)
+        keys = topo.control_keyring(name, name)
+        store = mesh.shared_store
+        if store is None:
+            self.ctl = Controller(name, topo.build_map(), keys, incarnation, detector,
+                                  timers.map_refresh, mesh.clock.now, mesh.store)
+        else:
+            kept = store.read().stored        # a (re)started controller reads the store first
+            self.ctl = Controller(name, topo.build_map(), keys, incarnation, detector, timers.map_refresh,
+                                  mesh.clock.now, kept.value if kept else None, shared=True,
+                                  revision=kept.revision if kept else 0)
+            store.watchers.append(self._watched)
+        self._txn = 0
+        """Number of the transaction awaiting its answer (0: none)."""
+        self._txns = 0
+        mesh.history.took(mesh.clock.now, name, self.ctl.map)
         mesh.clock.after(TICK, self._tick)
 
     @property
@@ -320,6 +361,8 @@ class SimController:
 
     def crash(self) -> None:
         self.alive = False
+        if self.mesh.shared_store is not None:
+            self.mesh.shared_store.watchers.remove(self._watched)
 
     def receive(self, src: str, kind: str, data: bytes) -> None:
         if self.alive and kind == CONTROL:
@@ -336,15 +379,80 @@ class SimController:
 
     def out(self, events: list[Any]) -> None:
         mesh = self.mesh
+        epoch = self.ctl.map.epoch
         for ev in events:
             if isinstance(ev, ControlSend):
                 mesh.net.send(self.name, ev.to, CONTROL, ev.data)
             elif isinstance(ev, Persist):
                 mesh.store = ev.data
+            elif isinstance(ev, Propose):
+                self._propose(ev)
             elif isinstance(ev, MapPublished):
                 mesh.history.note(mesh.clock.now, self.name, f"epoch {ev.epoch}: {ev.reason}")
             elif isinstance(ev, Declared):
                 mesh.history.note(mesh.clock.now, self.name, f"declared {ev.peer} {ev.health.value}")
+        if self.ctl.map.epoch != epoch:
+            mesh.history.epochs.append((mesh.clock.now, self.name, self.incarnation, self.ctl.map.epoch))
+            mesh.history.took(mesh.clock.now, self.name, self.ctl.map)
+
+    # -- the shared store, over the network ----------------------------------------
+
+    def _reachable(self) -> bool:
+        return self.name not in self.mesh.net.isolated
+
+    def _later(self, act: Callable[[], None], to_store: bool = False) -> None:
+        """`act` one store delay from now, if this controller is not cut off
+        then; what goes to the store lands even if the controller died
+        meanwhile, what comes back needs it alive."""
+        self.mesh.clock.after(STORE_DELAY + self.mesh.rng.random() * STORE_JITTER,
+                              lambda: act() if self._reachable() and (to_store or self.alive) else None)
+
+    def _propose(self, p: Propose) -> None:
+        store = self.mesh.shared_store
+        assert store is not None
+        self._txns += 1
+        self._txn = n = self._txns
+        if self._reachable():
+            self._later(lambda: self._answer(n, store.propose(p.data, p.computed_from)), to_store=True)
+        self.mesh.clock.after(STORE_TIMEOUT, lambda: self._timed_out(n))
+
+    def _answer(self, n: int, r: CasResult) -> None:
+        """The transaction landed; its answer comes back a delay later."""
+        self._later(lambda: self._answered(n, r))
+
+    def _answered(self, n: int, r: CasResult) -> None:
+        if n != self._txn:
+            return                      # answered by its time-out already
+        self._txn = 0
+        now = self.mesh.clock.now
+        if r.stored is None:
+            self.out(self.ctl.on_cas(False, 0, None, now))
+        else:
+            self.out(self.ctl.on_cas(r.won, r.stored.revision, None if r.won else r.stored.value, now))
+
+    def _timed_out(self, n: int) -> None:
+        if n == self._txn and self.alive:
+            self._txn = 0
+            self.out(self.ctl.on_cas(False, 0, None, self.mesh.clock.now))
+
+    def _watched(self, stored: Stored) -> None:
+        """The store's watch: every write reaches this controller a delay
+        later, unless it is cut off (then `resync` reads what it missed)."""
+        if self._reachable() and self.alive:
+            self._later(lambda: self._adopt(stored))
+
+    def _adopt(self, stored: Stored) -> None:
+        self.out(self.ctl.adopt(stored.value, stored.revision, self.mesh.clock.now))
+
+    def resync(self) -> None:
+        """The network is back: read the key, as `mapstore.Follower` does
+        after a broken watch, and adopt it if it is newer."""
+        store = self.mesh.shared_store
+        assert store is not None
+        self._later(lambda: self._read(store.read()), to_store=True)
+
+    def _read(self, read: Read) -> None:
+        self._later(lambda: self._adopt(read.stored) if read.stored is not None else None)
 
 
 HostSink = Callable[[str, bytes], None]
@@ -357,7 +465,10 @@ class Mesh:
     """Every node of a topology on one clock and one network."""
 
     def __init__(self, clock: Clock, rng: random.Random, topo: Topology | None = None,
-                 faults: dict[str, LinkFaults] | None = None) -> None:
+                 faults: dict[str, LinkFaults] | None = None, controllers: int = 1,
+                 compare: bool = True) -> None:
+        """`controllers` > 1 share a `SimStore`; `compare=False` makes its
+        transactions blind writes (the split-brain control)."""
         self.clock, self.rng = clock, rng
         self.topo = topo or sim_topology()
         self.history = History()
@@ -369,11 +480,38 @@ class Mesh:
         self.topo_nodes = set(self.topo.forwarders())
         self.on_host: HostSink = lambda edge, data: None
         self.flow_of: FlowOf = lambda inner: None
-        self.controller = SimController(self, self.new_incarnation())
+        self.shared_store = SimStore(compare) if controllers > 1 else None
+        self.controllers_named = [self.topo.controller,
+                                  *(f"{self.topo.controller}{i}" for i in range(2, controllers + 1))]
+        self.controllers = {n: SimController(self, n, self.new_incarnation()) for n in self.controllers_named}
+        self._authority: tuple[int, ServiceMap] | None = None
         self.nodes: dict[str, SimForwarder] = {
             n: SimForwarder(self, n, self.new_incarnation())
             for n in self.topo.forwarders() if n != self.topo.controller}
         self.dead: set[str] = set()
+
+    @property
+    def controller(self) -> SimController:
+        """The first controller (the only one, by default)."""
+        return self.controllers[self.topo.controller]
+
+    @property
+    def map(self) -> ServiceMap:
+        """The authority: the shared store's map (the topology's before the
+        first write), or the one controller's."""
+        store = self.shared_store
+        if store is None:
+            return self.controller.map
+        revision = store.stored.revision if store.stored is not None else 0
+        if self._authority is None or self._authority[0] != revision:
+            m = ServiceMap.from_json(store.stored.value) if store.stored is not None else self.topo.build_map()
+            self._authority = (revision, m)
+        return self._authority[1]
+
+    def operator(self, node: str, action: str) -> None:
+        """An operator's action, at the first controller up and connected."""
+        ctl = next(c for c in self.controllers.values() if c.alive and c.name not in self.net.isolated)
+        ctl.operator(node, action)
 
     def new_incarnation(self) -> int:
         """Strictly growing, like the shell's start time in microseconds."""
@@ -383,8 +521,8 @@ class Mesh:
     # -- wiring ---------------------------------------------------------------------
 
     def _deliver(self, dst: str, src: str, kind: str, data: bytes) -> None:
-        if dst == self.topo.controller:
-            self.controller.receive(src, kind, data)
+        if dst in self.controllers:
+            self.controllers[dst].receive(src, kind, data)
         elif dst in self.nodes:
             self.nodes[dst].receive(src, kind, data)
 
@@ -412,8 +550,8 @@ class Mesh:
     # -- faults ---------------------------------------------------------------------
 
     def crash(self, name: str) -> None:
-        if name == self.topo.controller:
-            self.controller.crash()
+        if name in self.controllers:
+            self.controllers[name].crash()
         else:
             self.nodes[name].crash()
         self.dead.add(name)
@@ -422,8 +560,8 @@ class Mesh:
         """A new process of a crashed node: a new incarnation, the topology's map
         (a forwarder) or the store's (the controller)."""
         self.dead.discard(name)
-        if name == self.topo.controller:
-            self.controller = SimController(self, self.new_incarnation())
+        if name in self.controllers:
+            self.controllers[name] = SimController(self, name, self.new_incarnation())
         else:
             self.nodes[name] = SimForwarder(self, name, self.new_incarnation())
 

@@ -5,7 +5,9 @@
 the mesh is healthy again, stops opening connections, lets the mesh settle
 for the quiet time, and hands the history to the checker. Everything comes
 from `random.Random(seed)`: the same seed and steps replay the same run, so
-a failing seed is a bug report (`replay_command`).
+a failing seed is a bug report (`replay_command`). `controllers` > 1 runs
+that many controllers over a shared store (`compare=False`: without its
+compare-and-swap, the split-brain control).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Result:
     epochs: int
     expected_lost: list[int] = field(default_factory=list)
     notes: list[tuple[float, str, str]] = field(default_factory=list)
+    controllers: int = 1
 
     @property
     def ok(self) -> bool:
@@ -55,16 +58,18 @@ class Result:
 
     def replay_command(self) -> str:
         policy = "" if self.policy == "async" else f" --policy {self.policy}"
-        return f"amesh simulate --seed {self.seed} --steps {self.steps}{policy}"
+        ctls = "" if self.controllers == 1 else f" --controllers {self.controllers}"
+        return f"amesh simulate --seed {self.seed} --steps {self.steps}{policy}{ctls}"
 
 
 def healthy(mesh: Mesh) -> bool:
     """Every process up and serving, no instance dead or joining, every
-    forwarder on the controller's epoch."""
-    ctl = mesh.controller
-    if not ctl.alive or mesh.dead:
+    forwarder and controller on the authority's epoch, no controller cut off."""
+    if mesh.dead or any(c.name in mesh.net.isolated for c in mesh.controllers.values()):
         return False
-    m = ctl.map
+    m = mesh.map
+    if any(not c.alive or c.map.epoch != m.epoch for c in mesh.controllers.values()):
+        return False
     for insts in m.services.values():
         if any(i.state in (InstanceState.DEAD, InstanceState.JOINING) for i in insts.values()):
             return False
@@ -89,11 +94,11 @@ class Sim:
     """One run, step by step: `run` drives it from the seed, the hypothesis
     state machine (tests/test_simulation.py) rule by rule."""
 
-    def __init__(self, seed: int, policy: str = "async") -> None:
-        self.seed, self.policy = seed, policy
+    def __init__(self, seed: int, policy: str = "async", controllers: int = 1, compare: bool = True) -> None:
+        self.seed, self.policy, self.controllers = seed, policy, controllers
         self.rng = random.Random(seed)
         self.clock = Clock()
-        self.mesh = Mesh(self.clock, self.rng, sim_topology(policy), NETWORK)
+        self.mesh = Mesh(self.clock, self.rng, sim_topology(policy), NETWORK, controllers, compare)
         self.workload = Workload(self.clock, self.rng, self.mesh.from_host)
         self.mesh.on_host, self.mesh.flow_of = self.workload.on_host, self.workload.flow_of
         self.faults = Faults(self.mesh, self.workload, self.rng)
@@ -116,7 +121,10 @@ class Sim:
         while clock.now < end and any(c.outcome == Outcome.RUNNING for c in workload.conns):
             clock.run_until(clock.now + 0.05)
         _settle(mesh, max(0.0, end - clock.now) + SETTLE)
-        final = Final(mesh.controller.map, {n: f.map for n, f in mesh.nodes.items()},
+        maps = {n: f.map for n, f in mesh.nodes.items()}
+        if mesh.shared_store is not None:
+            maps.update({n: c.map for n, c in mesh.controllers.items()})
+        final = Final(mesh.map, maps,
                       sum(mesh.history.lost_counts.values())
                       + sum(f.node.counters["flows_lost"] for f in mesh.nodes.values()
                             if f.role == "instance"),
@@ -127,14 +135,14 @@ class Sim:
         for c in workload.conns:
             outcomes[c.outcome.value] = outcomes.get(c.outcome.value, 0) + 1
         return Result(self.seed, self.steps, self.policy, verdict, mesh.history.faults,
-                      len(workload.conns), outcomes, round(clock.now, 3), mesh.controller.map.epoch,
-                      sorted(self.faults.expected_lost), mesh.history.notes)
+                      len(workload.conns), outcomes, round(clock.now, 3), mesh.map.epoch,
+                      sorted(self.faults.expected_lost), mesh.history.notes, self.controllers)
 
 
-def run(seed: int, steps: int = 4, policy: str = "async",
-        plan: list[Fault] | None = None) -> Result:
+def run(seed: int, steps: int = 4, policy: str = "async", plan: list[Fault] | None = None,
+        controllers: int = 1, compare: bool = True) -> Result:
     """One run from its seed; `plan` replaces the seed's choice of faults."""
-    sim = Sim(seed, policy)
+    sim = Sim(seed, policy, controllers, compare)
     for i in range(len(plan) if plan is not None else steps):
         sim.inject(plan[i] if plan is not None else sim.faults.pick())
     return sim.finish()
