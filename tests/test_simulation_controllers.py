@@ -100,3 +100,21 @@ def test_with_compare_and_swap_the_same_two_views_make_one_map_after_the_other()
     assert not broken(r), r.verdict.summary()
     dead = [what for _, _, what in r.notes if "missed heartbeats" in what]
     assert any("aa" in w for w in dead) and any("bb" in w for w in dead)
+
+
+def test_a_controller_cut_from_every_forwarder_but_not_from_the_store_declares_nobody_dead():
+    """ctl hears no forwarder for 300 ms while it still reaches the store:
+    its detector declares every member dead, to itself; without a majority
+    heard it proposes none of it, and drops each once heard again."""
+    sim = Sim(3, controllers=2)
+    net, ctl = sim.mesh.net, sim.mesh.controllers["ctl"]
+    for n in sim.mesh.nodes:
+        net.impair(n, "ctl", CONTROL, LinkFaults(loss=1.0))
+    sim.clock.run_until(sim.clock.now + 0.3)
+    assert any(f"ctl declared {n} dead" == f"{node} {what}" for _, node, what in sim.mesh.history.notes
+               for n in ("ba", "bb"))
+    for n in sim.mesh.nodes:
+        net.impair(n, "ctl", CONTROL, None)
+    r = sim.finish()
+    assert not broken(r), r.verdict.summary()
+    assert ctl.ctl.counters["failovers"] == 0 and sim.mesh.shared_store.writes == []

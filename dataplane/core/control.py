@@ -24,8 +24,10 @@ compute the same map. It is not published directly but proposed
 from. The winner pushes it; a loser adopts the winner's map (`on_cas`,
 `adopt`) and proposes what is still missing from it. A controller pushes
 only maps the store holds, so no two maps ever carry one epoch and no
-forwarder goes back. A controller that hears fewer than half of the
-serving members proposes no deaths (it is the one cut off, not they).
+forwarder goes back. A controller proposes deaths only once it has heard
+more than half of the serving members for a whole detection timeout: when
+most fall silent at once, it is the one cut off, not they (the price: a
+failure of more than half of the serving members at once is not acted on).
 
 Messages are sync-wire datagrams (`dataplane.core.syncwire`) with the same HMAC
 and a per-sender anti-replay window; the map rides zlib-compressed.
@@ -87,14 +89,14 @@ def died(names: Iterable[str]) -> dict[str, Change]:
     return {n: Change(InstanceState.DEAD, frozenset(_SERVING), f"{n} missed heartbeats") for n in names}
 
 
-def successor(prev: ServiceMap, changes: Mapping[str, Change]) -> tuple[ServiceMap, list[str]] | None:
+def successor(prev: ServiceMap, changes: Mapping[str, Change]) -> tuple[ServiceMap, list[Change]] | None:
     """The map after `changes`, computed from `prev` alone: the changes that
-    still apply, in name order, each one epoch; with their reasons. None
+    still apply, in name order, each one epoch; with those changes. None
     when none applies. Two controllers that computed from the same map with
     the same changes (the same dead set) propose the very same map, so it
     does not matter which of them wins."""
     new: ServiceMap | None = None
-    reasons = []
+    applied = []
     for name in sorted(changes):
         c = changes[name]
         if prev.instance(name).state not in c.applies_to:
@@ -102,8 +104,8 @@ def successor(prev: ServiceMap, changes: Mapping[str, Change]) -> tuple[ServiceM
         if new is None:
             new = prev.copy()
         new.set_state(name, c.state)
-        reasons.append(c.reason)
-    return None if new is None else (new, reasons)
+        applied.append(c)
+    return None if new is None else (new, applied)
 
 
 class Endpoint:
@@ -236,8 +238,10 @@ class Controller:
         """Store revision of `map` (shared): the fencing token of what it holds."""
         self._changes: dict[str, Change] = {}
         """Changes wanted and not yet in the store's map (shared)."""
-        self._proposal: tuple[ServiceMap, list[str]] | None = None
-        """The map proposed and not yet answered, with its reasons (shared)."""
+        self._proposal: tuple[ServiceMap, list[Change]] | None = None
+        """The map proposed and not yet answered, with its changes (shared)."""
+        self._quorum_since: float | None = None
+        """Since when (as of the last tick) it has heard a majority (shared)."""
 
     def receive(self, data: bytes, now: float) -> list[object]:
         got = self.endpoint.decode(data)
@@ -296,6 +300,11 @@ class Controller:
         for n in self._watch:
             self.detector.watch(n, now)  # silence from now on counts
         self._watch.clear()
+        if self.shared:
+            if not self._hears_most(now):
+                self._quorum_since = None
+            elif self._quorum_since is None:
+                self._quorum_since = now
         out: list[object] = self._declared(self.detector.tick(now), now)
         if self.shared:
             out.extend(self._propose(now))   # what waited for an answer, or for a quorum
@@ -331,10 +340,10 @@ class Controller:
             out.append(d)
             inst = self.map.instance(d.peer)
             if d.health == Health.DEAD and inst.state in _SERVING:
-                self.counters["failovers"] += 1
-                if self.shared:
+                if self.shared:  # counted once published: it may never be
                     out.extend(self._want(d.peer, died([d.peer])[d.peer], now))
                     continue
+                self.counters["failovers"] += 1
                 out.extend(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
                 out.extend(self.push(now))
             elif d.health == Health.ALIVE and inst.state == InstanceState.DEAD:
@@ -352,7 +361,7 @@ class Controller:
         self._changes[name] = change
         return self._propose(now)
 
-    def _quorum(self, now: float) -> bool:
+    def _hears_most(self, now: float) -> bool:
         """Hears more than half of the serving members: when most of them
         fall silent at once, this controller is the one cut off, and its
         deaths would kill a working mesh."""
@@ -364,14 +373,17 @@ class Controller:
         """Propose the changes still wanted, computed from the store's map;
         one proposal at a time, since the next must be computed from the
         answer. A death not yet published whose instance is heard again is
-        dropped (the silence was this controller's); deaths wait while this
-        controller has no quorum."""
+        dropped (the silence was this controller's); deaths wait until this
+        controller has heard a majority for a whole detection timeout: right
+        after its cut heals, the members not heard again yet are silent only
+        to it, and each is heard within one heartbeat interval."""
         if self._proposal is not None or not self._changes:
             return []
         self._changes = {n: c for n, c in self._changes.items()
                          if self.map.instance(n).state in c.applies_to
                          and not (c.state == InstanceState.DEAD and not self.detector.silent(n, now))}
-        wanted = self._changes if self._quorum(now) else \
+        steady = self._quorum_since is not None and now - self._quorum_since >= self.detector.timeout
+        wanted = self._changes if steady else \
             {n: c for n, c in self._changes.items() if c.state != InstanceState.DEAD}
         got = successor(self.map, wanted)
         if got is None:
@@ -389,10 +401,10 @@ class Controller:
         adopts it). Then propose whatever is still wanted."""
         if self._proposal is None:
             raise ValueError("an answer to no proposal")
-        proposed, reasons = self._proposal
+        proposed, changes = self._proposal
         self._proposal = None
         if won:
-            out = self._published(proposed.epoch, reasons, now)
+            out = self._published(proposed.epoch, changes, now)
             # the store's watch may have brought it (or a newer map) first
             out += self._take(proposed, revision, now) if revision > self.revision else []
         elif stored is not None:
@@ -412,12 +424,14 @@ class Controller:
         self.counters["adopted"] += 1
         return self._take(ServiceMap.from_json(stored), revision, now)
 
-    def _published(self, epoch: int, reasons: list[str], now: float) -> list[object]:
+    def _published(self, epoch: int, changes: list[Change], now: float) -> list[object]:
         """Our proposal won: its changes are published (once, by the winner)."""
-        for reason in reasons:
-            self.history.append((now, epoch, reason))
+        for c in changes:
+            self.history.append((now, epoch, c.reason))
             self.counters["epochs"] += 1
-        return [MapPublished(epoch, reason) for reason in reasons]
+            if c.state == InstanceState.DEAD:
+                self.counters["failovers"] += 1
+        return [MapPublished(epoch, c.reason) for c in changes]
 
     def _take(self, smap: ServiceMap, revision: int, now: float) -> list[object]:
         """Hold `smap`, the store's at `revision`, and push it. Its joiners
