@@ -31,8 +31,9 @@ bench: venv deps
 # failing seed prints the one command that replays it.
 SEEDS ?= 1000
 STEPS ?= 4
+CONTROLLERS ?= 1
 soak: venv
-	$(BIN)/amesh simulate --seed 0 --seeds $(SEEDS) --steps $(STEPS)
+	$(BIN)/amesh simulate --seed 0 --seeds $(SEEDS) --steps $(STEPS) --controllers $(CONTROLLERS)
 
 golden: venv
 	$(BIN)/python -m tests.golden.generate

@@ -390,7 +390,7 @@ class Controller:
             return []
         self._proposal = got
         self.counters["proposals"] += 1
-        return [Propose(got[0].to_json().encode(), self.revision, got[0].epoch)]
+        return [Propose(got[0].to_json().encode(), self.revision)]
 
     def on_cas(self, won: bool, revision: int, stored: bytes | None, now: float) -> list[object]:
         """The store's answer to the last `Propose`: won (our map is stored

@@ -88,7 +88,7 @@ class Persist:
 
 @dataclass(frozen=True, slots=True)
 class Propose:
-    """Write `data`, the next map (`epoch`), to the shared store by
+    """Write `data`, the next map, to the shared store by
     compare-and-swap against `computed_from`, the store revision of the map
     it was computed from (0: the key must not exist yet), and hand the
     answer to `Controller.on_cas`. A controller of a shared store returns
@@ -98,7 +98,6 @@ class Propose:
 
     data: bytes
     computed_from: int
-    epoch: int
 
 
 Event = Send | Deliver | Drop | Mirror | TookOver
