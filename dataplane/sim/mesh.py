@@ -275,7 +275,7 @@ class SimForwarder:
         if self.rep is not None:
             self.rep.update_map(smap, now)
         else:
-            self.node.update_map(smap)
+            self.node.update_map(smap, now)
         self.mesh.history.epochs.append((now, self.name, self.incarnation, self.map.epoch))
         again = self.resend.reroute(old, smap, now) if self.serving else []
         if again:
