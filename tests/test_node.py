@@ -463,6 +463,22 @@ def test_flows_lost_counts_a_double_failure_published_as_two_epochs(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_flows_lost_counts_packets_that_came_ahead_of_the_map(kind):
+    """The ingress installs the map of the double failure and reroutes the
+    flows' next packets to s3 before s3 has it (an inspection instance
+    starts each flow over meanwhile): s3 counts them when the map comes."""
+    m, nodes = _group(kind)
+    _open(nodes)
+    lost, _ = _led_by(m, nodes, ("s1", "s2"))
+    dead = _publish(nodes, m, ("s1", "s2"), 1.5, ())
+    _mid_stream(nodes, 1.6)
+    assert nodes["s3"].counters["flows_lost"] == 0
+    nodes["s3"].update_map(dead, 1.7)
+    _mid_stream(nodes, 2.0)
+    assert nodes["s3"].counters["flows_lost"] == lost
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_flows_lost_does_not_count_a_single_failure(kind):
     """The control: s1 dies alone, and its flows' mirrors never reached its
     secondaries (as in the async policy's window), so their next packets
@@ -475,6 +491,7 @@ def test_flows_lost_does_not_count_a_single_failure(kind):
     _publish(nodes, m, ("s1",), 1.5, ("s2", "s3"))
     _mid_stream(nodes, 2.0)
     assert _lost(nodes, ("s2", "s3")) == 0
+    assert sum(nodes[n].counters["state_missing"] for n in ("s2", "s3")) >= len(rerouted)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -209,6 +209,9 @@ class ServiceNode(Node):
         self._secondary_since: dict[int, float] = {}
         """Buckets this instance was made the secondary of in the last
         SYNC_GRACE -> when (their primary's bulk may not have landed yet)."""
+        self._early: OrderedDict[FlowKey, tuple[int, int, bool]] = OrderedDict()
+        """Packets without state sent under a map this node does not hold
+        yet: key -> (its epoch, code, reverse), judged when that map comes."""
         self._tombstones: dict[FlowKey, tuple[int, float]] = {}
         """Deleted flows: key -> (version of the delete, when), oldest first."""
         self.flows.on_evict = self._evicted
@@ -234,6 +237,7 @@ class ServiceNode(Node):
         if not super().update_map(smap, now):
             return False
         self._orphaned(old, smap, now)
+        self._judge_early(smap.epoch)
         self._fast.clear()
         me, svc = self.name, self.service_name
         for e in self.flows:
@@ -293,9 +297,11 @@ class ServiceNode(Node):
             entry.state = self._moved(entry.state)
             self.counters["came_back"] += 1
         verdict, state = self.service.process(inner, not reverse, entry.state if entry else None, now)
-        if entry is None and self._orphans and (verdict.reason == "misdelivery"
-                                                or _mid_stream(inner, reverse)):
-            self._count_lost(key, h.code, reverse)
+        if entry is None and (verdict.reason == "misdelivery" or _mid_stream(inner, reverse)):
+            if h.epoch > self.map.epoch:
+                self._hold_early(key, h.epoch, h.code, reverse)
+            else:
+                self._count_lost(key, h.code, reverse)
         if verdict.action == Action.REPLY:
             return self._reply(h, n, pos, reverse, src, verdict.reason, verdict.reply)
         if entry is None and state is not None:
@@ -452,22 +458,44 @@ class ServiceNode(Node):
         """A packet that no flow starts with (`_mid_stream`, or what the
         service calls `misdelivery`) found no state here. In an orphaned
         bucket (`_orphaned`) its flow's state died with both its holders:
-        the flow is lost, counted once. Elsewhere it is not counted: a
-        single failure leaves the state with the secondary, and a packet
-        that finds none there belongs to a flow still opening or to one in
-        the async policy's window (its drop is counted). A packet that may
-        open a flow is not counted either: its flow's first packet may have
-        died in flight with the instance, and it carries on here. Behind a
-        translating service (a NAT) only forward packets count: a reply to
-        a lost mapping carries a tuple that cannot be traced back to the
-        flow's key, and would count the flow a second time."""
-        if self.map.bucket(code) not in self._orphans or (reverse and self._translated is not None):
+        the flow is lost, counted once. Elsewhere only the packet is counted
+        (`state_missing`): a single failure leaves the state with the
+        secondary, and a packet that finds none there belongs to a flow
+        still opening, to one in the async policy's window or to one that
+        expired. A packet that may open a flow is not counted: its flow's
+        first packet may have died in flight with the instance, and it
+        carries on here. Behind a translating service (a NAT) only forward
+        packets count a lost flow: a reply to a lost mapping carries a tuple
+        that cannot be traced back to the flow's key, and would count the
+        flow a second time."""
+        if self.map.bucket(code) not in self._orphans:
+            self.counters["state_missing"] += 1
+            return
+        if reverse and self._translated is not None:
             return
         if key not in self._lost:
             self._lost[key] = None
             self.counters["flows_lost"] += 1
             if len(self._lost) > LOST_MEMORY:
                 self._lost.popitem(last=False)
+
+    def _hold_early(self, key: FlowKey, epoch: int, code: int, reverse: bool) -> None:
+        """A packet without state was sent under a newer map than this
+        node's: the upstream node rerouted it here on the map that may
+        orphan its bucket, and the map is still on its way. Its flow is
+        judged when the map comes (an inspection instance starts the flow
+        over meanwhile, so its later packets would find state)."""
+        self._early[key] = (epoch, code, reverse)
+        if len(self._early) > LOST_MEMORY:
+            self._early.popitem(last=False)
+
+    def _judge_early(self, epoch: int) -> None:
+        """Count the flows of the packets that came ahead of this map (or an
+        older one) if it orphaned their bucket; keep those sent under a newer."""
+        for key, (sent, code, reverse) in list(self._early.items()):
+            if sent <= epoch:
+                del self._early[key]
+                self._count_lost(key, code, reverse)
 
     def _orphaned(self, old: ServiceMap, new: ServiceMap, now: float) -> None:
         """Remember the buckets `new` makes this instance lead whose state
