@@ -160,7 +160,7 @@ def test_cache_gives_the_same_results_as_the_full_path(kind, options, seed):
             new = cached.map.copy()
             bb = new.services["B"]["bb"]
             new.set_state("bb", InstanceState.ACTIVE if bb.state == InstanceState.DEAD else InstanceState.DEAD)
-            assert cached.update_map(new) == full.update_map(new)
+            assert cached.update_map(new, now) == full.update_map(new, now)
             continue
         if r < 0.03 and len(full.flows):  # an update mirrored from a peer
             entry = rng.choice(list(full.flows))

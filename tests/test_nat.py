@@ -39,10 +39,10 @@ class Mesh:
     def __init__(self, sync: bool = True, ports: tuple[int, int] = (20000, 20999)) -> None:
         self.map = nat_map()
         self.nodes = {INGRESS: IngressNode(INGRESS, self.map, HASHER), EGRESS: EgressNode(EGRESS, self.map),
-                      "fa": ServiceNode("fa", self.map, create("firewall"))}
+                      "fa": ServiceNode("fa", self.map, create("firewall"), mirroring=sync)}
         for n in ("na", "nb"):
-            self.nodes[n] = ServiceNode(n, self.map, create("nat", pool=POOL, ports=list(ports)))
-        self.sync = sync
+            self.nodes[n] = ServiceNode(n, self.map, create("nat", pool=POOL, ports=list(ports)),
+                                        mirroring=sync)
         self.delivered: dict[str, list[bytes]] = {INGRESS: [], EGRESS: []}
         self.drops: list[tuple[str, str]] = []
         self.served: list[str] = []
@@ -57,7 +57,7 @@ class Mesh:
                 self.delivered[src].append(ev.data)
             elif isinstance(ev, Drop):
                 self.drops.append((src, ev.reason))
-            elif isinstance(ev, Mirror) and self.sync:
+            elif isinstance(ev, Mirror):
                 self.nodes[ev.to].apply_update(ev.update, now)
 
     def client(self, data, now=0.0):
@@ -66,12 +66,12 @@ class Mesh:
     def server(self, data, now=0.0):
         self.run(EGRESS, self.nodes[EGRESS].from_server(data, now), now)
 
-    def kill(self, name):
+    def kill(self, name, now=0.0):
         new = self.map.copy()
         new.set_state(name, InstanceState.DEAD)
         for n, node in self.nodes.items():
             if n != name:
-                node.update_map(new)
+                node.update_map(new, now)
         self.map = new
 
 

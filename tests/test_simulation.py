@@ -16,13 +16,11 @@ from dataplane.sim.simulation import run_claim1
 
 CI_SEEDS = int(os.environ.get("AMESH_SIM_SEEDS", "30"))
 CI_STEPS = 2
-KNOWN_GAP = "lost_counted"
-"""flows_lost is not exact today: see test_flows_lost_counts_each_lost_flow_once."""
 
 
 def broken(r) -> dict[str, list[str]]:
-    """The violated invariants of a run, but the known gap."""
-    return {k: v for k, v in r.verdict.violations.items() if v and k != KNOWN_GAP}
+    """The violated invariants of a run."""
+    return {k: v for k, v in r.verdict.violations.items() if v}
 
 
 @pytest.mark.parametrize("seed", range(CI_SEEDS))
@@ -31,20 +29,18 @@ def test_seed_keeps_every_invariant(seed):
     assert not broken(r), f"{r.verdict.summary()}\nfaults: {r.faults}\nreplay: {r.replay_command()}"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flows_lost is counted per node, not per flow of the mesh. A hung instance (bc) resumes "
-    "and forwards the packets waiting in its socket before it reads the map that declared it "
-    "dead; their answers reach the new primary without state and count flows lost that then "
-    "open there or were never lost. A flow lost in a double failure is counted again by the "
-    "next node its retransmissions reach after a later failover (not strict: other changes "
-    "to the core move what a seed does)"))
 @pytest.mark.parametrize("plan", [[Fault("hang", ("bc",), 0.3)],
                                   [Fault("double", ("ba", "bc"), 0.2), Fault("crash", ("bb",), 0.3)]],
                          ids=["hang", "double-then-crash"])
 def test_flows_lost_counts_each_lost_flow_once(plan):
+    """The two runs that found flows_lost inexact when each node counted
+    every mid-stream packet without state: a hung instance (bc) resumes and
+    forwards the packets waiting in its socket before it reads the map that
+    declared it dead, and their answers reach the new primary without
+    state (a single failure: nothing lost); a flow lost in a double failure
+    reaches another instance after a later failover (counted once)."""
     r = run(8 if plan[0].kind == "hang" else 1, plan=plan, policy="ordered")
-    assert not broken(r)
-    assert not r.verdict.violations[KNOWN_GAP]
+    assert not broken(r), r.verdict.summary()
 
 
 def test_async_loses_a_flow_opened_just_before_its_primary_fails():

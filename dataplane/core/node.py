@@ -79,8 +79,8 @@ from dataplane.core.defrag import Defrag, fragment
 from dataplane.core.events import Deliver, Drop, Event, FlowUpdate, Mirror, Send, TookOver
 from dataplane.core.flowtable import FlowEntry, FlowKey, FlowTable
 from dataplane.core.header import Flags, HeaderError
-from dataplane.core.packet import TCP, UDP, Inner, PacketError, link_local, parse, too_big
-from dataplane.core.servicemap import ServiceMap
+from dataplane.core.packet import TCP, TCP_ACK, TCP_SYN, UDP, Inner, PacketError, link_local, parse, too_big
+from dataplane.core.servicemap import NO_INSTANCE, BucketTable, ServiceMap
 from dataplane.core.services import Action, Service
 
 _OAM, _REROUTED, _REVERSE = int(Flags.OAM), int(Flags.REROUTED), int(Flags.REVERSE)
@@ -92,6 +92,12 @@ INGRESS, EGRESS = "ingress", "egress"
 EDGE_TIMEOUT = 600.0
 LOST_MEMORY = 1 << 16
 """How many lost flows are remembered so each is counted once."""
+SYNC_GRACE = 0.1
+"""How long a new secondary may still lack its bucket's state: the bulk its
+primary starts at the map change has landed by then. A secondary younger
+than this that is promoted by a second failure holds no state it can be
+sure of (the two deaths of a double failure are often published as two
+epochs, a few milliseconds apart)."""
 FAST_ENTRIES = 1 << 16
 """Exact-match cache size (per direction of a flow): the hot flows. Bounded
 so it adds at most ~16 MB beside a flow table of a million entries."""
@@ -134,7 +140,7 @@ class Node:
         self.counters: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
 
-    def update_map(self, smap: ServiceMap) -> bool:
+    def update_map(self, smap: ServiceMap, now: float) -> bool:
         """Install a newer map; an older or equal epoch is ignored (counted)."""
         if smap.epoch <= self.map.epoch:
             self.counters["stale_map"] += 1
@@ -197,6 +203,15 @@ class ServiceNode(Node):
         self._moved = getattr(service, "moved", None)
         """The service's hook for a flow of its own that comes back REROUTED."""
         self._lost: OrderedDict[FlowKey, None] = OrderedDict()
+        self._orphans: set[int] = set()
+        """Buckets this instance leads whose state died with their holders
+        (`_orphaned`): a flow of theirs that finds no state here is lost."""
+        self._secondary_since: dict[int, float] = {}
+        """Buckets this instance was made the secondary of in the last
+        SYNC_GRACE -> when (their primary's bulk may not have landed yet)."""
+        self._early: OrderedDict[FlowKey, tuple[int, int, bool]] = OrderedDict()
+        """Packets without state sent under a map this node does not hold
+        yet: key -> (its epoch, code, reverse), judged when that map comes."""
         self._tombstones: dict[FlowKey, tuple[int, float]] = {}
         """Deleted flows: key -> (version of the delete, when), oldest first."""
         self.flows.on_evict = self._evicted
@@ -213,11 +228,16 @@ class ServiceNode(Node):
         """header[0:20] + inner addresses and ports -> (entry, version,
         generation, src, proto, forward, hop, output header)."""
 
-    def update_map(self, smap: ServiceMap) -> bool:
+    def update_map(self, smap: ServiceMap, now: float) -> bool:
         """Install a newer map and promote the replicas of buckets it makes
-        this instance lead: their state is already here (no commit step)."""
-        if not super().update_map(smap):
+        this instance lead: their state is already here (no commit step).
+        Buckets it now leads whose state died with their holders are
+        remembered as orphaned (`_orphaned`)."""
+        old = self.map
+        if not super().update_map(smap, now):
             return False
+        self._orphaned(old, smap, now)
+        self._judge_early(smap.epoch)
         self._fast.clear()
         me, svc = self.name, self.service_name
         for e in self.flows:
@@ -277,6 +297,11 @@ class ServiceNode(Node):
             entry.state = self._moved(entry.state)
             self.counters["came_back"] += 1
         verdict, state = self.service.process(inner, not reverse, entry.state if entry else None, now)
+        if entry is None and (verdict.reason == "misdelivery" or _mid_stream(inner, reverse)):
+            if h.epoch > self.map.epoch:
+                self._hold_early(key, h.epoch, h.code, reverse)
+            else:
+                self._count_lost(key, h.code, reverse)
         if verdict.action == Action.REPLY:
             return self._reply(h, n, pos, reverse, src, verdict.reason, verdict.reply)
         if entry is None and state is not None:
@@ -290,8 +315,6 @@ class ServiceNode(Node):
             if self._translated is not None:
                 self._index(entry)
         if entry is None:
-            if verdict.reason == "misdelivery":
-                self._count_lost(key)
             return self._drop(verdict.reason or "no_state", events)
         entry.state = state
         if not entry.established and self._is_established(state, reverse):
@@ -431,14 +454,85 @@ class ServiceNode(Node):
         del self._by_translated[t]
         return False
 
-    def _count_lost(self, key: FlowKey) -> None:
-        """A mid-stream packet found no state here: its flow is lost (after a
-        double failure, or a failover without sync). Counted once per flow."""
+    def _count_lost(self, key: FlowKey, code: int, reverse: bool) -> None:
+        """A packet that no flow starts with (`_mid_stream`, or what the
+        service calls `misdelivery`) found no state here. In an orphaned
+        bucket (`_orphaned`) its flow's state died with both its holders:
+        the flow is lost, counted once. Elsewhere only the packet is counted
+        (`state_missing`): a single failure leaves the state with the
+        secondary, and a packet that finds none there belongs to a flow
+        still opening, to one in the async policy's window or to one that
+        expired. A packet that may open a flow is not counted: its flow's
+        first packet may have died in flight with the instance, and it
+        carries on here. Behind a translating service (a NAT) only forward
+        packets count a lost flow: a reply to a lost mapping carries a tuple
+        that cannot be traced back to the flow's key, and would count the
+        flow a second time."""
+        if self.map.bucket(code) not in self._orphans:
+            self.counters["state_missing"] += 1
+            return
+        if reverse and self._translated is not None:
+            return
         if key not in self._lost:
             self._lost[key] = None
             self.counters["flows_lost"] += 1
             if len(self._lost) > LOST_MEMORY:
                 self._lost.popitem(last=False)
+
+    def _hold_early(self, key: FlowKey, epoch: int, code: int, reverse: bool) -> None:
+        """A packet without state was sent under a newer map than this
+        node's: the upstream node rerouted it here on the map that may
+        orphan its bucket, and the map is still on its way. Its flow is
+        judged when the map comes (an inspection instance starts the flow
+        over meanwhile, so its later packets would find state)."""
+        self._early[key] = (epoch, code, reverse)
+        if len(self._early) > LOST_MEMORY:
+            self._early.popitem(last=False)
+
+    def _judge_early(self, epoch: int) -> None:
+        """Count the flows of the packets that came ahead of this map (or an
+        older one) if it orphaned their bucket; keep those sent under a newer."""
+        for key, (sent, code, reverse) in list(self._early.items()):
+            if sent <= epoch:
+                del self._early[key]
+                self._count_lost(key, code, reverse)
+
+    def _orphaned(self, old: ServiceMap, new: ServiceMap, now: float) -> None:
+        """Remember the buckets `new` makes this instance lead whose state
+        is nowhere: their primary in `old` died and so did their secondary,
+        or the secondary held nothing (no mirroring, or it is this instance,
+        made secondary too recently to have the primary's bulk). A bucket
+        stays orphaned while this instance leads it: flows pinned to its
+        dead holders may come back long after."""
+        svc, me = self.service_name, self.name
+        if old.table_inputs(svc) == new.table_inputs(svc):
+            return  # no role moved
+        horizon = now - SYNC_GRACE
+        since = {b: t for b, t in self._secondary_since.items() if t > horizon}
+        orphans: set[int] = set()
+        roles = zip(*_roles(old.table(svc)), *_roles(new.table(svc)), strict=True)
+        for b, (p0, s0, p1, s1) in enumerate(roles):
+            if p1 == me:
+                kept = p0 == me and b in self._orphans
+                if kept or (p0 != me and self._holders_died(p0, s0, new, b in since)):
+                    orphans.add(b)
+            elif s1 == me and me not in (p0, s0):
+                since[b] = now
+        self._orphans, self._secondary_since = orphans, since
+
+    def _holders_died(self, primary: str | None, secondary: str | None, new: ServiceMap,
+                      young: bool) -> bool:
+        """Whether a bucket this instance takes over lost its state with its
+        holders: the primary died, and the secondary too, or there was none
+        holding it (no mirroring, no candidate, or this instance made
+        secondary less than SYNC_GRACE ago: `young`)."""
+        if primary is None or new.is_alive(primary):
+            return False
+        if not self.mirroring or secondary is None:
+            return True
+        if secondary == self.name:
+            return young
+        return not new.is_alive(secondary)
 
     def _route(self, services: list[str], pos: int, reverse: bool, code: int,
                entry: FlowEntry) -> tuple[str | None, bool, bool]:
@@ -624,8 +718,8 @@ class IngressNode(EdgeNode):
         self.classifier = Classifier(smap, hasher)
         self.udp_port = udp_port
 
-    def update_map(self, smap: ServiceMap) -> bool:
-        if super().update_map(smap):
+    def update_map(self, smap: ServiceMap, now: float) -> bool:
+        if super().update_map(smap, now):
             self.classifier.map = smap
             return True
         return False
@@ -757,6 +851,20 @@ class EgressNode(EdgeNode):
 
     def _back(self, data: bytes, now: float) -> list[Event]:
         return self.from_server(data, now)
+
+
+def _mid_stream(inner: Inner, reverse: bool) -> bool:
+    """A packet no flow starts with: a reply, or TCP other than a bare SYN."""
+    return reverse or (inner.proto == TCP and inner.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN)
+
+
+def _roles(table: BucketTable) -> tuple[list[str | None], list[str | None]]:
+    """Every bucket's primary and secondary in a bucket table (None: no candidate)."""
+    names = table.names
+    out = [[names[i] if i != NO_INSTANCE else None for i in r] for r in table.ranks[:2]]
+    if len(out) == 1:
+        out.append([None] * len(out[0]))
+    return out[0], out[1]
 
 
 def _checksum_left(options: bytes) -> bool:

@@ -205,7 +205,7 @@ class Replicator:
         to its new secondary, promoted replicas included."""
         node = self.node
         old = node.map
-        if not node.update_map(smap) or self.policy == Policy.OFF:
+        if not node.update_map(smap, now) or self.policy == Policy.OFF:
             return 0
         svc, me = node.service_name, node.name
         # a joining peer gets a bulk on every map change, if only an empty one:

@@ -665,7 +665,7 @@ class Forwarder:
         if self.rep is not None:
             self.rep.update_map(smap, now)
         else:
-            self.node.update_map(smap)
+            self.node.update_map(smap, now)
         self._note("map", now, epoch=smap.epoch)
         again = self.resend.reroute(old, smap, now) if self.serving else []
         if again:

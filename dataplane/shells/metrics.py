@@ -49,7 +49,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "flow_lookups": ("counter", "Flow table lookups of packets, by result", ("service", "result")),
     "flows_promoted": ("counter", "Replicas promoted to primary by a new map (failover)", ("service",)),
     "flows_taken_over": ("counter", "Promoted flows whose first packet this instance served", ("service",)),
-    "flows_lost": ("counter", "Flows a mid-stream packet found no state for (each counted once)",
+    "flows_lost": ("counter", "Flows whose state died with their primary and secondary: a mid-stream "
+                   "packet found no state in a bucket this instance took over from them (each counted once)",
                    ("service",)),
     "packets_rerouted": ("counter", "Packets sent to a new primary because their pinned hop died",
                          ("service",)),

@@ -297,7 +297,7 @@ class SimForwarder:
         if self.rep is not None:
             self.rep.update_map(smap, now)
         else:
-            self.node.update_map(smap)
+            self.node.update_map(smap, now)
         self.mesh.history.epochs.append((now, self.name, self.incarnation, self.map.epoch))
         self.mesh.history.took(now, self.name, smap)
         again = self.resend.reroute(old, smap, now) if self.serving else []

@@ -174,7 +174,7 @@ def run_claim1(sync: bool = True, segments: int = 20, fail_after: int = 8,
             clock.advance(0.005)
             for name, node in nodes.items():
                 if name not in fabric.dead:
-                    node.update_map(new)
+                    node.update_map(new, clock.now)
             timeline.add(clock.now, f"controller publishes epoch {new.epoch}: ba holds no role")
         client("PA", bytes([65 + i % 26]) * segment_size)
         server("A")
