@@ -272,3 +272,59 @@ def test_a_restored_controller_counts_silence_from_its_first_tick():
     assert not [e for e in ctl.tick(1.0) if isinstance(e, MapPublished)]
     assert ctl.map.epoch == m.epoch
     assert [e for e in ctl.tick(1.1) if isinstance(e, MapPublished)]
+
+
+def agent_setup(agents=None):
+    """A controller with the agent of ba's machine, the agent and ba heard,
+    and the agent bound to the controller by a push."""
+    ctl = Controller("ctl", pair_map(), KEYS, 7_000, FailureDetector(0.005, 4, 1.0),
+                     agents=agents or {"agent": ["ba"]})
+    agent = ControlClient("agent", "ctl", ctl.map, KEYS, 300)
+    ba = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    for c in (agent, ba):
+        for send in c.tick(0.0):
+            ctl.receive(send.data, 0.0)
+    agent.receive(pushes(ctl.push(0.001), "agent")[0])
+    return ctl, agent
+
+
+def test_an_agents_exit_notice_declares_its_node_dead_at_once():
+    """The agent's notice does the detector's work without its timeout:
+    the node is dead in the next epoch, named as exited; a repeated notice
+    (the agent sends each again) changes nothing, and the detector does not
+    declare it again."""
+    ctl, agent = agent_setup()
+    epoch = ctl.map.epoch
+    [notice] = agent.exited("ba")
+    out = ctl.receive(notice.data, 0.002)        # well within the 20 ms detection timeout
+    assert ctl.map.instance("ba").state == InstanceState.DEAD and ctl.map.epoch == epoch + 1
+    assert [e.reason for e in out if isinstance(e, MapPublished)] == ["ba exited (agent)"]
+    assert ctl.counters["exits_reported"] == 1 and ctl.counters["failovers"] == 1
+    assert ctl.receive(agent.exited("ba")[0].data, 0.003) == []
+    ctl.tick(0.1)                                 # ba silent since: not declared a second time
+    assert ctl.map.epoch == epoch + 1 and ctl.counters["failovers"] == 1
+
+
+def test_an_agent_reports_only_its_own_machine_and_is_no_member():
+    """An agent may report the nodes of its machine only (a notice about
+    another machine's node is refused and counted); its heartbeats make it
+    known but never a member the detector could declare dead."""
+    ctl, agent = agent_setup({"agent": ["bb"]})
+    epoch = ctl.map.epoch
+    assert ctl.receive(agent.exited("ba")[0].data, 0.002) == []
+    assert ctl.counters["exit_refused"] == 1 and ctl.map.epoch == epoch
+    assert "agent" not in ctl.detector.peers and "agent" not in ctl.members
+    ctl.tick(0.5)                                 # ba and the agent silent for long
+    assert [r for _, _, r in ctl.history] == ["ba missed heartbeats"]
+
+
+def test_an_exit_notice_is_bound_to_the_controllers_incarnation():
+    """A notice recorded and replayed to a restarted controller is refused
+    (a live node is not declared dead by someone who only recorded the
+    fabric); an agent that has heard no controller holds its notices."""
+    ctl, agent = agent_setup()
+    recorded = agent.exited("ba")[0].data
+    again = Controller("ctl", pair_map(), KEYS, 8_000, FailureDetector(0.005, 4, 1.0), agents={"agent": ["ba"]})
+    assert again.receive(recorded, 0.0) == []
+    assert again.endpoint.rejected["wrong_incarnation"] == 1 and again.map.instance("ba").state != InstanceState.DEAD
+    assert ControlClient("agent", "ctl", pair_map(), KEYS, 301).exited("ba") == []

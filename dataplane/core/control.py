@@ -84,9 +84,9 @@ class Change:
     reason: str
 
 
-def died(names: Iterable[str]) -> dict[str, Change]:
+def died(names: Iterable[str], why: str = "missed heartbeats") -> dict[str, Change]:
     """The changes of a dead set: every serving one of `names` DEAD."""
-    return {n: Change(InstanceState.DEAD, frozenset(_SERVING), f"{n} missed heartbeats") for n in names}
+    return {n: Change(InstanceState.DEAD, frozenset(_SERVING), f"{n} {why}") for n in names}
 
 
 def successor(prev: ServiceMap, changes: Mapping[str, Change]) -> tuple[ServiceMap, list[Change]] | None:
@@ -200,12 +200,17 @@ class Controller:
 
     def __init__(self, name: str, smap: ServiceMap, keyring: sw.Keyring, incarnation: int,
                  detector: FailureDetector, refresh: float = 0.100, now: float = 0.0,
-                 stored: bytes | None = None, shared: bool = False, revision: int = 0) -> None:
+                 stored: bytes | None = None, shared: bool = False, revision: int = 0,
+                 agents: Mapping[str, Iterable[str]] | None = None) -> None:
         """`smap` is the topology's map; `stored`, the store's content when
         there is one, replaces it (raises MapError when it is no valid map).
         `shared`: other controllers write the same store, so every new map
         is proposed by compare-and-swap (`Propose`) instead of kept
-        (`Persist`); `revision` is the store revision of `stored` (0: none)."""
+        (`Persist`); `revision` is the store revision of `stored` (0: none).
+        `agents`: each machine's agent and the nodes whose exits it may
+        report (`EXITED`); they get the pushes too, which bind their
+        notices to this controller's incarnation."""
+        self.agents = {a: frozenset(nodes) for a, nodes in (agents or {}).items()}
         self.joined_at: dict[str, int] = {}
         """JOINING members and the epoch that made them join."""
         self._watch: list[str] = []
@@ -223,7 +228,7 @@ class Controller:
                     self.joined_at[n] = smap.epoch
         self.map = smap
         self.members = [n for insts in smap.services.values() for n in insts]
-        self.endpoint = Endpoint(name, self.members, keyring, incarnation,
+        self.endpoint = Endpoint(name, [*self.members, *self.agents], keyring, incarnation,
                                  hello=frozenset({sw.RecordType.HEARTBEAT}))
         self.detector = detector
         self.refresh = refresh
@@ -249,6 +254,11 @@ class Controller:
             return []
         name, dg = got
         out: list[object] = []
+        if name in self.agents:   # its heartbeats only make it known (pushes bind to it)
+            for rec in dg.records:
+                if rec.type == sw.RecordType.EXITED:
+                    out.extend(self._exited(name, rec.value, now))
+            return out
         for rec in dg.records:
             if rec.type == sw.RecordType.HEARTBEAT:
                 out.extend(self._declared(self.detector.heard(name, now), now))
@@ -320,7 +330,8 @@ class Controller:
         # declared dead (and stop serving) as soon as it is reachable again;
         # not to members never heard: a push is bound to an incarnation heard
         heard = self.endpoint.incarnations
-        return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in self.members if n in heard]
+        return [ControlSend(n, self.endpoint.encode(n, [rec])) for n in (*self.members, *self.agents)
+                if n in heard]
 
     def set_state(self, name: str, state: InstanceState, reason: str,
                   now: float) -> list[MapPublished | Persist]:
@@ -334,17 +345,34 @@ class Controller:
         self.counters["epochs"] += 1
         return [MapPublished(new.epoch, reason), Persist(new.to_json().encode())]
 
-    def _declared(self, events: list[Declared], now: float) -> list[object]:
+    def _exited(self, agent: str, value: bytes, now: float) -> list[object]:
+        """An agent saw a process of its machine exit: the node is dead now,
+        not a detection timeout after its last heartbeat (its heartbeats
+        may even outlive it by the time the kernel takes to end it). Only
+        the nodes of the agent's own machine; a node held dead already (a
+        repeated notice, or the detector was first) changes nothing."""
+        node = value.decode("ascii", "replace")
+        if node not in self.agents[agent]:
+            self.counters["exit_refused"] += 1
+            return []
+        if self.detector.health(node) == Health.DEAD:
+            return []
+        self.counters["exits_reported"] += 1
+        last = self.detector.peers[node].last_heard if node in self.detector.peers else now
+        self.detector.declare_dead(node, now)
+        return self._declared([Declared(node, Health.DEAD, now, last)], now, "exited (agent)")
+
+    def _declared(self, events: list[Declared], now: float, why: str = "missed heartbeats") -> list[object]:
         out: list[object] = []
         for d in events:
             out.append(d)
             inst = self.map.instance(d.peer)
             if d.health == Health.DEAD and inst.state in _SERVING:
                 if self.shared:  # counted once published: it may never be
-                    out.extend(self._want(d.peer, died([d.peer])[d.peer], now))
+                    out.extend(self._want(d.peer, died([d.peer], why)[d.peer], now))
                     continue
                 self.counters["failovers"] += 1
-                out.extend(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} missed heartbeats", now))
+                out.extend(self.set_state(d.peer, InstanceState.DEAD, f"{d.peer} {why}", now))
                 out.extend(self.push(now))
             elif d.health == Health.ALIVE and inst.state == InstanceState.DEAD:
                 if self.shared:
@@ -569,3 +597,11 @@ class ControlClient:
             self.counters["maps"] += 1
             out.append(MapReceived(smap))
         return out
+
+    def exited(self, node: str) -> list[ControlSend]:
+        """An agent's notice that `node`'s process exited, to every
+        controller this client has heard (a notice is bound to the
+        controller's incarnation, so one not heard yet would refuse it: the
+        agent holds the notice until then)."""
+        rec = [sw.Record(sw.RecordType.EXITED, node.encode("ascii"))]
+        return [ControlSend(c, e.encode(c, rec)) for c, e in self.endpoints.items() if c in e.incarnations]

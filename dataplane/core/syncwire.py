@@ -118,6 +118,9 @@ class RecordType(IntEnum):
     RESYNC = 10
     MAP = 11
     STATUS = 12
+    EXITED = 13
+    """An agent to the controller: the process of the node named in the
+    value exited (control channel only)."""
 
 
 _RECORD_TYPES = {int(t): t for t in RecordType}

@@ -301,12 +301,16 @@ def start_extra(topo: Topology, state: LabState, extra: Extra) -> Proc:
     logf = open(rd / f"{extra.node}.log", "ab")
     try:
         p = netns.spawn(topo.netns(extra.node), extra.argv, stdout=logf, stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL, start_new_session=True)
+                        stdin=subprocess.DEVNULL, start_new_session=True,
+                        env={**os.environ, "PYTHONPATH": _project_root()})
     finally:
         logf.close()
     proc = Proc(p.pid, _start_time_of(p.pid), extra.argv)
     state.processes[extra.node] = proc
     state.save()
+    if not extra.ready_url:
+        wait_ready(topo, state, [extra.node])
+        return proc
     deadline = time.monotonic() + READY_TIMEOUT
     while netns.run(topo.netns(extra.node), ["curl", "-sf", "-o", "/dev/null", "-m", "1", extra.ready_url]
                     ).returncode != 0:

@@ -1,6 +1,7 @@
 """Lab processes that are not forwarders: what they run and when they are
-ready. The Prometheus server of `[observability] prometheus = true`, and
-the etcd cluster of `[controller] store = "etcd"` without endpoints.
+ready. The Prometheus server of `[observability] prometheus = true`, the
+etcd cluster of `[controller] store = "etcd"` without endpoints, and the
+machines' agents of `[lab] agents = true`.
 
 An extra node is a namespace on the fabric like a forwarder's (its address
 counts down from the top of the fabric subnet, `Topology.extra_nodes`), but
@@ -16,6 +17,8 @@ extra process is a new function returning `Extra`s, listed in `extras()`.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,8 @@ class Extra:
     node: str
     argv: list[str]
     ready_url: str
+    """Answers when the process is ready; "" for one that answers `status`
+    on its query socket, as forwarders do (the agents)."""
     files: dict[Path, str] = field(default_factory=dict)
     early: bool = False
     """Started before the forwarders (they need it), not after."""
@@ -41,7 +46,14 @@ def extras(topo: Topology, run_dir: Path) -> list[Extra]:
     if PROMETHEUS_NODE in by_name:
         out.append(prometheus(topo, run_dir, by_name[PROMETHEUS_NODE].address))
     out.extend(etcd_members(topo, run_dir))
+    out.extend(agents(topo, run_dir))
     return out
+
+
+def agents(topo: Topology, run_dir: Path) -> list[Extra]:
+    """`[lab] agents`: one `amesh agent` per machine (`dataplane.shells.agent`)."""
+    return [Extra(a, [sys.executable, "-m", "dataplane.shells.agent", "--topology", os.path.abspath(topo.path),
+                      "--agent", a, "--run-dir", str(run_dir)], "") for a in topo.agents()]
 
 
 def etcd_members(topo: Topology, run_dir: Path) -> list[Extra]:

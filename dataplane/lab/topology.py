@@ -115,6 +115,9 @@ PROMETHEUS_NODE = "prom"
 """The name (and namespace suffix) of the lab's Prometheus server."""
 ETCD_NODE = "etcd"
 """Name prefix of the etcd members the lab runs (etcd1, etcd2, ...)."""
+AGENT_NODE = "ag"
+"""Name prefix of a declared machine's agent (`ag-<machine>`; `agent` for
+the nodes on no declared machine)."""
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 
@@ -165,6 +168,9 @@ class Topology:
     is a machine of its own (so a topology without machines is unchanged)."""
     anti_affinity: bool = True
     """`[lab] anti_affinity`: keep a bucket's secondary off its primary's machine."""
+    agent: bool = False
+    """`[lab] agents`: run one `amesh agent` per machine, which reports its
+    forwarders' exits to the controller the moment they happen."""
 
     # -- derived ------------------------------------------------------------------
 
@@ -188,6 +194,23 @@ class Topology:
             out.append(ExtraNode(PROMETHEUS_NODE, str(top - 1 - len(out))))
         for k in range(1, self.etcd_members + 1):
             out.append(ExtraNode(f"{ETCD_NODE}{k}", str(top - 1 - len(out))))
+        for agent in self.agents():
+            out.append(ExtraNode(agent, str(top - 1 - len(out))))
+        return out
+
+    def agents(self) -> dict[str, list[str]]:
+        """With `[lab] agents`: each machine's agent and the forwarders it
+        watches (the controller's own process excepted: a controller cannot
+        declare itself dead): `ag-<machine>` for a declared machine,
+        `agent` for the nodes in none (the single machine of a lab without
+        `[machines]`)."""
+        if not self.agent:
+            return {}
+        out: dict[str, list[str]] = {}
+        for node in self.forwarders():
+            if node != self.controller:
+                m = self.machine_of(node)
+                out.setdefault(f"{AGENT_NODE}-{m}" if m else "agent", []).append(node)
         return out
 
     def netns(self, node: str) -> str:
@@ -254,7 +277,8 @@ class Topology:
         ctl = sw.node_id(controller)
         if node == controller:
             return sw.Keyring({1: self.control_key}, 1, pairwise=True,
-                              senders=[sw.node_id(n) for n in self.forwarders() if n != node])
+                              senders=[sw.node_id(n) for n in [*self.forwarders(), *self.agents()]
+                                       if n != node])
         return sw.Keyring({1: sw.pair_key(self.control_key, ctl, sw.node_id(node))}, 1, senders=[ctl])
 
     def all_nodes(self) -> list[str]:
@@ -399,6 +423,7 @@ class _Validator:
         ctl = self.name(self.get(self.table("controller"), "name", "controller", str),
                         "controller.name", "controller")
         anti_affinity = self.get(lab, "anti_affinity", "lab", bool, True)
+        agent = self.get(lab, "agents", "lab", bool, False)
         edges = {}
         for role in ("ingress", "egress"):
             t = self.table(role)
@@ -412,7 +437,7 @@ class _Validator:
         machines = self.machines(self.table("machines", required=False))
         obs = self.observability(self.table("observability", required=False))
         limits = self.limits(self.table("limits", required=False))
-        n_extra = int(obs.prometheus) + members
+        n_extra = int(obs.prometheus) + members + (len(machines) + 1 if agent else 0)
         n_fabric = 3 + sum(len(s.members) for s in services.values())
         if FIRST_INSTANCE_HOST + n_fabric + n_extra > subnet.num_addresses - 2:
             raise self.fail("fabric.subnet", f"too small for {n_fabric + n_extra} fabric nodes")
@@ -430,7 +455,11 @@ class _Validator:
         topo = Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
                         services, tenants, gso, obs, limits, store, endpoints, members, machines,
-                        anti_affinity)
+                        anti_affinity, agent)
+        for a in topo.agents():
+            if a in self.names:
+                raise self.fail("lab.agents", f"the agents are named agent and {AGENT_NODE}-<machine>: "
+                                f"{a} is taken by the {self.names[a]}")
         if members:
             topo.etcd_endpoints = [f"http://{e.address}:{ETCD_CLIENT_PORT}" for e in topo.extra_nodes()
                                    if e.name.startswith(ETCD_NODE)]

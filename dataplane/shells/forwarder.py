@@ -294,7 +294,10 @@ class Forwarder:
             stored = self.store.load()
             self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
-                                  timers.map_refresh, time.monotonic(), stored)
+                                  timers.map_refresh, time.monotonic(), stored, agents=topo.agents())
+            agents = topo.agents()
+            self.agent_ips = {e.name: e.address for e in topo.extra_nodes() if e.name in agents}
+            """The machines' agents: not map nodes, but they get the pushes."""
             if stored is None:   # the first map is kept before anything is pushed
                 self._persist(self.ctl.map.to_json().encode())
         else:
@@ -628,7 +631,7 @@ class Forwarder:
         for ev in events:
             if isinstance(ev, ControlSend):
                 try:
-                    self.control.sendto(ev.data, (by_name[ev.to], sw.CONTROL_PORT))
+                    self.control.sendto(ev.data, (by_name.get(ev.to) or self.agent_ips[ev.to], sw.CONTROL_PORT))
                 except (OSError, KeyError):
                     self.ctl.counters["send_error"] += 1
             elif isinstance(ev, Persist):
