@@ -22,7 +22,8 @@ for the nodes of its machine (`Topology.agents`).
 On the single-machine lab the agent finds the processes in the lab's state
 file (re-read when it changes: a restarted forwarder has a new PID), with
 their kernel start times, so a recycled PID is never watched. It answers
-`status` on ``<run dir>/<agent>.sock`` like a forwarder.
+`status` on ``<run dir>/<agent>.sock`` like a forwarder. It runs at
+real-time priority, as the heartbeat processes do.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataplane.core import syncwire as sw
 from dataplane.core.control import ControlClient
 from dataplane.lab.state import LabState, start_time
 from dataplane.lab.topology import Topology, load
+from dataplane.shells.forwarder import realtime
 
 RESENDS = 2
 """Ticks that send a notice again after the first."""
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True, type=Path)
     args = ap.parse_args(argv)
     agent = Agent(load(args.topology), args.agent, args.run_dir)
+    realtime()   # like the heartbeats: a notice that waits for a busy core is late
 
     def stop(_sig: int, _frame: object) -> None:
         agent.running = False
