@@ -359,6 +359,33 @@ for _name, _doc, _state_arg in (
     lab.add_command(_fault(_name, _doc, _state_arg))
 
 
+def _host_fault(fn_name: str, doc: str) -> click.Command:
+    @click.command(name=fn_name.replace("_", "-"), help=doc)
+    @lab_option
+    @click.argument("machine")
+    def cmd(lab: str | None, machine: str) -> None:
+        from dataplane.lab import faults
+
+        state, topo = _loaded(lab)
+        try:
+            nodes = faults.machine_nodes(topo, machine)
+            result = faults.kill_host(topo, state, machine) if fn_name == "kill_host" \
+                else getattr(faults, fn_name)(topo, machine)
+        except faults.FaultError as exc:
+            _fail(str(exc))
+        click.echo(f"{fn_name.replace('_', ' ')} {machine} ({', '.join(nodes)})"
+                   + (f" at {result:.6f}" if isinstance(result, float) else ""))
+
+    return cmd
+
+
+for _name, _doc in (
+        ("kill_host", "SIGKILL MACHINE's agent and every forwarder on it at once (a machine lost)."),
+        ("partition_host", "Cut every fabric link of MACHINE (its processes keep running)."),
+        ("heal_host", "Restore MACHINE's fabric links.")):
+    lab.add_command(_host_fault(_name, _doc))
+
+
 @lab.command()
 @lab_option
 @click.argument("node")

@@ -16,7 +16,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from dataplane.lab import build
 from dataplane.lab.query import QueryError, ask
 from dataplane.lab.state import LabState, alive, signal_proc
-from dataplane.lab.topology import Topology
+from dataplane.lab.topology import AGENT_NODE, Topology
 
 FABRIC_IF = "fab0"
 NO_NETEM = (2, 95)
@@ -74,6 +74,40 @@ def partition(topo: Topology, node: str) -> float:
 
 def heal(topo: Topology, node: str) -> None:
     _fabric_link(topo, node, up=True)
+
+
+def machine_nodes(topo: Topology, machine: str) -> list[str]:
+    """The fabric nodes of a declared machine, its agent first (when
+    `[lab] agents` runs one): what a whole machine failing takes with it."""
+    if machine not in topo.machines:
+        raise FaultError(f"no machine {machine!r} (machines: {', '.join(topo.machines) or 'none declared'})")
+    on_fabric = set(topo.forwarders()) | {e.name for e in topo.extra_nodes()}
+    agent = [a for a in topo.agents() if a == f"{AGENT_NODE}-{machine}"]
+    return agent + [n for n in topo.machines[machine] if n in on_fabric]
+
+
+def kill_host(topo: Topology, state: LabState, machine: str) -> float:
+    """SIGKILL the agent and every forwarder of a machine at once (a machine
+    lost: no agent is left to report the exits, so the heartbeats find
+    them); returns the wall-clock time of the first kill."""
+    procs = [(n, state.processes[n]) for n in machine_nodes(topo, machine) if n in state.processes]
+    t = time.time()
+    for _n, proc in procs:
+        signal_proc(proc, signal.SIGKILL)
+    return t
+
+
+def partition_host(topo: Topology, machine: str) -> float:
+    """Cut every fabric link of a machine (its processes keep running)."""
+    t = time.time()
+    for n in machine_nodes(topo, machine):
+        _fabric_link(topo, n, up=False)
+    return t
+
+
+def heal_host(topo: Topology, machine: str) -> None:
+    for n in machine_nodes(topo, machine):
+        _fabric_link(topo, n, up=True)
 
 
 def impair(topo: Topology, node: str, loss: float = 0.0, delay_ms: float = 0.0,
