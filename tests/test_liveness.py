@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.core.liveness import FailureDetector, Health
+from dataplane.core.liveness import Declared, FailureDetector, Health
 
 
 def test_declared_dead_after_misses_and_not_before():
@@ -46,3 +46,15 @@ def test_watch_counts_silence_from_now():
 def test_bad_settings():
     with pytest.raises(ValueError):
         FailureDetector(interval=0)
+
+
+def test_a_forgotten_peer_is_unknown_and_never_declared():
+    fd = FailureDetector(interval=0.01, misses=3)
+    fd.watch("bb", 1.0)
+    fd.watch("bc", 1.0)
+    fd.forget("bb")
+    fd.forget("never-watched")                    # forgetting a stranger is no error
+    assert fd.health("bb") == Health.UNKNOWN and fd.health("bc") == Health.ALIVE
+    assert [d.peer for d in fd.tick(2.0)] == ["bc"]
+    # heard again later, it is new: declared alive at once, no hold-down
+    assert fd.heard("bb", 2.0) == [Declared("bb", Health.ALIVE, 2.0, 2.0)]
