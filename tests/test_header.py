@@ -64,6 +64,9 @@ def test_a_refused_option_names_its_reason_and_says_why():
             wire.read_gso(bad)
         assert err.value.reason == "bad_option"
         assert str(err.value) == f"bad_option: {why}"
+    with pytest.raises(wire.HeaderError) as err:                   # no detail: the reason alone
+        wire.decode(GOOD[:1] + bytes([0]) + GOOD[2:])
+    assert str(err.value) == "ttl_expired"
 
 
 def test_options_are_walked_by_their_own_padded_lengths():
