@@ -6,7 +6,7 @@ import pytest
 
 from dataplane.core import header as wire
 from dataplane.core import syncwire as sw
-from dataplane.core.events import Send
+from dataplane.core.events import FlowUpdate, Mirror, Send
 from dataplane.core.liveness import Declared, Health
 from dataplane.core.node import ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
@@ -293,3 +293,62 @@ def test_a_joiner_that_missed_the_epoch_it_started_joining_in_still_gets_in_sync
     p.reps["ba"].update_map(later, p.now)              # ba never saw `joining`
     p.run(0.1)
     assert p.reps["ba"].synced_since(later.epoch)
+
+
+def _bulk_begins(p: Pair, src: str, peer: str, sends: list) -> list[tuple[int, int, int]]:
+    """(bulk id, flows, epoch) of every BULK_BEGIN `src` sent `peer`."""
+    me = sw.node_id(peer)
+    return [sw.read_bulk(r.value) for o in sends if isinstance(o, SyncSend) and o.peer == peer
+            for r in sw.decode(KEYS, o.data, me).records if r.type == sw.RecordType.BULK_BEGIN]
+
+
+def test_a_lone_mirror_is_ordered_like_any_packet_s_events():
+    """`process` of a packet whose only event is an update (no Send) still
+    hands the update to the channel: under `ordered` it leaves at once."""
+    p = Pair(Policy.ORDERED)
+    p.run(0.05)
+    rep = p.reps["ba"]
+    code = p.code_led_by("ba")
+    sec = p.map.secondary("B", code, exclude="ba")
+    key = (1, code, 6, b"\x0a\x01\x00\x0a", 40000, b"\x0a\x02\x00\x0a", 80)
+    out = rep.process([Mirror(sec, FlowUpdate(key, 3, b"s"))], p.now)
+    assert [type(o) for o in out] == [SyncSend]
+    (rec,) = [r for r in sw.decode(KEYS, out[0].data, sw.node_id(sec)).records
+              if r.type == sw.RecordType.FLOW_UPSERT]
+    assert sw.read_flow(rec).key == key and sw.read_flow(rec).version == 3
+
+
+def test_forced_resync_is_counted_each_time_and_stamped_with_the_map_epoch():
+    p = Pair()
+    p.run(0.05)
+    code = p.packet("ba", 42000)
+    p.run(0.02)
+    sec = p.map.secondary("B", code, exclude="ba")
+    rep = p.reps["ba"]
+    first = rep.resync(sec, p.now)
+    second = rep.resync(sec, p.now)
+    assert second == first + 1 and rep.counters["forced_resync"] == 2
+    sent = []
+    for _ in range(20):
+        p.now += 0.001
+        sent += rep.tick(p.now)
+    begins = _bulk_begins(p, "ba", sec, sent)
+    assert [(i, epoch) for i, _, epoch in begins] == [(first, p.map.epoch), (second, p.map.epoch)]
+    assert all(flows == 1 for _, flows, _ in begins)
+
+
+def test_snapshot_reports_policy_counters_peers_and_health():
+    p = Pair(Policy.ACKED)
+    p.run(0.05)
+    p.packet("ba", 42000)
+    rep = p.reps["ba"]
+    rep.rejected["bad_tag"] += 1
+    rep.node.counters["stale_updates"] += 4
+    snap = rep.snapshot(p.now)
+    assert snap["policy"] == "acked" and snap["held"] == 1
+    assert snap["counters"] == dict(rep.counters) and snap["counters"]["held"] == 1
+    assert snap["rejected"] == {"bad_tag": 1}
+    assert snap["stale_updates_ignored"] == 4
+    assert list(snap["peers"]) == ["bb", "bc"]
+    assert snap["peers"]["bb"] == rep.channels["bb"].snapshot(p.now)
+    assert snap["health"] == {"bb": "alive", "bc": "alive"}
