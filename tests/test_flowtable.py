@@ -143,6 +143,24 @@ def test_replica_count_follows_every_removal():
     assert sum(pair.reps[n].node.counters["promoted"] for n in ("bb", "bc")) > 0
 
 
+def test_every_delete_of_a_cause_is_counted():
+    t = FlowTable()
+    for i in range(3):
+        t.insert(key(i), now=0)
+    t.delete(key(0))
+    t.delete(key(1))
+    t.delete(key(2), "deleted_by_peer")
+    assert t.delete(key(2)) is None                 # already gone: nothing counted
+    assert t.counters["deleted"] == 2 and t.counters["deleted_by_peer"] == 1
+
+
+def test_repr_names_code_version_packets_hops_and_role():
+    t = FlowTable()
+    e = t.insert((1, 0xABC, 6, b"a", 1, b"b", 2), now=0)
+    e.version, e.packets, e.fwd_hop, e.prev_hop, e.replica = 3, 7, "bb", "aa", True
+    assert repr(e) == "FlowEntry(code=0x00000abc v3 pkts=7 fwd=bb prev=aa replica=True)"
+
+
 # -- floods (issue #14, finding 4) ------------------------------------------------------
 
 import struct
