@@ -161,6 +161,46 @@ def test_repr_names_code_version_packets_hops_and_role():
     assert repr(e) == "FlowEntry(code=0x00000abc v3 pkts=7 fwd=bb prev=aa replica=True)"
 
 
+def test_expiry_budget_is_shared_by_both_classes():
+    """One call looks at `budget` entries at most, embryonic first, and the
+    established class gets what the embryonic scan left."""
+    def table(embryonic: int, established: int) -> FlowTable:
+        t = FlowTable()
+        for i in range(embryonic + established):
+            t.insert(key(i), now=0, established=i >= embryonic).timeout = 1
+        return t
+
+    for emb, est, budget, gone in [(2, 2, 3, 3), (1, 3, 10, 4), (1, 2, 3, 3), (5, 0, 2, 2), (0, 5, 2, 2)]:
+        t = table(emb, est)
+        out = t.expire(now=5, max_timeout=1, budget=budget)
+        assert len(out) == gone and len(t) == emb + est - gone, (emb, est, budget)
+    t = table(10_001, 0)
+    assert len(t.expire(now=5, max_timeout=1)) == 10_000          # the default budget
+
+
+def test_an_entry_expires_at_its_last_seen_plus_timeout_exactly():
+    t = FlowTable()
+    t.insert(key(1), now=0).timeout = 10
+    assert t.expire(now=9.5, max_timeout=10) == [] and len(t.expire(now=10, max_timeout=10)) == 1
+
+
+def test_expiries_add_up_and_every_removal_moves_the_generation_forward():
+    t = FlowTable()
+    seen = [t.generation]
+    for i in range(6):
+        t.insert(key(i), now=i).timeout = 1
+    for now in (2.5, 4.5, 9):
+        assert t.expire(now=now, max_timeout=1)
+        seen.append(t.generation)
+        t.insert(key(0), now=now)                   # a new entry removes nothing
+        t.insert(key(0), now=now)                   # a replacement does
+        seen.append(t.generation)
+        t.delete(key(0))
+        seen.append(t.generation)
+    assert t.counters["expired"] == 6
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
 # -- floods (issue #14, finding 4) ------------------------------------------------------
 
 import struct
