@@ -281,6 +281,8 @@ def test_a_heartbeat_carries_the_sender_clock_and_a_status_of_epoch_and_flags():
     ctl = controller()
     client = ControlClient("ba", "ctl", ctl.map, KEYS, 100, interval=0.5)
     me = sw.node_id("ctl")
+    (first,) = client.tick(0.0)                            # a new client: not dead, not in sync
+    assert sw.decode(KEYS, first.data, me).records[1].value[4] == 0
     for dead, in_sync, flags in [(False, False, 0), (True, False, 1), (False, True, 2), (True, True, 3)]:
         client.declared_dead, client.in_sync = dead, in_sync
         client.epoch = 0x01020304
@@ -311,6 +313,64 @@ def test_a_client_takes_every_map_record_of_a_datagram_and_counts_each_refusal()
     bomb = sw.Record(sw.RecordType.MAP, zlib.compress(b" " * (2 << 20)))
     client.receive(ctl.endpoint.encode("ba", [bomb, bomb]))
     assert client.counters["map_too_big"] == 2
+    bad = sw.Record(sw.RecordType.MAP, b"not zlib")
+    for refused in (bomb, bad):
+        ctl.set_state("bb", InstanceState.ACTIVE if ctl.map.instance("bb").state == InstanceState.DRAINING
+                      else InstanceState.DRAINING, "test", 0.02)
+        got = client.receive(ctl.endpoint.encode("ba", [refused, bad, map_record(ctl.map)]))
+        assert [e.smap.epoch for e in got] == [ctl.map.epoch]       # what follows a refusal is read
+    assert client.counters["map_too_big"] == 3 and client.counters["bad_map"] == 3
+    assert client.counters["maps"] == 3
+
+
+def test_a_new_map_confirms_a_client_that_had_none():
+    from dataplane.core.control import map_record
+
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    ctl.set_state("bb", InstanceState.DRAINING, "test", 0.01)
+    assert not client.confirmed
+    client.receive(ctl.endpoint.encode("ba", [map_record(ctl.map)]))
+    assert client.confirmed and client.counters["maps"] == 1
+
+
+def test_every_refusal_of_the_control_endpoint_is_counted_each_time():
+    ctl = controller()
+    ba = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    first = ba.tick(0.0)[0].data
+    ctl.receive(first, 0.0)
+    for _ in range(2):
+        assert ctl.receive(first, 0.01) == []                                  # a replay
+    assert ctl.endpoint.rejected["replay"] == 2
+    later = ba.tick(0.02)[0].data
+    ctl.receive(later, 0.02)                                                   # a new counter is taken
+    assert ctl.endpoint.rejected["replay"] == 2
+    assert ctl.receive(later, 0.03) == [] and ctl.endpoint.rejected["replay"] == 3
+    stale = ControlClient("ba", "ctl", ctl.map, KEYS, 99)                       # an older incarnation
+    for t in (0.04, 0.05):
+        assert ctl.receive(stale.tick(t)[0].data, t) == []
+    assert ctl.endpoint.rejected["stale_incarnation"] == 2
+    stranger = sw.encode(KEYS, sw.node_id("zz"), sw.node_id("ctl"), 5, 0, 1, 0, [])
+    for _ in range(2):
+        ctl.receive(stranger, 0.06)
+    assert ctl.endpoint.rejected["unknown_sender"] == 2
+    forged = first[:-1] + bytes([first[-1] ^ 1])
+    for _ in range(2):
+        ctl.receive(forged, 0.07)
+    assert ctl.endpoint.rejected["bad_mac"] == 2                               # a bad tag, each time
+    # to a forwarder, a push bound to another incarnation is refused, each time
+    recorded = pushes(ctl.push(0.08), "ba")[0]
+    new = ControlClient("ba", "ctl", ctl.map, KEYS, 200)
+    new.receive(recorded)
+    new.receive(recorded)
+    assert new.endpoint.rejected["wrong_incarnation"] == 2
+    # and the STATUS of every unbound heartbeat is counted
+    ctl2 = Controller("ctl", pair_map(), KEYS, 9_000, FailureDetector(1.0, 4, 1.0))
+    bb = ControlClient("bb", "ctl", ctl2.map, KEYS, 300)
+    for t in (0.1, 0.2):
+        ctl2.receive(bb.tick(t)[0].data, t)
+    assert ctl2.endpoint.rejected["unbound_records"] == 2
 
 
 def test_an_older_map_does_not_unconfirm_the_one_held():
