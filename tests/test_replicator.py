@@ -352,3 +352,40 @@ def test_snapshot_reports_policy_counters_peers_and_health():
     assert list(snap["peers"]) == ["bb", "bc"]
     assert snap["peers"]["bb"] == rep.channels["bb"].snapshot(p.now)
     assert snap["health"] == {"bb": "alive", "bc": "alive"}
+
+
+def test_a_map_change_bulks_each_led_flow_to_its_own_new_secondary(monkeypatch):
+    """Four B instances; ba leads flows of many buckets. When bd dies, each
+    flow whose secondary was bd goes, in one bulk per peer, to the secondary
+    the new map gives its own code; no other flow moves."""
+    from dataplane.core.servicemap import Instance
+    from dataplane.core.syncchannel import SyncChannel
+    from tests.conftest import pair_map
+
+    m = pair_map()
+    for n in ("bc", "bd"):
+        m.add_instance("B", Instance(n))
+    bulks: dict[str, list] = {}
+    real = SyncChannel.start_bulk
+
+    def record(self, updates, now, epoch=0):
+        updates = list(updates)
+        bulks.setdefault(self.peer, []).append(sorted(u.key[1] for u in updates))
+        return real(self, updates, now, epoch)
+
+    monkeypatch.setattr(SyncChannel, "start_bulk", record)
+    rep = Replicator(ServiceNode("ba", m, create("firewall")), KEYS, 1000)
+    codes = codes_led_by(m, "ba", 60)
+    for i, c in enumerate(codes):
+        data = wire.pack(1, 1, c, 1, m.epoch) + tcp(sport=40000 + i)
+        rep.process(rep.node.from_fabric(data, "aa", 0.0), 0.0)
+    new = m.copy()
+    new.set_state("bd", InstanceState.DEAD)
+    bulks.clear()
+    moved = rep.update_map(new, 0.01)
+    want: dict[str, list] = {}
+    for c in codes:
+        if m.secondary("B", c, exclude="ba") == "bd":
+            want.setdefault(new.secondary("B", c, exclude="ba"), []).append(c)
+    assert len(want) == 2                                   # the moved flows go to bb and to bc
+    assert bulks == {peer: [sorted(cs)] for peer, cs in want.items()} and moved == 2
