@@ -58,3 +58,10 @@ def test_a_forgotten_peer_is_unknown_and_never_declared():
     assert [d.peer for d in fd.tick(2.0)] == ["bc"]
     # heard again later, it is new: declared alive at once, no hold-down
     assert fd.heard("bb", 2.0) == [Declared("bb", Health.ALIVE, 2.0, 2.0)]
+
+
+def test_dead_strictly_after_the_timeout_and_declared_at_the_tick():
+    fd = FailureDetector(interval=0.5, misses=2)                 # timeout 1.0 s
+    fd.heard("ba", 1.0)
+    assert fd.tick(2.0) == []                                    # silent for exactly the timeout
+    assert fd.tick(2.5) == [Declared("ba", Health.DEAD, 2.5, 1.0)]
