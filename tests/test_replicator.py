@@ -389,3 +389,26 @@ def test_a_map_change_bulks_each_led_flow_to_its_own_new_secondary(monkeypatch):
             want.setdefault(new.secondary("B", c, exclude="ba"), []).append(c)
     assert len(want) == 2                                   # the moved flows go to bb and to bc
     assert bulks == {peer: [sorted(cs)] for peer, cs in want.items()} and moved == 2
+
+
+def test_async_leaves_the_update_for_the_batch_and_the_packet_goes_alone():
+    """Under `async` the packet's own call returns the packet only: its
+    update waits for the batch (64 records or 1 ms), then leaves."""
+    p = Pair(Policy.ASYNC)
+    p.run(0.05)
+    p.order.clear()
+    p.packet("ba", 40005)
+    assert p.order == ["send"]
+    p.step()                                          # 1 ms later: the batch is due
+    assert p.order.count("sync") >= 1
+
+
+def test_a_datagram_of_eight_bytes_from_a_peer_is_refused_by_its_channel_not_as_a_stranger():
+    """The sender id sits in bytes 4-8: eight bytes name a peer, whose
+    channel refuses the datagram as short; fewer name nobody."""
+    p = Pair()
+    p.run(0.05)
+    rep = p.reps["ba"]
+    short = bytes(4) + sw.node_id("bb").to_bytes(4, "big")
+    assert rep.receive(short, p.now) == [] and rep.counters["unknown_sender"] == 0
+    assert rep.receive(short[:7], p.now) == [] and rep.counters["unknown_sender"] == 1
