@@ -472,3 +472,40 @@ def test_an_operator_action_the_state_does_not_allow_is_refused_by_name(name, ac
     with pytest.raises(ValueError) as err:
         ctl.operator(name, action, 0.0)
     assert str(err.value) == message and ctl.map.epoch == epoch
+
+
+def test_every_publication_is_the_last_push_and_has_its_time():
+    """Scale-out, in-sync activation and a dead member's return each push at
+    once: the next tick within the refresh pushes nothing, and the history
+    has the time of each."""
+    ctl = Controller("ctl", spare_map(), KEYS, 7_000, FailureDetector(0.01, 2, 0.05))
+    clients = [ControlClient(n, "ctl", ctl.map, KEYS, 100 + i, interval=0.001)
+               for i, n in enumerate(("ba", "bb", "bc"))]
+    exchange(ctl, clients, 0.0)
+    ctl.tick(0.0)
+    assert pushes(ctl.operator("bc", "scale-out", 0.01), "ba")
+    assert not pushes(ctl.tick(0.011), "ba")
+    exchange(ctl, clients, 0.012)
+    clients[2].in_sync = True
+    out = []
+    for c in clients:                                       # bc reports in sync: it leads
+        for send in c.tick(0.015):
+            out += ctl.receive(send.data, 0.015)
+    assert ctl.map.instance("bc").state == InstanceState.ACTIVE and pushes(out, "ba")
+    assert not pushes(ctl.tick(0.016), "ba")
+    exchange(ctl, clients[:2], 0.02)
+    ctl.tick(0.035)                                         # bc silent > 20 ms: dead
+    assert ctl.map.instance("bc").state == InstanceState.DEAD
+    out = []
+    t = 0.04
+    while ctl.map.instance("bc").state == InstanceState.DEAD and t < 0.2:
+        for c in clients:                                   # heard again, past the hold-down
+            for send in c.tick(t):
+                out += ctl.receive(send.data, t)
+        ctl.tick(t)
+        t = round(t + 0.005, 3)
+    assert ctl.map.instance("bc").state == InstanceState.JOINING and pushes(out, "ba")
+    back = [(when, why) for when, _, why in ctl.history if why == "bc is back: joining"]
+    assert back and back[0][0] is not None and 0.09 <= back[0][0] < 0.2
+    assert not pushes(ctl.tick(t), "ba")
+    assert [when for when, _, _ in ctl.history][:2] == [0.01, 0.015]
