@@ -201,6 +201,14 @@ def test_expiries_add_up_and_every_removal_moves_the_generation_forward():
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
 
 
+def test_establishing_an_entry_no_longer_in_the_table_changes_nothing():
+    t = FlowTable()
+    e = t.insert(key(1), now=0, tenant=3)
+    t.delete(key(1))
+    t.establish(e)                                  # removed meanwhile: a no-op, not an error
+    assert not e.established and len(t) == 0 and t.embryonic_of(3) == 0
+
+
 # -- floods (issue #14, finding 4) ------------------------------------------------------
 
 import struct

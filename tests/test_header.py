@@ -77,6 +77,10 @@ def test_options_are_walked_by_their_own_padded_lengths():
     assert wire.read_gso(walk + opt) == (1, 1, 66, 1448, 34, 16)
     # an unknown empty option ending the bytes exactly is skipped, not refused
     assert wire.read_gso(bytes([9, 0])) is None
+    # one byte left is no option: refused, not read past the end
+    with pytest.raises(wire.HeaderError) as err:
+        wire.read_gso(bytes([9, 2, 0, 0, 9]))
+    assert err.value.reason == "bad_option"
 
 
 def test_every_field_survives_encode():

@@ -39,3 +39,18 @@ def test_one_host_spreads_like_plain_rendezvous():
     names = ["x", "y", "z", "w"]
     spread = rank_spread("B", names, ["h"] * 4, [True] * 4, BUCKETS, 3)
     assert columns(spread) == columns(rank("B", names, BUCKETS, 3))
+
+
+def test_a_host_whose_first_member_is_dead_still_counts_as_used_once_picked():
+    """Members left on a host whose first (by weight) member is ineligible
+    sit after the hosts' first members in spread order; once one of them is
+    a candidate, its host is used: the next candidate is on a third host
+    while one has an eligible member."""
+    members = ["a1", "a2", "a3", "b1", "c0", "c1"]
+    hosts = ["ha", "ha", "ha", "hb", "hc", "hc"]
+    eligible = [False, True, True, True, False, True]
+    out = rank_spread("B", members, hosts, eligible, 4096, 3)
+    names = [m for m, e in zip(members, eligible) if e]
+    host_of = dict(zip(members, hosts))
+    for cands in columns(out, 4096):
+        assert len({host_of[names[i]] for i in cands}) == 3, [names[i] for i in cands]

@@ -389,6 +389,7 @@ def test_a_map_change_bulks_each_led_flow_to_its_own_new_secondary(monkeypatch):
             want.setdefault(new.secondary("B", c, exclude="ba"), []).append(c)
     assert len(want) == 2                                   # the moved flows go to bb and to bc
     assert bulks == {peer: [sorted(cs)] for peer, cs in want.items()} and moved == 2
+    assert rep.counters["bulk_on_map_change"] == 2
 
 
 def test_async_leaves_the_update_for_the_batch_and_the_packet_goes_alone():
