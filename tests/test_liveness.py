@@ -65,3 +65,23 @@ def test_dead_strictly_after_the_timeout_and_declared_at_the_tick():
     fd.heard("ba", 1.0)
     assert fd.tick(2.0) == []                                    # silent for exactly the timeout
     assert fd.tick(2.5) == [Declared("ba", Health.DEAD, 2.5, 1.0)]
+
+
+def test_settings_at_their_limits_are_taken_and_past_them_refused_by_name():
+    fd = FailureDetector()                                        # the documented defaults
+    assert (fd.interval, fd.misses, fd.holddown, fd.timeout) == (0.010, 5, 1.0, 0.05)
+    FailureDetector(interval=0.001, misses=1, holddown=0)
+    for bad in ({"interval": 0}, {"misses": 0}, {"holddown": -0.5}):
+        with pytest.raises(ValueError) as err:
+            FailureDetector(**bad)
+        assert str(err.value) == "interval > 0, misses >= 1 and holddown >= 0 are required"
+
+
+def test_a_gap_of_exactly_the_timeout_keeps_the_steady_run_and_the_hold_down_is_inclusive():
+    fd = FailureDetector(interval=0.5, misses=2, holddown=2.0)   # timeout 1.0 s
+    fd.heard("ba", 0.0)
+    assert fd.tick(1.5)[0].health == Health.DEAD
+    assert fd.heard("ba", 1.5) == []                            # the steady run starts here
+    assert fd.heard("ba", 2.5) == []                            # 1.0 s gap: still the same run
+    assert fd.heard("ba", 3.5) == [Declared("ba", Health.ALIVE, 3.5, 3.5)]   # 2.0 s steady
+    assert fd.health("ba") == Health.ALIVE
