@@ -14,7 +14,7 @@ DEB_TOOLS := iproute2:ip ethtool:ethtool tcpdump:tcpdump tshark:tshark iperf3:ip
 # package (entry point affinity_mesh.services), used by the tests.
 EXAMPLE_PKGS := examples/amesh-quota
 
-.PHONY: demo test bench golden soak deps venv clean
+.PHONY: demo test bench golden soak mutate deps venv clean
 
 demo: venv deps
 	$(BIN)/amesh demo
@@ -34,6 +34,17 @@ STEPS ?= 4
 CONTROLLERS ?= 1
 soak: venv
 	$(BIN)/amesh simulate --seed 0 --seeds $(SEEDS) --steps $(STEPS) --controllers $(CONTROLLERS)
+
+# Mutation testing of the safety logic with mutmut (not in CI: long; see the
+# README's "Mutation testing"). MUTANTS narrows the run to some mutants, e.g.
+# MUTANTS='dataplane.core.header.*'; results are kept in mutants/ and a second
+# run only tests what changed.
+MUTATE_CHILDREN ?= 2
+MUTANTS ?=
+mutate: venv
+	$(BIN)/pip install -q -e '.[test,mutate]'
+	$(BIN)/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(BIN)/python -m tests.mutation_score
 
 golden: venv
 	$(BIN)/python -m tests.golden.generate

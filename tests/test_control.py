@@ -8,7 +8,7 @@ from dataplane.core import syncwire as sw
 from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived, not_ready,
                                     standing)
 from dataplane.core.events import Persist
-from dataplane.core.liveness import FailureDetector
+from dataplane.core.liveness import Declared, FailureDetector
 from dataplane.core.servicemap import Instance, InstanceState, ServiceMap
 from tests.conftest import pair_map
 
@@ -328,3 +328,240 @@ def test_an_exit_notice_is_bound_to_the_controllers_incarnation():
     assert again.receive(recorded, 0.0) == []
     assert again.endpoint.rejected["wrong_incarnation"] == 1 and again.map.instance("ba").state != InstanceState.DEAD
     assert ControlClient("agent", "ctl", pair_map(), KEYS, 301).exited("ba") == []
+
+
+# -- what mutation testing found untested (tests/MUTANTS.md) ------------------------------
+
+
+def test_a_heartbeat_carries_the_sender_clock_and_a_status_of_epoch_and_flags():
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100, interval=0.5)
+    me = sw.node_id("ctl")
+    (first,) = client.tick(0.0)                            # a new client: not dead, not in sync
+    assert sw.decode(KEYS, first.data, me).records[1].value[4] == 0
+    for dead, in_sync, flags in [(False, False, 0), (True, False, 1), (False, True, 2), (True, True, 3)]:
+        client.declared_dead, client.in_sync = dead, in_sync
+        client.epoch = 0x01020304
+        now = 2.0 + flags
+        (send,) = client.tick(now)
+        assert send.to == "ctl"
+        hb, status = sw.decode(KEYS, send.data, me).records
+        assert hb.type == sw.RecordType.HEARTBEAT and sw.read_u64(hb.value) == int(now * 1e6)
+        assert status.type == sw.RecordType.STATUS and status.value == bytes([1, 2, 3, 4, flags])
+    assert client.tick(now + 0.25) == []                   # within the interval: nothing
+    assert len(client.tick(now + 0.5)) == 1                # the interval exactly: the next one
+
+
+def test_a_client_takes_every_map_record_of_a_datagram_and_counts_each_refusal():
+    import zlib
+
+    from dataplane.core.control import map_record
+
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    held = map_record(ctl.map)
+    ctl.set_state("bb", InstanceState.DRAINING, "test", 0.01)
+    newer = map_record(ctl.map)
+    heartbeat = sw.Record(sw.RecordType.HEARTBEAT, sw.u64(1))
+    got = client.receive(ctl.endpoint.encode("ba", [heartbeat, held, newer]))
+    assert [e.smap.epoch for e in got] == [ctl.map.epoch] and client.confirmed
+    bomb = sw.Record(sw.RecordType.MAP, zlib.compress(b" " * (2 << 20)))
+    client.receive(ctl.endpoint.encode("ba", [bomb, bomb]))
+    assert client.counters["map_too_big"] == 2
+    bad = sw.Record(sw.RecordType.MAP, b"not zlib")
+    for refused in (bomb, bad):
+        ctl.set_state("bb", InstanceState.ACTIVE if ctl.map.instance("bb").state == InstanceState.DRAINING
+                      else InstanceState.DRAINING, "test", 0.02)
+        got = client.receive(ctl.endpoint.encode("ba", [refused, bad, map_record(ctl.map)]))
+        assert [e.smap.epoch for e in got] == [ctl.map.epoch]       # what follows a refusal is read
+    assert client.counters["map_too_big"] == 3 and client.counters["bad_map"] == 3
+    assert client.counters["maps"] == 3
+
+
+def test_a_new_map_confirms_a_client_that_had_none():
+    from dataplane.core.control import map_record
+
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    ctl.set_state("bb", InstanceState.DRAINING, "test", 0.01)
+    assert not client.confirmed
+    client.receive(ctl.endpoint.encode("ba", [map_record(ctl.map)]))
+    assert client.confirmed and client.counters["maps"] == 1
+
+
+def test_every_refusal_of_the_control_endpoint_is_counted_each_time():
+    ctl = controller()
+    ba = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    first = ba.tick(0.0)[0].data
+    ctl.receive(first, 0.0)
+    for _ in range(2):
+        assert ctl.receive(first, 0.01) == []                                  # a replay
+    assert ctl.endpoint.rejected["replay"] == 2
+    later = ba.tick(0.02)[0].data
+    ctl.receive(later, 0.02)                                                   # a new counter is taken
+    assert ctl.endpoint.rejected["replay"] == 2
+    assert ctl.receive(later, 0.03) == [] and ctl.endpoint.rejected["replay"] == 3
+    stale = ControlClient("ba", "ctl", ctl.map, KEYS, 99)                       # an older incarnation
+    for t in (0.04, 0.05):
+        assert ctl.receive(stale.tick(t)[0].data, t) == []
+    assert ctl.endpoint.rejected["stale_incarnation"] == 2
+    stranger = sw.encode(KEYS, sw.node_id("zz"), sw.node_id("ctl"), 5, 0, 1, 0, [])
+    for _ in range(2):
+        ctl.receive(stranger, 0.06)
+    assert ctl.endpoint.rejected["unknown_sender"] == 2
+    forged = first[:-1] + bytes([first[-1] ^ 1])
+    for _ in range(2):
+        ctl.receive(forged, 0.07)
+    assert ctl.endpoint.rejected["bad_mac"] == 2                               # a bad tag, each time
+    # to a forwarder, a push bound to another incarnation is refused, each time
+    recorded = pushes(ctl.push(0.08), "ba")[0]
+    new = ControlClient("ba", "ctl", ctl.map, KEYS, 200)
+    new.receive(recorded)
+    new.receive(recorded)
+    assert new.endpoint.rejected["wrong_incarnation"] == 2
+    # and the STATUS of every unbound heartbeat is counted
+    ctl2 = Controller("ctl", pair_map(), KEYS, 9_000, FailureDetector(1.0, 4, 1.0))
+    bb = ControlClient("bb", "ctl", ctl2.map, KEYS, 300)
+    for t in (0.1, 0.2):
+        ctl2.receive(bb.tick(t)[0].data, t)
+    assert ctl2.endpoint.rejected["unbound_records"] == 2
+
+
+def test_an_older_map_does_not_unconfirm_the_one_held():
+    ctl = controller()
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    old = ctl.map
+    ctl.set_state("bb", InstanceState.DRAINING, "test", 0.01)
+    client.receive(pushes(ctl.push(0.01), "ba")[0])
+    assert client.confirmed and client.epoch == ctl.map.epoch
+    from dataplane.core.control import map_record
+    client.receive(ctl.endpoint.encode("ba", [map_record(old)]))
+    assert client.confirmed and client.epoch == ctl.map.epoch
+
+
+def test_a_truncated_map_record_is_refused_as_too_big_or_truncated():
+    import zlib
+
+    from dataplane.core.control import MapTooBig, read_map_record
+
+    whole = zlib.compress(pair_map().to_json().encode())
+    assert read_map_record(whole) == pair_map().to_json().encode()
+    with pytest.raises(MapTooBig) as err:
+        read_map_record(whole[:-8])
+    assert str(err.value) == "map larger than 1048576 bytes, or truncated"
+
+
+def test_the_controller_pushes_when_dirty_and_every_refresh_and_not_between():
+    ctl = Controller("ctl", pair_map(), KEYS, 7_000, FailureDetector(1.0, 4, 1.0))   # refresh 0.1
+    client = ControlClient("ba", "ctl", ctl.map, KEYS, 100)
+    ctl.receive(client.tick(0.0)[0].data, 0.0)
+    assert pushes(ctl.tick(0.0), "ba")                      # the first tick: the map is new
+    assert not pushes(ctl.tick(0.05), "ba")                 # pushed, and no refresh due
+    assert pushes(ctl.tick(0.1), "ba")                      # refresh exactly
+    ctl.set_state("bb", InstanceState.DRAINING, "test", 0.12)
+    assert pushes(ctl.tick(0.12), "ba")                     # a new epoch goes at once
+    assert not pushes(ctl.tick(0.13), "ba")
+    slow = Controller("ctl", pair_map(), KEYS, 7_000, FailureDetector(1.0, 4, 1.0), refresh=5.0)
+    slow.receive(ControlClient("ba", "ctl", slow.map, KEYS, 100).tick(0.0)[0].data, 0.0)
+    assert pushes(slow.tick(0.0), "ba")                     # new, whatever the refresh
+
+
+def test_epochs_failovers_and_history_record_when_and_why():
+    """The controller's history (`amesh map show`'s recent epochs) has the
+    time and reason of every epoch it published; its counters count them."""
+    ctl = controller(spare_map())
+    clients = [ControlClient(n, "ctl", ctl.map, KEYS, 100 + i) for i, n in enumerate(("ba", "bb", "bc"))]
+    out = exchange(ctl, clients, 0.0)
+    assert sorted((d.peer, d.health.value) for d in out if isinstance(d, Declared)) == [
+        ("ba", "alive"), ("bb", "alive"), ("bc", "alive")]
+    base = ctl.map.epoch
+    ctl.operator("bc", "scale-out", 0.01)
+    exchange(ctl, clients, 0.02)
+    clients[2].in_sync = True
+    exchange(ctl, clients, 0.03)                            # bc in sync: it leads
+    exchange(ctl, clients, 0.04)
+    ctl.operator("bb", "drain", 0.05)
+    ctl.tick(0.06)
+    for t in (0.07, 0.08, 0.09):                            # only ba is heard from now on
+        exchange(ctl, clients[:1], t)
+    out = ctl.tick(0.1)                                     # bb and bc silent > 20 ms
+    whys = [(t, e - base, why) for t, e, why in ctl.history]
+    assert whys[:3] == [(0.01, 1, "bc scaled out: joining"), (0.04, 2, "bc in sync: takes its buckets"),
+                        (0.05, 3, "bb draining")]
+    assert sorted((t, why) for t, _, why in whys[3:]) == [(0.1, "bb missed heartbeats"),
+                                                         (0.1, "bc missed heartbeats")]
+    assert sorted(e for _, e, _ in whys[3:]) == [4, 5] and len(whys) == 5
+    assert ctl.counters["epochs"] == 5 and ctl.counters["failovers"] == 2
+    assert pushes(out, "ba")                                # every failover is pushed at once
+    assert not pushes(ctl.tick(0.105), "ba")                # and counts as the last push
+
+
+def test_a_member_that_died_joining_does_not_lead_on_a_late_in_sync_status():
+    """bc joins, is declared dead before it reports in sync; its in-sync
+    STATUS arriving later (within the hold-down, so not yet alive again)
+    must not make a dead instance lead."""
+    ctl = controller(spare_map())
+    clients = [ControlClient(n, "ctl", ctl.map, KEYS, 100 + i) for i, n in enumerate(("ba", "bb", "bc"))]
+    exchange(ctl, clients, 0.0)
+    ctl.operator("bc", "scale-out", 0.01)
+    exchange(ctl, clients, 0.02)
+    exchange(ctl, clients[:2], 0.04)
+    ctl.tick(0.06)
+    assert ctl.map.instance("bc").state == InstanceState.DEAD
+    clients[2].in_sync = True
+    clients[2].epoch = ctl.map.epoch
+    exchange(ctl, clients, 0.07)
+    assert ctl.map.instance("bc").state == InstanceState.DEAD
+
+
+@pytest.mark.parametrize("name,action,message", [
+    ("zz", "drain", "no instance 'zz'"),
+    ("bc", "drain", "cannot drain bc: it is spare"),
+    ("ba", "scale-out", "cannot scale-out ba: it is active"),
+])
+def test_an_operator_action_the_state_does_not_allow_is_refused_by_name(name, action, message):
+    ctl = controller(spare_map())
+    epoch = ctl.map.epoch
+    with pytest.raises(ValueError) as err:
+        ctl.operator(name, action, 0.0)
+    assert str(err.value) == message and ctl.map.epoch == epoch
+
+
+def test_every_publication_is_the_last_push_and_has_its_time():
+    """Scale-out, in-sync activation and a dead member's return each push at
+    once: the next tick within the refresh pushes nothing, and the history
+    has the time of each."""
+    ctl = Controller("ctl", spare_map(), KEYS, 7_000, FailureDetector(0.01, 2, 0.05))
+    clients = [ControlClient(n, "ctl", ctl.map, KEYS, 100 + i, interval=0.001)
+               for i, n in enumerate(("ba", "bb", "bc"))]
+    exchange(ctl, clients, 0.0)
+    ctl.tick(0.0)
+    assert pushes(ctl.operator("bc", "scale-out", 0.01), "ba")
+    assert not pushes(ctl.tick(0.011), "ba")
+    exchange(ctl, clients, 0.012)
+    clients[2].in_sync = True
+    out = []
+    for c in clients:                                       # bc reports in sync: it leads
+        for send in c.tick(0.015):
+            out += ctl.receive(send.data, 0.015)
+    assert ctl.map.instance("bc").state == InstanceState.ACTIVE and pushes(out, "ba")
+    assert not pushes(ctl.tick(0.016), "ba")
+    exchange(ctl, clients[:2], 0.02)
+    ctl.tick(0.035)                                         # bc silent > 20 ms: dead
+    assert ctl.map.instance("bc").state == InstanceState.DEAD
+    out = []
+    t = 0.04
+    while ctl.map.instance("bc").state == InstanceState.DEAD and t < 0.2:
+        for c in clients:                                   # heard again, past the hold-down
+            for send in c.tick(t):
+                out += ctl.receive(send.data, t)
+        ctl.tick(t)
+        t = round(t + 0.005, 3)
+    assert ctl.map.instance("bc").state == InstanceState.JOINING and pushes(out, "ba")
+    back = [(when, why) for when, _, why in ctl.history if why == "bc is back: joining"]
+    assert back and back[0][0] is not None and 0.09 <= back[0][0] < 0.2
+    assert not pushes(ctl.tick(t), "ba")
+    assert [when for when, _, _ in ctl.history][:2] == [0.01, 0.015]

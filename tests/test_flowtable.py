@@ -143,6 +143,72 @@ def test_replica_count_follows_every_removal():
     assert sum(pair.reps[n].node.counters["promoted"] for n in ("bb", "bc")) > 0
 
 
+def test_every_delete_of_a_cause_is_counted():
+    t = FlowTable()
+    for i in range(3):
+        t.insert(key(i), now=0)
+    t.delete(key(0))
+    t.delete(key(1))
+    t.delete(key(2), "deleted_by_peer")
+    assert t.delete(key(2)) is None                 # already gone: nothing counted
+    assert t.counters["deleted"] == 2 and t.counters["deleted_by_peer"] == 1
+
+
+def test_repr_names_code_version_packets_hops_and_role():
+    t = FlowTable()
+    e = t.insert((1, 0xABC, 6, b"a", 1, b"b", 2), now=0)
+    e.version, e.packets, e.fwd_hop, e.prev_hop, e.replica = 3, 7, "bb", "aa", True
+    assert repr(e) == "FlowEntry(code=0x00000abc v3 pkts=7 fwd=bb prev=aa replica=True)"
+
+
+def test_expiry_budget_is_shared_by_both_classes():
+    """One call looks at `budget` entries at most, embryonic first, and the
+    established class gets what the embryonic scan left."""
+    def table(embryonic: int, established: int) -> FlowTable:
+        t = FlowTable()
+        for i in range(embryonic + established):
+            t.insert(key(i), now=0, established=i >= embryonic).timeout = 1
+        return t
+
+    for emb, est, budget, gone in [(2, 2, 3, 3), (1, 3, 10, 4), (1, 2, 3, 3), (5, 0, 2, 2), (0, 5, 2, 2)]:
+        t = table(emb, est)
+        out = t.expire(now=5, max_timeout=1, budget=budget)
+        assert len(out) == gone and len(t) == emb + est - gone, (emb, est, budget)
+    t = table(10_001, 0)
+    assert len(t.expire(now=5, max_timeout=1)) == 10_000          # the default budget
+
+
+def test_an_entry_expires_at_its_last_seen_plus_timeout_exactly():
+    t = FlowTable()
+    t.insert(key(1), now=0).timeout = 10
+    assert t.expire(now=9.5, max_timeout=10) == [] and len(t.expire(now=10, max_timeout=10)) == 1
+
+
+def test_expiries_add_up_and_every_removal_moves_the_generation_forward():
+    t = FlowTable()
+    seen = [t.generation]
+    for i in range(6):
+        t.insert(key(i), now=i).timeout = 1
+    for now in (2.5, 4.5, 9):
+        assert t.expire(now=now, max_timeout=1)
+        seen.append(t.generation)
+        t.insert(key(0), now=now)                   # a new entry removes nothing
+        t.insert(key(0), now=now)                   # a replacement does
+        seen.append(t.generation)
+        t.delete(key(0))
+        seen.append(t.generation)
+    assert t.counters["expired"] == 6
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+def test_establishing_an_entry_no_longer_in_the_table_changes_nothing():
+    t = FlowTable()
+    e = t.insert(key(1), now=0, tenant=3)
+    t.delete(key(1))
+    t.establish(e)                                  # removed meanwhile: a no-op, not an error
+    assert not e.established and len(t) == 0 and t.embryonic_of(3) == 0
+
+
 # -- floods (issue #14, finding 4) ------------------------------------------------------
 
 import struct

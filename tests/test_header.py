@@ -51,3 +51,41 @@ def test_gso_option_round_trip_and_refusals():
     for bad in (bytes([1, 10, 0, 0]), bytes([1, 2, 0, 0])):          # past the end; wrong size
         with pytest.raises(wire.HeaderError, match="bad_option"):
             wire.read_gso(bad)
+
+
+def test_a_refused_option_names_its_reason_and_says_why():
+    """The drop counter's name is the reason exactly; the message carries
+    what was wrong, for the log."""
+    opt = wire.pack_gso(1, 1, 66, 1448, 34, 16)
+    cases = [(opt[:-2], "option 1 runs past the header"),            # 2 bytes short
+             (bytes([1, 2, 0, 0]), "GSO option of 2 bytes")]
+    for bad, why in cases:
+        with pytest.raises(wire.HeaderError) as err:
+            wire.read_gso(bad)
+        assert err.value.reason == "bad_option"
+        assert str(err.value) == f"bad_option: {why}"
+    with pytest.raises(wire.HeaderError) as err:                   # no detail: the reason alone
+        wire.decode(GOOD[:1] + bytes([0]) + GOOD[2:])
+    assert str(err.value) == "ttl_expired"
+
+
+def test_options_are_walked_by_their_own_padded_lengths():
+    # an unknown option of 2 bytes, then one of 6 whose value holds a zero
+    # where a walker that lost its place would read "padding"
+    walk = bytes([9, 2, 0, 0]) + bytes([9, 6, 7, 7, 0, 0, 0, 0])
+    opt = wire.pack_gso(1, 1, 66, 1448, 34, 16)
+    assert wire.read_gso(walk + opt) == (1, 1, 66, 1448, 34, 16)
+    # an unknown empty option ending the bytes exactly is skipped, not refused
+    assert wire.read_gso(bytes([9, 0])) is None
+    # one byte left is no option: refused, not read past the end
+    with pytest.raises(wire.HeaderError) as err:
+        wire.read_gso(bytes([9, 2, 0, 0, 9]))
+    assert err.value.reason == "bad_option"
+
+
+def test_every_field_survives_encode():
+    h = wire.Header(chain=300, index=7, code=2**32 - 1, client=77, epoch=12, flags=int(wire.Flags.REVERSE),
+                    ttl=9, next_proto=int(wire.NextProto.IPV6))
+    back = wire.decode(h.encode())
+    assert back == h._replace(length=wire.HEADER_LEN)
+    assert back.next_proto == wire.NextProto.IPV6 and back.ttl == 9 and back.flags == wire.Flags.REVERSE

@@ -6,7 +6,7 @@ import pytest
 
 from dataplane.core import header as wire
 from dataplane.core import syncwire as sw
-from dataplane.core.events import Send
+from dataplane.core.events import FlowUpdate, Mirror, Send
 from dataplane.core.liveness import Declared, Health
 from dataplane.core.node import ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
@@ -293,3 +293,123 @@ def test_a_joiner_that_missed_the_epoch_it_started_joining_in_still_gets_in_sync
     p.reps["ba"].update_map(later, p.now)              # ba never saw `joining`
     p.run(0.1)
     assert p.reps["ba"].synced_since(later.epoch)
+
+
+def _bulk_begins(p: Pair, src: str, peer: str, sends: list) -> list[tuple[int, int, int]]:
+    """(bulk id, flows, epoch) of every BULK_BEGIN `src` sent `peer`."""
+    me = sw.node_id(peer)
+    return [sw.read_bulk(r.value) for o in sends if isinstance(o, SyncSend) and o.peer == peer
+            for r in sw.decode(KEYS, o.data, me).records if r.type == sw.RecordType.BULK_BEGIN]
+
+
+def test_a_lone_mirror_is_ordered_like_any_packet_s_events():
+    """`process` of a packet whose only event is an update (no Send) still
+    hands the update to the channel: under `ordered` it leaves at once."""
+    p = Pair(Policy.ORDERED)
+    p.run(0.05)
+    rep = p.reps["ba"]
+    code = p.code_led_by("ba")
+    sec = p.map.secondary("B", code, exclude="ba")
+    key = (1, code, 6, b"\x0a\x01\x00\x0a", 40000, b"\x0a\x02\x00\x0a", 80)
+    out = rep.process([Mirror(sec, FlowUpdate(key, 3, b"s"))], p.now)
+    assert [type(o) for o in out] == [SyncSend]
+    (rec,) = [r for r in sw.decode(KEYS, out[0].data, sw.node_id(sec)).records
+              if r.type == sw.RecordType.FLOW_UPSERT]
+    assert sw.read_flow(rec).key == key and sw.read_flow(rec).version == 3
+
+
+def test_forced_resync_is_counted_each_time_and_stamped_with_the_map_epoch():
+    p = Pair()
+    p.run(0.05)
+    code = p.packet("ba", 42000)
+    p.run(0.02)
+    sec = p.map.secondary("B", code, exclude="ba")
+    rep = p.reps["ba"]
+    first = rep.resync(sec, p.now)
+    second = rep.resync(sec, p.now)
+    assert second == first + 1 and rep.counters["forced_resync"] == 2
+    sent = []
+    for _ in range(20):
+        p.now += 0.001
+        sent += rep.tick(p.now)
+    begins = _bulk_begins(p, "ba", sec, sent)
+    assert [(i, epoch) for i, _, epoch in begins] == [(first, p.map.epoch), (second, p.map.epoch)]
+    assert all(flows == 1 for _, flows, _ in begins)
+
+
+def test_snapshot_reports_policy_counters_peers_and_health():
+    p = Pair(Policy.ACKED)
+    p.run(0.05)
+    p.packet("ba", 42000)
+    rep = p.reps["ba"]
+    rep.rejected["bad_tag"] += 1
+    rep.node.counters["stale_updates"] += 4
+    snap = rep.snapshot(p.now)
+    assert snap["policy"] == "acked" and snap["held"] == 1
+    assert snap["counters"] == dict(rep.counters) and snap["counters"]["held"] == 1
+    assert snap["rejected"] == {"bad_tag": 1}
+    assert snap["stale_updates_ignored"] == 4
+    assert list(snap["peers"]) == ["bb", "bc"]
+    assert snap["peers"]["bb"] == rep.channels["bb"].snapshot(p.now)
+    assert snap["health"] == {"bb": "alive", "bc": "alive"}
+
+
+def test_a_map_change_bulks_each_led_flow_to_its_own_new_secondary(monkeypatch):
+    """Four B instances; ba leads flows of many buckets. When bd dies, each
+    flow whose secondary was bd goes, in one bulk per peer, to the secondary
+    the new map gives its own code; no other flow moves."""
+    from dataplane.core.servicemap import Instance
+    from dataplane.core.syncchannel import SyncChannel
+    from tests.conftest import pair_map
+
+    m = pair_map()
+    for n in ("bc", "bd"):
+        m.add_instance("B", Instance(n))
+    bulks: dict[str, list] = {}
+    real = SyncChannel.start_bulk
+
+    def record(self, updates, now, epoch=0):
+        updates = list(updates)
+        bulks.setdefault(self.peer, []).append(sorted(u.key[1] for u in updates))
+        return real(self, updates, now, epoch)
+
+    monkeypatch.setattr(SyncChannel, "start_bulk", record)
+    rep = Replicator(ServiceNode("ba", m, create("firewall")), KEYS, 1000)
+    codes = codes_led_by(m, "ba", 60)
+    for i, c in enumerate(codes):
+        data = wire.pack(1, 1, c, 1, m.epoch) + tcp(sport=40000 + i)
+        rep.process(rep.node.from_fabric(data, "aa", 0.0), 0.0)
+    new = m.copy()
+    new.set_state("bd", InstanceState.DEAD)
+    bulks.clear()
+    moved = rep.update_map(new, 0.01)
+    want: dict[str, list] = {}
+    for c in codes:
+        if m.secondary("B", c, exclude="ba") == "bd":
+            want.setdefault(new.secondary("B", c, exclude="ba"), []).append(c)
+    assert len(want) == 2                                   # the moved flows go to bb and to bc
+    assert bulks == {peer: [sorted(cs)] for peer, cs in want.items()} and moved == 2
+    assert rep.counters["bulk_on_map_change"] == 2
+
+
+def test_async_leaves_the_update_for_the_batch_and_the_packet_goes_alone():
+    """Under `async` the packet's own call returns the packet only: its
+    update waits for the batch (64 records or 1 ms), then leaves."""
+    p = Pair(Policy.ASYNC)
+    p.run(0.05)
+    p.order.clear()
+    p.packet("ba", 40005)
+    assert p.order == ["send"]
+    p.step()                                          # 1 ms later: the batch is due
+    assert p.order.count("sync") >= 1
+
+
+def test_a_datagram_of_eight_bytes_from_a_peer_is_refused_by_its_channel_not_as_a_stranger():
+    """The sender id sits in bytes 4-8: eight bytes name a peer, whose
+    channel refuses the datagram as short; fewer name nobody."""
+    p = Pair()
+    p.run(0.05)
+    rep = p.reps["ba"]
+    short = bytes(4) + sw.node_id("bb").to_bytes(4, "big")
+    assert rep.receive(short, p.now) == [] and rep.counters["unknown_sender"] == 0
+    assert rep.receive(short[:7], p.now) == [] and rep.counters["unknown_sender"] == 1

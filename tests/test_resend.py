@@ -93,3 +93,43 @@ def test_reroute_never_raises(sent, old_states, new_states, new_has_b):
     out = buf.reroute(old, new, 0.5)
     assert all(new.is_alive(s.to) for s in out)
     assert buf.resent + buf.unroutable + buf.bad + len(buf.sent) == len(sent)
+
+
+def test_a_resent_header_keeps_every_field_but_epoch_and_the_rerouted_flag():
+    old = pair_map()
+    code = codes_led_by(old, "ba")[0]
+    new = old.copy()
+    new.set_state("ba", InstanceState.DEAD)
+    buf = ResendBuffer(window=1.0)
+    head = wire.pack(3, 2, code, 7, old.epoch, flags=int(wire.Flags.REVERSE), ttl=9,
+                     next_proto=int(wire.NextProto.IPV6), words=6)
+    kept = head + b"\x00" * 4 + b"inner"                          # one word of options
+    buf.record(1.0, "ba", kept)                                 # exactly `window` old: still kept
+    (out,) = buf.reroute(old, new, 2.0)
+    h = wire.decode(out.data)
+    assert (h.chain, h.index, h.code, h.client, h.epoch) == (3, 2, code, 7, new.epoch)
+    assert h.flags == wire.Flags.REVERSE | wire.Flags.REROUTED
+    assert (h.ttl, h.next_proto, h.length) == (9, wire.NextProto.IPV6, 24)
+    assert out.data[20:] == kept[20:] and out.to == "bb"
+
+
+def test_unroutable_packets_are_counted_each_and_the_rest_still_go():
+    """Service B is gone from the new map (its packets have nowhere to go)
+    while A lost aa to ab: B's packets are counted, A's resent, in one call,
+    and the counters add up over calls."""
+    from dataplane.core.servicemap import ServiceMap
+    from tests.test_node import lab_map
+
+    old = lab_map()
+    new = ServiceMap(buckets=old.buckets)
+    for svc, names in ((INGRESS, [INGRESS]), ("A", ["aa", "ab"]), (EGRESS, [EGRESS])):
+        new.add_service(svc, names)
+    new.set_state("aa", InstanceState.DEAD)
+    code = codes_led_by(old, "aa", service="A")[0]
+    buf = ResendBuffer(window=1.0)
+    for hop in ("ba", "ba", "aa"):
+        buf.record(0.0, hop, wire.pack(1, 1, code, 1, old.epoch) + udp())
+    out = buf.reroute(old, new, 0.5)
+    assert [s.to for s in out] == ["ab"] and buf.unroutable == 2 and buf.resent == 1
+    buf.record(0.6, "aa", wire.pack(1, 1, code, 1, old.epoch) + udp())
+    assert [s.to for s in buf.reroute(old, new, 0.7)] == ["ab"] and buf.resent == 2
