@@ -516,3 +516,20 @@ def test_flows_remembered_for_a_silent_peer_are_bounded():
     w.cut.clear()
     w.run(1.0)
     assert w.converged() and not w.a.ch.needs_bulk
+
+
+def test_an_update_is_encoded_when_flushed_so_a_coalesced_one_costs_nothing(monkeypatch):
+    """The pending set holds updates, not records: of two updates of one
+    flow before a flush only the newer is ever encoded, and it is the one
+    the peer applies."""
+    w = World(12)
+    w.run(0.02)
+    encoded = []
+    real = sw.flow_record
+    monkeypatch.setattr(sw, "flow_record", lambda u: encoded.append(u.version) or real(u))
+    w.a.update(1, w.now)
+    w.a.update(1, w.now)
+    assert encoded == [] and w.a.ch.stats["coalesced"] == 1
+    w.run(0.05)
+    assert encoded == [2]
+    assert w.b.replica[key(1)] == w.a.truth[key(1)]

@@ -28,6 +28,18 @@ def test_damaged_upserts_are_refused():
             sw.read_flow(sw.Record(rec.type, value))
 
 
+def test_an_upsert_cut_at_every_byte_is_refused_even_inside_a_known_hop_name():
+    """The hops are read inline against the cache of names: a name cut
+    short must not be taken for a cached one that it is a prefix of."""
+    whole = FlowUpdate(V4, 7, b"s" * 3, False, "egress", "ingress", 30.0)
+    sw.read_flow(sw.flow_record(FlowUpdate(V4, 1, b"", False, "egr", "ingr", 1.0)))  # cache the prefixes
+    rec = sw.flow_record(whole)
+    assert sw.read_flow(rec) == whole
+    for n in range(len(rec.value)):
+        with pytest.raises(sw.SyncError, match="malformed"):
+            sw.read_flow(sw.Record(rec.type, rec.value[:n]))
+
+
 def test_a_key_is_bound_to_its_senders_and_a_rotation_keeps_the_binding():
     ring = sw.Keyring({1: b"k" * 16}, 1, senders=[sw.node_id("ba")])
     ring.add(2, b"l" * 16)

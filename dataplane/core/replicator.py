@@ -119,7 +119,26 @@ class Replicator:
         """Order one packet's events for output according to the policy."""
         if len(events) == 1 and events[0].__class__ in _PLAIN:
             return events  # type: ignore[return-value]  # the common packet: nothing to order
-        return self.process_batch([events], now)
+        if self.policy is not Policy.ASYNC:
+            return self.process_batch([events], now)
+        # async, one packet: process_batch's order (the packet, then whatever
+        # batch is due) without its lists of lists; this runs per mirror
+        out: list[Out] = []
+        mirrored: list[SyncChannel] = []
+        for e in events:
+            cls = e.__class__
+            if cls is Mirror:
+                ch = self.channels.get(e.to) or self.channel(e.to)  # type: ignore[union-attr]
+                ch.submit(e.update, now)  # type: ignore[union-attr]
+                if ch not in mirrored:
+                    mirrored.append(ch)
+            elif cls in _PLAIN:
+                out.append(e)  # type: ignore[arg-type]
+        for ch in mirrored:
+            due = ch.flush_due(now)
+            if due:
+                out.extend(self._handle(ch.peer, due, now))
+        return out
 
     def process_batch(self, batch: list[list[Event]], now: float) -> list[Out]:
         """Order the events of packets received together (one list per packet).
@@ -257,11 +276,13 @@ class Replicator:
     def _handle(self, peer: str, events: list[SyncEvent], now: float) -> list[Out]:
         out: list[Out] = []
         ch = self.channels[peer]
+        apply = self.node.apply_update
         for ev in events:
-            if isinstance(ev, Transmit):
-                out.append(SyncSend(peer, ev.data))
-            elif isinstance(ev, Apply):
-                self.node.apply_update(ev.update, now)
+            cls = ev.__class__
+            if cls is Apply:
+                apply(ev.update, now)  # type: ignore[union-attr]
+            elif cls is Transmit:
+                out.append(SyncSend(peer, ev.data))  # type: ignore[union-attr]
             elif isinstance(ev, (PeerRestarted, ResyncRequested)) and self.policy != Policy.OFF:
                 self._full_bulk(peer, now)
             elif isinstance(ev, ResyncFlows):

@@ -447,19 +447,14 @@ def _hop(name: str | None) -> bytes:
     return raw
 
 
-def _read_hop(value: bytes, pos: int) -> tuple[str | None, int]:
-    if len(value) <= pos:
+def _hop_name(raw: bytes, whole: bool) -> str | None:
+    """The name of a hop not seen yet (`whole`: its bytes were all there)."""
+    if not whole:
         raise SyncError("malformed", "hop")
-    n = value[pos]
-    if len(value) < pos + 1 + n:
-        raise SyncError("malformed", "hop")
-    raw = value[pos + 1:pos + 1 + n]
-    name = _HOP_NAMES.get(raw, "")
-    if name == "":
-        name = raw.decode(errors="replace") or None
-        if len(_HOP_NAMES) < 4096:
-            _HOP_NAMES[raw] = name
-    return name, pos + 1 + n
+    name = raw.decode(errors="replace") or None
+    if len(_HOP_NAMES) < 4096:
+        _HOP_NAMES[raw] = name
+    return name
 
 
 def flow_record(u: FlowUpdate) -> Record:
@@ -476,6 +471,10 @@ def flow_record(u: FlowUpdate) -> Record:
 
 
 def read_flow(rec: Record) -> FlowUpdate:
+    """The update a flow record carries; SyncError("malformed") for any
+    record that does not parse whole. The hops of an upsert are read inline
+    and named from `_HOP_NAMES` (a secondary reads one record per mirrored
+    update: two helper calls per record were a fifth of its decode)."""
     value = rec.value
     if rec.type is RecordType.FLOW_UPSERT and len(value) >= _UPSERT4.size and value[9] == 4:
         chain, code, proto, _f, lo, lo_port, hi, hi_port, version, timeout_ms = _UPSERT4.unpack_from(value)
@@ -491,12 +490,24 @@ def read_flow(rec: Record) -> FlowUpdate:
             raise SyncError("malformed", "upsert record")
         version, timeout_ms = _UPSERT.unpack_from(value, pos)
         pos += _UPSERT.size
-    fwd, pos = _read_hop(rec.value, pos)
-    prev, pos = _read_hop(rec.value, pos)
-    if len(rec.value) < pos + 2:
+    size = len(value)
+    names = _HOP_NAMES
+    if size <= pos:
+        raise SyncError("malformed", "hop")
+    end = pos + 1 + value[pos]
+    raw = value[pos + 1:end]
+    fwd = names.get(raw, "")
+    if fwd == "":
+        fwd = _hop_name(raw, size >= end)
+    if size <= end:
+        raise SyncError("malformed", "hop")
+    pos, end = end, end + 1 + value[end]
+    raw = value[pos + 1:end]
+    prev = names.get(raw, "")
+    if prev == "":
+        prev = _hop_name(raw, size >= end)
+    if size < end + 2:
         raise SyncError("malformed", "state length")
-    n = int.from_bytes(rec.value[pos:pos + 2], "big")
-    if len(rec.value) != pos + 2 + n:
+    if size != end + 2 + ((value[end] << 8) | value[end + 1]):
         raise SyncError("malformed", "state")
-    return FlowUpdate(key, version, bytes(rec.value[pos + 2:]), False, fwd, prev,
-                      timeout_ms / 1000)
+    return FlowUpdate(key, version, bytes(value[end + 2:]), False, fwd, prev, timeout_ms / 1000)
