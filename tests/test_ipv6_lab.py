@@ -1,7 +1,7 @@
 """Dual stack on the namespace lab (issue #15 item 3): IPv6 through the
 chain with real kernels on both hosts, neighbour discovery answered on each
-link and never carried, `amesh send` of crafted IPv6, and a failover of
-IPv6 flows under load with its control.
+link and never carried, `amesh send` of crafted IPv6 (the failover of
+IPv6 flows is in tests/test_ipv6_failover.py).
 """
 
 from __future__ import annotations
@@ -11,23 +11,14 @@ import json
 import os
 import time
 
-import pytest
 from click.testing import CliRunner
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
 
 from dataplane.cli.main import main
-from dataplane.lab import faults
-from tests import test_failover
-from tests.test_failover import B, WITH_CONTROL, Transfers, counters, leaders, why
-
-fresh = test_failover.fresh
-"""A fresh default lab per test (policy from the test's mark), as the failover tests use."""
+from tests.test_failover import B
 
 PAGE = os.urandom(300_000)
-BIG = os.urandom(3 << 20)
-"""Big enough that 30 paced downloads are still running when the kill
-comes (a smaller file sits whole in the client's receive buffer before it)."""
 
 
 def test_curl6_through_the_chain_and_ipv4_beside_it(lab, tmp_path):
@@ -79,38 +70,3 @@ def test_amesh_send_crafted_ipv6_from_the_client_reaches_the_server(lab, capture
     time.sleep(0.3)
     got = replies.stop()
     assert [(p[IPv6].src, p[ICMPv6EchoReply].id) for p in got] == [("fd00:2::10", 4646)] * 2
-
-
-@WITH_CONTROL
-def test_kill_the_b_primary_during_ipv6_transfers(fresh, policy):
-    """IPv6 flows fail over like IPv4 ones: with sync every transfer ends
-    sha256-intact; without it (the control) the transfers of the victim's
-    flows break."""
-    sha = fresh.http_server({"f6": BIG}, port=8086, family=6)["f6"]
-    tr = Transfers(fresh, n=30, pace=0.15, url=fresh.url("f6", 8086, 6), sha=sha)
-    m = fresh.map()
-    victim = max(leaders(fresh, B).items(), key=lambda kv: kv[1])[0]
-    faults.kill(fresh.state, victim)
-    rows = tr.join()
-    assert len(rows) == 30
-    affected = {r["i"] for r in rows
-                if m.primary("B", fresh.topo.stream_code(r["port"], 8086, family=6)) == victim}
-    broken = {r["i"] for r in rows if not tr.ok(r)}
-    assert affected, "no transfer had its flow on the victim"
-    if policy == "async":
-        assert broken == set(), why(fresh, rows, tr)
-        assert counters(fresh, tuple(i for i in B if i != victim), "took_over") > 0
-    else:
-        assert broken and broken <= affected
-        assert counters(fresh, tuple(i for i in B if i != victim), "misdelivery", "drops") > 0
-
-
-@pytest.mark.gso
-def test_ipv6_super_frames_cross_the_chain(fresh):
-    """With `[fabric] gso` the hosts' IPv6 TCP super-frames (gso_type TCPV6)
-    cross the chain whole and arrive intact."""
-    sha = fresh.http_server({"f6": BIG}, port=8086, family=6)["f6"]
-    before = counters(fresh, ("ingress", "egress"), "super_frames")
-    rows = Transfers(fresh, n=5, pace=0, url=fresh.url("f6", 8086, 6), sha=sha).join()
-    assert [r for r in rows if r["error"] or r["sha256"] != sha] == []
-    assert counters(fresh, ("ingress", "egress"), "super_frames") > before
