@@ -34,6 +34,8 @@ from typing import TypeVar
 from dataplane.lab.topology import Topology
 
 T = TypeVar("T")
+KEEP_TIMEOUT = 0.5
+"""Seconds one etcd endpoint may take to answer the controller's read or write."""
 START_TIMEOUT = 30.0
 """Seconds a starting controller waits for the cluster to answer its first read."""
 
@@ -50,7 +52,9 @@ def keeper(topo: Topology, path: Path) -> FileKeep | EtcdKeep:
     """The keeper of a topology's `[controller] store`: the map file at
     `path`, or the lab's key on its etcd cluster."""
     if topo.store == "etcd":
-        return EtcdKeep(topo.etcd_endpoints, f"/amesh/{topo.name}")
+        # the controller's loop waits for each write: a dead member may cost
+        # at most this before the next is tried (a write takes milliseconds)
+        return EtcdKeep(topo.etcd_endpoints, f"/amesh/{topo.name}", timeout=KEEP_TIMEOUT)
     return FileKeep(path)
 
 
