@@ -209,6 +209,29 @@ def test_establishing_an_entry_no_longer_in_the_table_changes_nothing():
     assert not e.established and len(t) == 0 and t.embryonic_of(3) == 0
 
 
+def test_hits_and_misses_are_counted_and_a_hit_refreshes_last_seen():
+    t = FlowTable(capacity=1)                       # one entry is a table
+    assert t.lookup(key(1), now=0) is None and t.lookup(key(2), now=0) is None
+    e = t.insert(key(1), now=0)
+    assert t.lookup(key(1), now=5) is e and t.lookup(key(1), now=7) is e and e.last_seen == 7
+    assert t.counters["misses"] == 2 and t.counters["hits"] == 2
+    with pytest.raises(ValueError) as err:
+        FlowTable(0)
+    assert str(err.value) == "flow table capacity must be at least 1"
+
+
+def test_a_new_entry_is_embryonic_and_unpinned_and_evictions_are_reported():
+    from dataplane.core.flowtable import FlowEntry
+
+    e = FlowEntry(key(1), 0.0)
+    assert (e.established, e.fwd_hop, e.prev_hop, e.replica, e.version) == (False, None, None, False, 0)
+    evicted = []
+    t = FlowTable(capacity=1, on_evict=lambda entry, now: evicted.append((entry.key, now)))
+    t.insert(key(1), now=0)
+    t.insert(key(2), now=3)
+    assert evicted == [(key(1), 3)]
+
+
 # -- floods (issue #14, finding 4) ------------------------------------------------------
 
 import struct

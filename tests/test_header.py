@@ -89,3 +89,14 @@ def test_every_field_survives_encode():
     back = wire.decode(h.encode())
     assert back == h._replace(length=wire.HEADER_LEN)
     assert back.next_proto == wire.NextProto.IPV6 and back.ttl == 9 and back.flags == wire.Flags.REVERSE
+
+
+def test_a_header_at_an_offset_is_read_and_measured_from_there():
+    assert wire.decode(b"\xee" * 3 + GOOD + b"x", 3) == wire.decode(GOOD + b"x")
+    cases = [(b"\xee" * 3 + GOOD[:19], 3, "truncated: 19 bytes < 20"),
+             (b"\xee" * 4 + GOOD[:2] + bytes([6]) + GOOD[3:] + bytes(3), 4, "bad_length: length 6 words"),
+             (bytes([0x20]) + GOOD[1:], 0, "bad_version: version 2")]
+    for buf, offset, message in cases:
+        with pytest.raises(wire.HeaderError) as err:
+            wire.decode(buf, offset)
+        assert str(err.value) == message
