@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from dataplane.lab import faults, netns
 from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
@@ -41,6 +42,20 @@ def stored(run: LabRun) -> dict[str, int]:
     return json.loads(res.stdout)
 
 
+def caught_up(run: LabRun, timeout: float = 5.0) -> tuple[dict, dict]:
+    """The controller's status and the stored map once etcd holds the
+    controller's epoch: a map published during a leader election is kept by
+    the controller's retry, not at once (the CI run where the killed member
+    was the leader)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = run.ask(run.topo.controller, "status")
+        got = stored(run)
+        if got["epoch"] == st["epoch"] or time.monotonic() > deadline:
+            return st, got
+        time.sleep(0.2)
+
+
 def test_the_controller_keeps_its_maps_in_the_labs_etcd_cluster():
     need_root()
     run = bring_up(DEFAULT, name="etcd", prefix="ame", **{"controller.store": "etcd"})
@@ -48,27 +63,27 @@ def test_the_controller_keeps_its_maps_in_the_labs_etcd_cluster():
     ctl = run.topo.controller
     try:
         assert [e.name for e in run.topo.extra_nodes()] == members
-        st = run.ask(ctl, "status")
-        s0 = stored(run)
+        st, s0 = caught_up(run)
         assert st["store"]["kind"] == "etcd" and s0["epoch"] == st["epoch"]
         assert s0["revision"] == st["store"]["revision"] > 0
         assert not (run_dir(run.topo.name) / f"{ctl}-map.json").exists()   # no file keeps it
 
         faults.kill(run.state, "bc")                     # a failure: the new map is in etcd
         e1 = run.wait_epoch(s0["epoch"])
-        s1 = stored(run)
-        assert s1["epoch"] == e1 and s1["revision"] > s0["revision"]
+        st, s1 = caught_up(run)
+        assert s1["epoch"] == st["epoch"] >= e1 and s1["revision"] > s0["revision"]
 
         faults.restart(run.topo, run.state, ctl)         # resumes from etcd, not the topology
         assert run.map().epoch == e1
         faults.kill(run.state, "ba")
         e2 = run.wait_epoch(e1)
-        assert stored(run)["epoch"] == e2
+        st, s2 = caught_up(run)
+        assert s2["epoch"] == st["epoch"] >= e2
 
         faults.kill(run.state, members[0])               # 2 of 3 members: still a majority
         e3 = faults.operator(run.topo, "bd", "scale-out")
-        assert stored(run)["epoch"] >= e3 > e2
-        assert run.ask(ctl, "status")["counters"].get("persist_error", 0) == 0
+        st, s3 = caught_up(run)
+        assert s3["epoch"] == st["epoch"] >= e3 > e2, st["counters"]
         procs = [run.state.processes[m] for m in members[1:]]
     finally:
         tear_down(run)

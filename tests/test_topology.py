@@ -70,7 +70,7 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('policy = "async"', 'policy = "sometimes"', "lab.policy: 'sometimes' is not one of"),
     ('kind = "firewall"', 'kind = "antivirus"', "services.B: service kind 'antivirus'"),
     ('kind = "firewall"', 'kind = "firewall"\noptions = { colour = "red" }', "services.B: service kind 'firewall' with these options"),
-    ('heartbeat_ms = 5', 'heartbeat_ms = 0', "timers.heartbeat_ms: must be positive"),
+    ('heartbeat_ms = 10', 'heartbeat_ms = 0', "timers.heartbeat_ms: must be positive"),
     ('buckets = 4096', 'buckets = "many"', "lab.buckets: expected int, got str"),
     ('mtu = 1600', 'mtu = 1500', "fabric.mtu: must be 1548-9000"),
     ('gso = false', 'gso = 1', "fabric.gso: expected bool, got int"),

@@ -2,7 +2,7 @@
 
 The detector is fed "heard from X at t" and clock ticks, and returns
 `Declared` events. Defaults here: 10 ms interval x 5 misses = declared dead
-50 ms after the last heartbeat (the lab's controller runs 5 ms x 4, see
+50 ms after the last heartbeat (the lab's controller runs 10 ms x 10, see
 `labs/default.toml`; the sync channels' own detector 20 ms x 4). A peer declared dead is not declared alive again
 until it has been heard steadily for `holddown` (default 1 s): a flapping
 instance (a hang that comes and goes, a lossy link) would otherwise move its

@@ -562,8 +562,8 @@ class _Validator:
         return Observability(port, prom, prom_port, interval / 1000)
 
     def timers(self, t: dict[str, Any]) -> Timers:
-        hb = self.get(t, "heartbeat_ms", "timers", (int, float), 5)
-        misses = self.get(t, "misses", "timers", int, 4)
+        hb = self.get(t, "heartbeat_ms", "timers", (int, float), 10)
+        misses = self.get(t, "misses", "timers", int, 10)
         hold = self.get(t, "holddown_ms", "timers", (int, float), 1000)
         refresh = self.get(t, "map_refresh_ms", "timers", (int, float), 100)
         for key, v in (("heartbeat_ms", hb), ("misses", misses), ("map_refresh_ms", refresh)):

@@ -1,7 +1,7 @@
 """`amesh agent`: one per machine; reports its forwarders' exits at once.
 
 Heartbeats find a crashed forwarder only after `misses` intervals of
-silence (20 ms with the lab's 5 ms x 4), and its heartbeat process may
+silence (100 ms with the lab's 10 ms x 10), and its heartbeat process may
 outlive it while the kernel tears the process down. The agent learns of
 the exit the moment it happens: it holds a pidfd (pidfd_open(2)) of every
 forwarder on its machine, and a pidfd becomes readable when its process
