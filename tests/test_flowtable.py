@@ -232,6 +232,27 @@ def test_a_new_entry_is_embryonic_and_unpinned_and_evictions_are_reported():
     assert evicted == [(key(1), 3)]
 
 
+def test_a_new_entry_has_counted_nothing_and_is_dated_from_its_insert():
+    """A flow's counters start at zero and its age (`created`, shown by the
+    forwarder's flow listing) is that of its insert, not of its last packet."""
+    t = FlowTable()
+    e = t.insert(key(1), now=3.0)
+    assert (e.packets, e.rev_packets, e.bytes) == (0, 0, 0)
+    assert e.created == e.last_seen == 3.0
+    t.lookup(key(1), now=8.0)
+    assert e.created == 3.0 and e.last_seen == 8.0
+
+
+def test_an_idle_entry_expires_after_the_default_timeout_unless_given_another():
+    from dataplane.core.flowtable import DEFAULT_TIMEOUT
+
+    t = FlowTable()
+    e = t.insert(key(1), now=0)
+    assert e.timeout == DEFAULT_TIMEOUT == 60.0
+    assert t.expire(now=59.0, max_timeout=DEFAULT_TIMEOUT) == []
+    assert t.expire(now=60.0, max_timeout=DEFAULT_TIMEOUT) == [e]
+
+
 # -- floods (issue #14, finding 4) ------------------------------------------------------
 
 import struct

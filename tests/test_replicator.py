@@ -7,11 +7,12 @@ import pytest
 from dataplane.core import header as wire
 from dataplane.core import syncwire as sw
 from dataplane.core.events import FlowUpdate, Mirror, Send
-from dataplane.core.liveness import Declared, Health
+from dataplane.core.liveness import Declared, FailureDetector, Health
 from dataplane.core.node import ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
 from dataplane.core.servicemap import InstanceState
 from dataplane.core.services import create
+from dataplane.core.syncchannel import SyncConfig
 from dataplane.sim.simlink import SimLink
 from tests.conftest import codes_led_by, tcp
 from tests.test_node import lab_map
@@ -22,12 +23,17 @@ KEYS = sw.Keyring({1: b"r" * 32}, 1)
 class Pair:
     """ba and bb, each a firewall node with a replicator, over a sim link."""
 
-    def __init__(self, policy=Policy.ASYNC):
-        self.map = lab_map()
+    def __init__(self, policy=Policy.ASYNC, smap=None, config=None, holddown=None):
+        self.map = smap or lab_map()
         self.now = 0.0
         self.link = SimLink(1)
+
+        def detector():
+            return None if holddown is None else FailureDetector(holddown=holddown)
+
         self.reps = {n: Replicator(ServiceNode(n, self.map, create("firewall")), KEYS,
-                                   1000 + i, policy) for i, n in enumerate(("ba", "bb", "bc"))}
+                                   1000 + i, policy, config, detector())
+                     for i, n in enumerate(("ba", "bb", "bc"))}
         self.fabric: list[tuple[str, Send]] = []
         self.order: list[str] = []
         self.declared: list[tuple[str, Declared]] = []
@@ -413,3 +419,242 @@ def test_a_datagram_of_eight_bytes_from_a_peer_is_refused_by_its_channel_not_as_
     short = bytes(4) + sw.node_id("bb").to_bytes(4, "big")
     assert rep.receive(short, p.now) == [] and rep.counters["unknown_sender"] == 0
     assert rep.receive(short[:7], p.now) == [] and rep.counters["unknown_sender"] == 1
+
+
+# -- survivors of the mutation run (tests/MUTANTS.md) -------------------------------------
+
+
+def _mirror_of(events):
+    return next(e for e in events if isinstance(e, Mirror))
+
+
+def test_flows_past_the_pending_limit_reach_the_secondary_in_their_current_state():
+    """A channel whose pending set is full remembers the flows it could not
+    queue and hands them back (`ResyncFlows`) once it has room: the
+    replicator sends the current state of those it still leads, and counts
+    the ones gone meanwhile (`resync_gone`). The config given to the
+    replicator is the one its channels use."""
+    p = Pair(config=SyncConfig(pending_limit=4))
+    p.run(0.05)
+    rep = p.reps["ba"]
+    code = p.code_led_by("ba")
+    sec = p.map.secondary("B", code, exclude="ba")
+    for port in range(45000, 45012):
+        p.packet("ba", port, code=code)
+    ch = rep.channels[sec]
+    assert ch.stats["resend_overflow"] == 8            # 4 queued, 8 remembered
+    gone = [e.key for e in rep.node.flows][-2:]
+    for k in gone:                                      # two of the remembered flows end unmirrored
+        rep.node.flows.delete(k)
+    p.run(0.1)
+    assert rep.counters["resync_gone"] == 2 and ch.stats["resync_flows"] == 8
+    assert replicas(p.reps[sec]) == leads(rep) and len(leads(rep)) == 10
+
+
+def test_under_async_a_batch_returns_its_packets_and_its_updates_wait_for_the_batch_delay():
+    p = Pair(Policy.ASYNC)
+    p.run(0.05)
+    rep = p.reps["ba"]
+    code = p.code_led_by("ba")
+    events = [rep.node.from_fabric(wire.pack(1, 1, code, 1, p.map.epoch) + tcp(sport=46000 + i), "aa",
+                                   p.now) for i in range(3)]
+    out = rep.process_batch(events, p.now)
+    assert [type(o) for o in out] == [Send, Send, Send]
+    later = rep.tick(p.now + 0.002)
+    assert any(isinstance(o, SyncSend) for o in later)
+
+
+def test_under_acked_only_a_packet_that_opens_a_flow_waits_for_its_acknowledgement():
+    """In one batch: a new flow's SYN (held), the server's SYN-ACK of a
+    flow the secondary already has (an update, not an opening: not held)
+    and a retransmitted SYN-ACK (no update at all: not held)."""
+    p = Pair(Policy.ACKED)
+    p.run(0.05)
+    rep = p.reps["ba"]
+    code = p.code_led_by("ba")
+    p.packet("ba", 47000, code=code)
+    p.run(0.02)                                        # 47000 acknowledged and released
+    p.fabric.clear()
+
+    def pkt(sport, flags, reply=False):
+        head = wire.pack(1, 2 if reply else 1, code, 1, p.map.epoch, wire.Flags.REVERSE if reply else 0)
+        inner = (tcp(src="10.2.0.10", dst="10.1.0.10", sport=80, dport=sport, flags=flags, seq=900, ack=2)
+                 if reply else tcp(sport=sport, flags=flags, seq=1))
+        return rep.node.from_fabric(head + inner, "egress" if reply else "aa", p.now)
+
+    opening = pkt(47001, "S")
+    answered = pkt(47000, "SA", reply=True)
+    again = pkt(47000, "SA", reply=True)
+    assert _mirror_of(opening).update.version == 1 and _mirror_of(answered).update.version > 1
+    assert not any(isinstance(e, Mirror) for e in again)
+    held = rep.counters["held"]
+    out = rep.process_batch([opening, answered, again], p.now)
+    sends = [o for o in out if isinstance(o, Send)]
+    assert sends == [answered[-1], again[-1]] and rep.counters["held"] == held + 1
+    p.out("ba", out)
+    p.run(0.02)
+    assert rep.counters["hold_timeout"] == 0 and [s for _, s in p.fabric][-1] == opening[-1]
+
+
+def test_held_packets_are_released_at_their_deadline_exactly_and_each_is_counted():
+    p = Pair(Policy.ACKED)
+    p.run(0.05)
+    rep = p.reps["ba"]
+    code = p.code_led_by("ba")
+    sec = p.map.secondary("B", code, exclude="ba")
+    del p.reps[sec]                                    # the secondary is silent
+    events = [rep.node.from_fabric(wire.pack(1, 1, code, 1, p.map.epoch) + tcp(sport=48000 + i), "aa",
+                                   p.now) for i in range(2)]
+    held_at = p.now
+    assert rep.process_batch(events, held_at)[-1:] != [events[-1][-1]] and rep.counters["held"] == 2
+    assert not [o for o in rep.tick(held_at + rep.hold_timeout / 2) if isinstance(o, Send)]
+    released = [o for o in rep.tick(held_at + rep.hold_timeout) if isinstance(o, Send)]
+    assert released == [events[0][-1], events[1][-1]] and rep.counters["hold_timeout"] == 2
+
+
+def test_a_replica_is_dated_from_the_update_that_made_it_and_expires_idle_like_its_primary():
+    p = Pair()
+    p.run(0.05)
+    code = p.packet("ba", 49000)
+    p.run(0.01)
+    sec = p.reps[p.map.secondary("B", code, exclude="ba")]
+    (e,) = [e for e in sec.node.flows if e.replica]
+    assert 0.05 < e.created == e.last_seen <= p.now
+    assert e.key in sec.node.flows
+    sec.node.expire(e.last_seen + e.timeout + 1)
+    assert e.key not in sec.node.flows
+
+
+def test_a_silent_peer_declared_dead_stays_dead_until_it_is_heard_again():
+    """A peer heard steadily for longer than the hold-down, then silent, is
+    declared dead once, and not back alive on the next ticks: only a new
+    datagram from it counts as being heard."""
+    p = Pair(holddown=0.02)
+    p.run(0.1)
+    p.declared.clear()
+    p.reps.pop("bc")
+    p.run(0.2)
+    assert [(d.peer, d.health) for src, d in p.declared if src == "ba"] == [("bc", Health.DEAD)]
+
+
+def test_refused_datagrams_are_counted_each_by_the_peer_s_channel_or_for_a_stranger_by_the_replicator():
+    p = Pair()
+    p.run(0.05)
+    rep = p.reps["ba"]
+    forged = sw.Keyring({1: b"x" * 32}, 1)
+
+    def from_(sender, counter):
+        return sw.encode(forged, sw.node_id(sender), sw.node_id("ba"), 5, 0, counter, 0, [sw.hello(1)])
+
+    for i in range(2):
+        assert rep.receive(from_("bb", 100 + i), p.now) == []
+    assert rep.channels["bb"].rejected["bad_mac"] == 2 and not rep.rejected
+    del rep.channels["bc"]
+    for i in range(2):
+        assert rep.receive(from_("bc", 100 + i), p.now) == []
+    assert rep.rejected["bad_mac"] == 2 and "bc" not in rep.channels
+
+
+def test_a_map_whose_epoch_is_1_still_names_the_senders_of_datagrams():
+    """A map document may start at epoch 1 (the first a store publishes):
+    the replicator's cache of sender ids must not take it for known."""
+    from dataplane.core.servicemap import ServiceMap
+
+    doc = lab_map().to_dict()
+    doc["epoch"] = 1
+    smap = ServiceMap.from_dict(doc)
+    p = Pair(smap=smap)
+    p.run(0.05)
+    assert p.reps["ba"].counters["unknown_sender"] == 0
+    assert p.reps["ba"].channels["bb"].stats["datagrams_received"] > 0
+
+
+@pytest.mark.parametrize("trigger", ["operator", "peer_request", "map_change"])
+def test_a_bulk_leaves_at_the_first_tick_a_batch_delay_after_it_starts(trigger):
+    """However a bulk starts (an operator's resync, the peer's RESYNC, a map
+    change that gives flows a new secondary) its first records leave at the
+    first tick `batch_delay` or more later, like any other update."""
+    p = Pair()
+    sec = led_by_ba(p, 3, 50000)
+    rep = p.reps["ba"]
+    start = p.now + 0.0005
+    if trigger == "operator":
+        rep.resync(sec, start)
+    elif trigger == "peer_request":
+        ask = p.reps[sec].channels["ba"]._transmit(0, [sw.Record(sw.RecordType.RESYNC, b"")]).data
+        assert not any(isinstance(o, SyncSend) for o in rep.receive(ask, start))
+    else:
+        other = "bc" if sec == "bb" else "bb"
+        new = p.map.copy()
+        new.set_state(sec, InstanceState.DEAD)
+        assert rep.update_map(new, start) == 1
+        sec = other
+    sent = rep.tick(start + 2 * rep.config.batch_delay)
+    assert [epoch for _, _, epoch in _bulk_begins(p, "ba", sec, sent)] == [rep.node.map.epoch], sent
+
+
+def test_acked_holds_a_packet_through_the_handshake_while_an_instance_marked_dead_says_hello():
+    """The first packet of a flow, sent before the channels are up, waits
+    for the secondary's acknowledgement; meanwhile bc, restarted but still
+    DEAD in the map (so without a channel), makes contact: its hello opens
+    a channel and releases nothing early."""
+    smap = lab_map()
+    smap.set_state("bc", InstanceState.DEAD)
+    p = Pair(Policy.ACKED, smap=smap)
+    rep = p.reps["ba"]
+    assert set(rep.channels) == {"bb"}
+    code = next(c for c in codes_led_by(smap, "ba", 50) if smap.secondary("B", c, exclude="ba") == "bb")
+    p.packet("ba", 51000, code=code)
+    assert rep.counters["held"] == 1 and not p.fabric
+    p.step()
+    p.step()                                           # bb's and bc's hellos arrive
+    assert "bc" in rep.channels and not p.fabric
+    p.run(0.02)
+    assert len(p.fabric) == 1 and rep.counters["hold_timeout"] == 0
+
+
+def test_after_a_scale_out_flows_kept_on_ba_are_mirrored_to_their_secondary_never_to_ba(monkeypatch):
+    """bd joins the service and heads buckets where ba still leads flows
+    (pinned). Their secondary is now the first candidate other than ba:
+    bd where it ranks first. The map change bulks each moved flow there
+    (none to ba itself, none for the replica ba holds, which comes first
+    in its table); a later map change that moves no secondary bulks
+    nothing; a resync of bd sends exactly the flows bd mirrors."""
+    from dataplane.core.servicemap import Instance, Tenant
+    from dataplane.core.syncchannel import SyncChannel
+
+    m = lab_map()
+    bulks: dict[str, list] = {}
+    real = SyncChannel.start_bulk
+
+    def record(self, updates, now, epoch=0):
+        updates = list(updates)
+        bulks.setdefault(self.peer, []).append(sorted(u.key for u in updates))
+        return real(self, updates, now, epoch)
+
+    monkeypatch.setattr(SyncChannel, "start_bulk", record)
+    rep = Replicator(ServiceNode("ba", m, create("firewall")), KEYS, 1000)
+    bb = ServiceNode("bb", m, create("firewall"))
+    theirs = next(c for c in codes_led_by(m, "bb", 50) if m.secondary("B", c, exclude="bb") == "ba")
+    mirror = _mirror_of(bb.from_fabric(wire.pack(1, 1, theirs, 1, m.epoch) + tcp(sport=39999), "aa", 0.0))
+    assert rep.node.apply_update(mirror.update, 0.0)          # ba's first entry: a replica
+    for i, c in enumerate(codes_led_by(m, "ba", 80)):
+        rep.process(rep.node.from_fabric(wire.pack(1, 1, c, 1, m.epoch) + tcp(sport=40000 + i), "aa", 0.0), 0.0)
+    led = [e for e in rep.node.flows if not e.replica]
+    new = m.copy()
+    new.add_instance("B", Instance("bd"))
+    bulks.clear()
+    rep.update_map(new, 0.01)
+    want: dict[str, list] = {}
+    for e in led:
+        sec = new.secondary("B", e.key[1], exclude="ba")
+        if sec != m.secondary("B", e.key[1], exclude="ba"):
+            want.setdefault(sec, []).append(e.key)
+    assert any(new.primary("B", k[1]) == "bd" for k in want["bd"])   # bd heads some of ba's flows
+    assert bulks == {peer: [sorted(keys)] for peer, keys in want.items()}
+    newer = new.copy()
+    newer.add_tenant(Tenant(2, "t2", ["10.3.0.0/16"]))      # a new epoch, no instance moved
+    bulks.clear()
+    assert rep.update_map(newer, 0.02) == 0 and bulks == {}
+    rep.resync("bd", 0.03)
+    assert bulks == {"bd": [sorted(e.key for e in led if newer.secondary("B", e.key[1], exclude="ba") == "bd")]}

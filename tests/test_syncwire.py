@@ -106,3 +106,58 @@ def test_keyring_state_round_trips_keys_and_the_current_id():
     assert fresh.signing_key(1, 7) == ring.signing_key(1, 7)
     with pytest.raises(ValueError, match="current key id 3"):
         fresh.restore({"current": 3, "keys": {"1": "00" * 16}})
+
+
+def _delete_value(family: int, key_bytes: int, tail: bytes = bytes(8)) -> bytes:
+    """A FLOW_DELETE value: the key's head naming `family`, `key_bytes` of
+    addresses and ports, then `tail` (the version)."""
+    return sw._KEY_HEAD.pack(1, 5, 6, family) + bytes(key_bytes) + tail
+
+
+@pytest.mark.parametrize("value,why", [
+    (_delete_value(4, 0)[:9], "flow key"),                 # not even the key's head
+    (_delete_value(5, 0, b""), "flow key family"),         # a head naming no family
+    (_delete_value(5, 12), "flow key family"),             # as long as an IPv4 key
+    (_delete_value(5, 36), "flow key family"),             # as long as an IPv6 key
+    (_delete_value(6, 30, b""), "flow key"),               # an IPv6 key cut short
+    (_delete_value(6, 36, b""), "delete record"),          # a whole IPv6 key, no version
+])
+def test_a_flow_key_cut_short_or_of_no_address_family_is_refused_and_said_why(value, why):
+    with pytest.raises(sw.SyncError) as err:
+        sw.read_flow(sw.Record(sw.RecordType.FLOW_DELETE, value))
+    assert err.value.reason == "malformed" and str(err.value) == f"malformed: {why}"
+
+
+def test_key_ids_are_0_to_255_and_keys_at_least_16_bytes():
+    for kid in (0, 255):
+        assert sw.Keyring({kid: b"k" * 16}, kid).current == kid
+    for kid, key in ((256, b"k" * 32), (-1, b"k" * 32), (1, b"k" * 15)):
+        with pytest.raises(ValueError) as err:
+            sw.Keyring({kid: key}, kid)
+        assert str(err.value) == f"key {kid}: ids are 0-255 and keys at least 16 bytes"
+
+
+def test_keyring_misuse_is_refused_with_the_reason():
+    ring = sw.Keyring({1: b"a" * 16, 2: b"b" * 16}, 1)
+    cases = [
+        (lambda: sw.Keyring({1: b"a" * 16}, 2), "current key id 2 not in keyring"),
+        (lambda: ring.use(3), "no key 3"),
+        (lambda: ring.retire(1), "cannot retire the key in use"),
+        (lambda: ring.restore({"current": 1, "keys": "01ab"}),
+         "a keyring state has 'current' (int) and 'keys' (id -> hex)"),
+        (lambda: ring.restore({"current": "1", "keys": {"1": "61" * 16}}),
+         "a keyring state has 'current' (int) and 'keys' (id -> hex)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
+    assert ring.current == 1 and set(ring.keys) == {1, 2}
+
+
+def test_retiring_a_key_the_ring_does_not_hold_changes_nothing():
+    ring = sw.Keyring({1: b"a" * 16, 2: b"b" * 16}, 1)
+    ring.retire(2)
+    ring.retire(2)                                       # a rotation's phase 3 rerun
+    ring.retire(7)
+    assert set(ring.keys) == {1} and set(ring.senders) == {1}
