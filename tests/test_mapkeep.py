@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.shells.mapkeep import Conflict, EtcdKeep, FileKeep, KeepError, keeper
+from dataplane.shells.mapkeep import Conflict, EtcdKeep, FileKeep, KeepError, Retrying, keeper
 from dataplane.lab.topology import load
 from tests import test_etcdstore
 from tests.test_etcdstore import free_port
@@ -26,10 +26,40 @@ def test_file_keep_replaces_the_map_whole(tmp_path):
 
 
 def test_the_topology_chooses_the_keeper(tmp_path):
-    assert isinstance(keeper(load(DEFAULT), tmp_path / "m.json"), FileKeep)
+    assert isinstance(keeper(load(DEFAULT), tmp_path / "m.json").inner, FileKeep)
     k = keeper(load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"')), tmp_path / "m.json")
-    assert isinstance(k, EtcdKeep) and k.describe()["key"] == "/amesh/default/map"
-    k.close()
+    assert isinstance(k.inner, EtcdKeep) and k.describe()["key"] == "/amesh/default/map"
+    k.inner.close()
+
+
+def test_a_refused_map_is_due_again_until_it_is_kept(tmp_path):
+    """The newest map the store refused comes back for another try every
+    `every` seconds; a newer map replaces it; once kept nothing is due.
+    The store here is a map file whose directory appears later."""
+    where = tmp_path / "later"
+    k = Retrying(FileKeep(where / "ctl-map.json"), every=0.5)
+    assert k.due(0.0) is None
+    for now, data in ((1.0, b"m1"), (1.5, b"m2")):
+        with pytest.raises(KeepError):
+            k.keep(data, now)
+    assert k.due(1.9) is None and k.due(2.0) == b"m2"
+    where.mkdir()
+    k.keep(k.due(2.0), 2.0)
+    assert k.load() == b"m2" and k.due(9.0) is None
+
+
+def test_a_lost_compare_and_swap_is_not_retried(etcd):
+    a, b = Retrying(EtcdKeep([etcd.url], "/lost")), EtcdKeep([etcd.url], "/lost")
+    try:
+        a.load()
+        b.load()
+        b.keep(b"theirs")
+        with pytest.raises(Conflict):
+            a.keep(b"ours", 0.0)
+        assert a.due(9.0) is None
+    finally:
+        a.inner.close()
+        b.close()
 
 
 def test_etcd_keep_writes_by_compare_and_swap(etcd):

@@ -27,12 +27,8 @@ class Pair:
         self.map = smap or lab_map()
         self.now = 0.0
         self.link = SimLink(1)
-
-        def detector():
-            return None if holddown is None else FailureDetector(holddown=holddown)
-
-        self.reps = {n: Replicator(ServiceNode(n, self.map, create("firewall")), KEYS,
-                                   1000 + i, policy, config, detector())
+        self.reps = {n: Replicator(ServiceNode(n, self.map, create("firewall")), KEYS, 1000 + i, policy, config,
+                                   None if holddown is None else FailureDetector(holddown=holddown))
                      for i, n in enumerate(("ba", "bb", "bc"))}
         self.fabric: list[tuple[str, Send]] = []
         self.order: list[str] = []

@@ -118,8 +118,6 @@ PREPARE_AFTER = 0.200
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 EXPIRE_EVERY = 1.0
-PERSIST_RETRY = 0.5
-"""Seconds between the controller's tries to keep a map its store refused."""
 HOSTS_BRIDGE = "hbr0"
 ERROR_LOG_EVERY = 1.0
 """At most one traceback per handler per this many seconds in the log."""
@@ -293,8 +291,6 @@ class Forwarder:
         if self.role == "controller":
             self.store = keeper(topo, run_dir / f"{node}-map.json")
             """Where the controller's `Persist` events are kept (a file or etcd)."""
-            self.unkept: tuple[bytes, float] | None = None
-            """The newest map if the store refused it, and when (retried by `tick`)."""
             stored = self.store.load()
             self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
@@ -649,18 +645,14 @@ class Forwarder:
     def _persist(self, data: bytes) -> None:
         """Keep a published map before it is pushed; a failure is counted
         and logged, the map in memory is pushed all the same, and `tick`
-        tries again (every PERSIST_RETRY) until the newest map is kept: a
-        write that fell into an etcd leader election would otherwise leave
-        the store one map behind until the next failure."""
-        self.unkept = None
+        tries again when the store says it is due (`Retrying`)."""
         try:
-            self.store.keep(data)
+            self.store.keep(data, time.monotonic())
         except Conflict as exc:
             self.ctl.counters["persist_conflict"] += 1
             log(self.name, f"map store: {exc}")
         except KeepError as exc:
             self.ctl.counters["persist_error"] += 1
-            self.unkept = data, time.monotonic()
             log(self.name, f"map store: {exc}")
 
     def _note(self, what: str, mono: float, **fields: Any) -> None:
@@ -815,8 +807,8 @@ class Forwarder:
                 if self._on_control(self.control, now):
                     break
             self._controller_out(self.ctl.tick(time.monotonic()))
-            if self.unkept is not None and now - self.unkept[1] >= PERSIST_RETRY:
-                self._persist(self.unkept[0])
+            if (again := self.store.due(now)) is not None:
+                self._persist(again)
             return
         if self.impair.active or self.impair.pending:
             self.impair.flush(now)

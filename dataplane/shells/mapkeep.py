@@ -19,7 +19,10 @@ kept, so no forwarder holds a map the store does not:
   controllers adopting the winner's map is the shared-controller work.
 
 Both raise `KeepError` when the map could not be kept; the shell counts it
-and forwarding goes on with the map in memory. The etcd client (gRPC) is
+and forwarding goes on with the map in memory. `Retrying` wraps either and
+remembers the newest map it refused, for the shell to try again: a write
+that fell into an etcd leader election would otherwise leave the store one
+map behind until the next failure. The etcd client (gRPC) is
 imported only by a controller that uses etcd: the forwarders never load it.
 """
 
@@ -36,6 +39,8 @@ from dataplane.lab.topology import Topology
 T = TypeVar("T")
 KEEP_TIMEOUT = 0.5
 """Seconds one etcd endpoint may take to answer the controller's read or write."""
+PERSIST_RETRY = 0.5
+"""Seconds between tries to keep a map the store refused."""
 START_TIMEOUT = 30.0
 """Seconds a starting controller waits for the cluster to answer its first read."""
 
@@ -48,14 +53,48 @@ class Conflict(KeepError):
     """The compare-and-swap lost: the key is not at the revision we wrote from."""
 
 
-def keeper(topo: Topology, path: Path) -> FileKeep | EtcdKeep:
+def keeper(topo: Topology, path: Path) -> Retrying:
     """The keeper of a topology's `[controller] store`: the map file at
-    `path`, or the lab's key on its etcd cluster."""
+    `path`, or the lab's key on its etcd cluster, retried when refused."""
     if topo.store == "etcd":
         # the controller's loop waits for each write: a dead member may cost
         # at most this before the next is tried (a write takes milliseconds)
-        return EtcdKeep(topo.etcd_endpoints, f"/amesh/{topo.name}", timeout=KEEP_TIMEOUT)
-    return FileKeep(path)
+        return Retrying(EtcdKeep(topo.etcd_endpoints, f"/amesh/{topo.name}", timeout=KEEP_TIMEOUT))
+    return Retrying(FileKeep(path))
+
+
+class Retrying:
+    """A keeper that remembers the newest map it could not keep (`due`
+    hands it back every `every` seconds until it is kept or a newer map
+    replaces it). A lost compare-and-swap is not retried: another writer
+    holds the key, and writing over it is the shared controllers' call."""
+
+    def __init__(self, inner: FileKeep | EtcdKeep, every: float = PERSIST_RETRY) -> None:
+        self.inner, self.every = inner, every
+        self.unkept: tuple[bytes, float] | None = None
+        """The refused map and when it was last tried."""
+
+    def describe(self) -> dict[str, object]:
+        return self.inner.describe()
+
+    def load(self) -> bytes | None:
+        return self.inner.load()
+
+    def keep(self, data: bytes, now: float) -> None:
+        self.unkept = None
+        try:
+            self.inner.keep(data)
+        except Conflict:
+            raise
+        except KeepError:
+            self.unkept = data, now
+            raise
+
+    def due(self, now: float) -> bytes | None:
+        """The refused map, once it is time to try it again."""
+        if self.unkept is not None and now - self.unkept[1] >= self.every:
+            return self.unkept[0]
+        return None
 
 
 class FileKeep:
