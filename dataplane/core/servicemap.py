@@ -57,6 +57,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import sys
 from array import array
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -195,12 +196,49 @@ class BucketTable:
     def candidates(self, bucket: int) -> list[str]:
         return [self.names[r[bucket]] for r in self.ranks if r[bucket] != NO_INSTANCE]
 
+    def where(self, rank: int, names: set[str | None]) -> int:
+        """The buckets whose `rank`-th candidate (0: the primary) is one of
+        `names` (None: no candidate), as a bit set: bit 8*b is bucket b.
+
+        A byte per bucket, so that sets of buckets combine with & | and ~
+        and list their members (`listed`) in C: any Python loop over a
+        table's buckets costs milliseconds at 65,536 (the map install of
+        `ServiceNode._orphaned` walked them four times and took 26 ms)."""
+        n = len(self.ranks[0])
+        wanted = {k for k, name in enumerate(self.names) if name in names}
+        if None in names:
+            wanted.add(NO_INSTANCE)
+        if rank >= len(self.ranks):
+            flags = bytes([NO_INSTANCE in wanted]) * n
+        elif len(self.names) < 0xFF and self.ranks[rank].itemsize == 2:
+            # one byte per bucket: the low byte of each index, which is the
+            # index itself below 0xFF and 0xFF for NO_INSTANCE
+            low = self.ranks[rank].tobytes()[_LOW_BYTE::2]
+            flags = low.translate(bytes((0xFFFF if i == 0xFF else i) in wanted for i in range(256)))
+        else:
+            flags = bytes(map(wanted.__contains__, self.ranks[rank]))
+        return int.from_bytes(flags, "little")
+
     def primary_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.names, 0)
         for i in self.ranks[0]:
             if i != NO_INSTANCE:
                 counts[self.names[i]] += 1
         return counts
+
+
+_LOW_BYTE = 0 if sys.byteorder == "little" else 1
+"""Where the low byte of an array("H") item is in its bytes."""
+
+
+def listed(buckets: int, n: int) -> list[int]:
+    """The buckets of a bit set of `BucketTable.where` (`n` buckets in all),
+    found by a regular expression: 25 us for none of 65,536 and 0.15 ms for
+    1 % of them, where `itertools.compress` takes 1.4 ms whatever the set."""
+    return [m.start() for m in _ANY_BYTE.finditer(buckets.to_bytes(n, "little"))]
+
+
+_ANY_BYTE = re.compile(rb"[^\x00]")
 
 
 class ServiceMap:
