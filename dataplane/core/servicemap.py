@@ -204,20 +204,36 @@ class BucketTable:
         and list their members (`listed`) in C: any Python loop over a
         table's buckets costs milliseconds at 65,536 (the map install of
         `ServiceNode._orphaned` walked them four times and took 26 ms)."""
+        return int.from_bytes(self._read(rank, dict.fromkeys(names, 1)), "little")
+
+    def others(self, exclude: str, codes: dict[str, int]) -> bytes:
+        """Every bucket's first candidate other than `exclude` (what
+        `ServiceMap.secondary(service, code, exclude)` answers), as a byte
+        per bucket: its code in `codes` (1 to 255, shared by the tables
+        compared), 0 for none."""
+        others = 0
+        for r in reversed(range(len(self.ranks))):
+            here = self._read(r, {name: c for name, c in codes.items() if name != exclude})
+            skipped = self.where(r, {exclude, None}) * 0xFF
+            others = (others & skipped) | int.from_bytes(here, "little")
+        return others.to_bytes(len(self.ranks[0]), "little")
+
+    def _read(self, rank: int, value: dict[str | None, int]) -> bytes:
+        """A byte per bucket: `value` of its `rank`-th candidate's name
+        (None: no candidate), 0 for a name not in `value`."""
         n = len(self.ranks[0])
-        wanted = {k for k, name in enumerate(self.names) if name in names}
-        if None in names:
-            wanted.add(NO_INSTANCE)
         if rank >= len(self.ranks):
-            flags = bytes([NO_INSTANCE in wanted]) * n
-        elif len(self.names) < 0xFF and self.ranks[rank].itemsize == 2:
-            # one byte per bucket: the low byte of each index, which is the
-            # index itself below 0xFF and 0xFF for NO_INSTANCE
-            low = self.ranks[rank].tobytes()[_LOW_BYTE::2]
-            flags = low.translate(bytes((0xFFFF if i == 0xFF else i) in wanted for i in range(256)))
-        else:
-            flags = bytes(map(wanted.__contains__, self.ranks[rank]))
-        return int.from_bytes(flags, "little")
+            return bytes([value.get(None, 0)]) * n
+        row = self.ranks[rank]
+        values = [value.get(name, 0) for name in self.names]
+        if len(values) < 0xFF and row.itemsize == 2:
+            # the low byte of each index: the index itself below 0xFF, 0xFF
+            # for NO_INSTANCE
+            table = bytes(values + [0] * (0xFF - len(values)) + [value.get(None, 0)])
+            return row.tobytes()[_LOW_BYTE::2].translate(table)
+        of = dict(enumerate(values))
+        of[NO_INSTANCE] = value.get(None, 0)
+        return bytes(map(of.__getitem__, row))
 
     def primary_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.names, 0)
