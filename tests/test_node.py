@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from dataplane.core import header as wire
@@ -510,3 +512,78 @@ def test_a_lost_flow_is_not_counted_again_after_a_later_failure(kind):
     _publish(nodes, after, ("s3",), 3.0, ("s4",))
     _mid_stream(nodes, 3.5)
     assert _lost(nodes, ("s3", "s4")) == lost
+
+
+def _orphaned_by_walk(node, orphans, since, old, new, now):
+    """`ServiceNode._orphaned` as it was written first, bucket by bucket
+    (the rule, readable): returns the new (orphans, since) for the state
+    (orphans, since: bucket -> when made secondary) it is given."""
+    from dataplane.core.node import SYNC_GRACE
+    from dataplane.core.servicemap import NO_INSTANCE
+
+    def roles(t):
+        rows = [[t.names[i] if i != NO_INSTANCE else None for i in r] for r in t.ranks[:2]]
+        return rows[0], rows[1] if len(rows) > 1 else [None] * len(rows[0])
+
+    def holders_died(p, s, young):
+        if p is None or new.is_alive(p):
+            return False
+        if not node.mirroring or s is None:
+            return True
+        return young if s == node.name else not new.is_alive(s)
+
+    svc, me = node.service_name, node.name
+    if old.table_inputs(svc) == new.table_inputs(svc):
+        return orphans, since
+    since = {b: t for b, t in since.items() if t > now - SYNC_GRACE}
+    out = set()
+    for b, (p0, s0, p1, s1) in enumerate(zip(*roles(old.table(svc)), *roles(new.table(svc)), strict=True)):
+        if p1 == me:
+            if (p0 == me and b in orphans) or (p0 != me and holders_died(p0, s0, b in since)):
+                out.add(b)
+        elif s1 == me and me not in (p0, s0):
+            since[b] = now
+    return out, since
+
+
+def test_orphaned_buckets_are_those_of_the_bucket_by_bucket_rule():
+    """`_orphaned` picks buckets by sets of them; through random map changes
+    (deaths, double deaths a few ms apart, rejoins, drains, spares, hosts,
+    one to three replicas, mirroring off) it finds exactly the orphans and
+    young secondaries the rule finds bucket by bucket, and the runs reach
+    every way to an orphan."""
+    import random
+
+    from dataplane.core.servicemap import Instance
+
+    seen = Counter()
+    for seed in range(40):
+        rnd = random.Random(seed)
+        names = [f"s{i}" for i in range(rnd.randint(2, 5))]
+        m = ServiceMap(buckets=rnd.choice([64, 256]), replicas=rnd.choice([1, 2, 2, 3]))
+        m.add_service("S", [Instance(n, host=rnd.choice(["", "h1", "h2"])) for n in names])
+        nodes = {n: ServiceNode(n, m, create("firewall"), mirroring=rnd.random() < 0.8) for n in names}
+        ref = {n: (set(), {}) for n in names}
+        now, smap = 1.0, m
+        for _ in range(30):
+            new = smap.copy()
+            for _ in range(rnd.choice([1, 1, 2])):
+                new.set_state(rnd.choice(names), rnd.choice(list(InstanceState)))
+            now += rnd.choice([0.002, 0.05, 0.3])
+            for n, node in nodes.items():
+                before = ref[n]
+                ref[n] = orphans, since = _orphaned_by_walk(node, *before, smap, new, now)
+                node._orphaned(smap, new, now)
+                young: dict[int, float] = {}
+                for t, bs in node._secondary_since:
+                    for b in range(new.buckets):
+                        if bs >> 8 * b & 1:
+                            young[b] = max(young.get(b, t), t)
+                assert node._orphans == orphans, (seed, n)
+                assert young == since, (seed, n)
+                seen["kept"] += bool(orphans & before[0])
+                seen["young"] += bool(orphans & set(before[1]) - before[0])
+                seen["not mirrored"] += bool(orphans - before[0]) and not node.mirroring
+                seen["mirrored"] += bool(orphans - before[0]) and node.mirroring
+            smap = new
+    assert min(seen.values()) > 3 and len(seen) == 4, seen

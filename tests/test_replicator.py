@@ -10,7 +10,7 @@ from dataplane.core.events import FlowUpdate, Mirror, Send
 from dataplane.core.liveness import Declared, FailureDetector, Health
 from dataplane.core.node import ServiceNode
 from dataplane.core.replicator import Policy, Replicator, SyncSend
-from dataplane.core.servicemap import InstanceState
+from dataplane.core.servicemap import Instance, InstanceState, Tenant
 from dataplane.core.services import create
 from dataplane.core.syncchannel import SyncConfig
 from dataplane.sim.simlink import SimLink
@@ -654,3 +654,60 @@ def test_after_a_scale_out_flows_kept_on_ba_are_mirrored_to_their_secondary_neve
     assert rep.update_map(newer, 0.02) == 0 and bulks == {}
     rep.resync("bd", 0.03)
     assert bulks == {"bd": [sorted(e.key for e in led if newer.secondary("B", e.key[1], exclude="ba") == "bd")]}
+
+def _bulks_of_map_change(monkeypatch, change, me, per_bucket):
+    """The bulks `me` (holding flows it leads and replicas) starts when the
+    map changes by `change`, reading secondaries per bucket or per flow."""
+    import random
+
+    from dataplane.core import replicator
+    from dataplane.core.services.firewall import FlowState, Kind, TcpState
+    from dataplane.core.syncchannel import SyncChannel
+
+    monkeypatch.setattr(replicator, "BUCKETS_PER_LOOKUP", 1 << 30 if per_bucket else 0)
+    bulks = []
+    monkeypatch.setattr(SyncChannel, "start_bulk", lambda ch, updates, now, epoch=0:
+                        bulks.append((ch.peer, sorted(u.key for u in updates), epoch)))
+    m = lab_map()
+    node = ServiceNode(me, m, create("firewall"))
+    rep = Replicator(node, KEYS, 1, Policy.ASYNC)
+    rnd = random.Random(me)
+    for port in range(3000):
+        code = rnd.getrandbits(32)
+        role = m.candidates("B", code).index(me) if me in m.candidates("B", code) else None
+        if role is None:
+            continue
+        e = node.flows.insert((1, code, 6, b"\x0a\x01\x00\x01", port, b"\x0a\x02\x00\x01", 80), 0.0,
+                              FlowState(Kind.TCP, int(TcpState.ESTABLISHED)))
+        e.version = 1
+        if role:
+            e.replica = True
+            node.flows.replicas += 1
+    new = m.copy()
+    change(new)
+    bulks.clear()
+    rep.update_map(new, 1.0)
+    return bulks
+
+
+MAP_CHANGES = {
+    "death": lambda m: m.set_state("ba", InstanceState.DEAD),
+    "double": lambda m: (m.set_state("ba", InstanceState.DEAD), m.set_state("bc", InstanceState.DEAD)),
+    "joining": lambda m: m.set_state("bc", InstanceState.JOINING),
+    "draining": lambda m: m.set_state("bb", InstanceState.DRAINING),
+    "scale_out": lambda m: m.add_instance("B", Instance("bd")),
+    "no_role_moved": lambda m: m.add_tenant(Tenant(2, "t2", ["10.3.0.0/16"])),
+}
+
+
+@pytest.mark.parametrize("me", ["ba", "bb", "bc"])
+@pytest.mark.parametrize("change", MAP_CHANGES)
+def test_bulks_on_a_map_change_are_the_same_read_per_bucket(monkeypatch, me, change):
+    """With many flows `Replicator.update_map` reads every bucket's
+    secondary off the tables at once, with few it asks the maps flow by
+    flow: both start the same bulks, to the same peers."""
+    per_flow = _bulks_of_map_change(monkeypatch, MAP_CHANGES[change], me, per_bucket=False)
+    per_bucket = _bulks_of_map_change(monkeypatch, MAP_CHANGES[change], me, per_bucket=True)
+    assert per_bucket == per_flow
+    moved = sum(len(keys) for _, keys, _ in per_flow)
+    assert moved > 100 if change in ("death", "scale_out") and me != "ba" else True

@@ -283,3 +283,31 @@ def test_json_text_is_bounded_in_size_and_depth_before_it_is_parsed():
     with pytest.raises(MapError, match="epoch"):
         ServiceMap.from_json(deep_string)
     assert ServiceMap.from_json(json.dumps(good_doc())).epoch == good_doc()["epoch"]
+
+
+@pytest.mark.parametrize("n_names", [1, 3, 254, 255, 300])
+def test_bucket_sets_hold_the_buckets_of_their_candidates(n_names):
+    """`BucketTable.where` reads a byte per bucket below 255 instances and
+    each index above: both hold exactly the buckets whose candidate of that
+    rank is one of the names asked (None: no candidate), and `listed`
+    gives them back; `others` gives each bucket's first candidate other
+    than one instance, as `ServiceMap.secondary` does."""
+    from array import array
+
+    from dataplane.core.servicemap import NO_INSTANCE, BucketTable, listed
+
+    rnd = random.Random(n_names)
+    names = [f"i{k}" for k in range(n_names)]
+    n = 512
+    ranks = [array("H", [rnd.choice([*range(n_names), NO_INSTANCE]) for _ in range(n)]) for _ in range(2)]
+    t = BucketTable(names, ranks)
+    for asked in ({names[0]}, {names[-1], None}, {None}, set(rnd.sample(names, min(5, n_names))), set()):
+        for r in range(3):
+            want = [b for b in range(n) if r < 2 and (t.names[ranks[r][b]] if ranks[r][b] != NO_INSTANCE
+                                                       else None) in asked or r == 2 and None in asked]
+            assert listed(t.where(r, asked), n) == want, (asked, r)
+    codes = {name: k % 250 + 1 for k, name in enumerate(names)}
+    for exclude in (names[0], names[-1], "nobody"):
+        want = bytes(next((codes[t.names[r[b]]] for r in ranks
+                           if r[b] != NO_INSTANCE and t.names[r[b]] != exclude), 0) for b in range(n))
+        assert t.others(exclude, codes) == want, exclude
