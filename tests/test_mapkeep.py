@@ -3,9 +3,11 @@ member on loopback, as in tests/test_etcdstore.py)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from dataplane.shells.mapkeep import Conflict, EtcdKeep, FileKeep, KeepError, Retrying, keeper
+from dataplane.shells.mapkeep import Conflict, EtcdKeep, FileKeep, Following, KeepError, Retrying, keeper
 from dataplane.lab.topology import load
 from tests import test_etcdstore
 from tests.test_etcdstore import free_port
@@ -98,3 +100,38 @@ def test_etcd_keep_skips_an_endpoint_that_does_not_answer(etcd):
             k.load(wait=1.0)
     finally:
         k.close()
+
+
+def test_peer_controllers_propose_from_one_revision_and_follow_the_winner(etcd):
+    """Two shared controllers propose from the same revision: one wins, the
+    other learns the winner's map in the answer; a follower thread started
+    at the first revision sees exactly the newer map, and stops on close."""
+    a, b = EtcdKeep([etcd.url], "/peers"), EtcdKeep([etcd.url], "/peers")
+    try:
+        a.keep(b"m1")
+        r1 = a.revision
+        follow = Following([etcd.url], "/peers", r1)
+        won = a.propose(b"m2-a", r1)
+        lost = b.propose(b"m2-b", r1)
+        assert won.won and won.stored.value == b"m2-a" and won.stored.revision > r1
+        assert not lost.won and lost.stored == won.stored and b.revision == won.stored.revision
+        deadline = time.monotonic() + 5
+        got = []
+        while not got and time.monotonic() < deadline:
+            got = follow.drain()
+            time.sleep(0.02)
+        follow.close()
+        assert got == [won.stored] and follow.error is None
+        assert not follow._thread.is_alive()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_follower_of_an_endpoint_that_never_answers_stops_on_close():
+    """It keeps trying (read, back-off, read) and brings nothing; `close`
+    ends the thread all the same (a controller's stop must not hang)."""
+    follow = Following([f"http://127.0.0.1:{free_port()}"], "/none", 0)
+    time.sleep(0.3)
+    follow.close(wait=5.0)
+    assert not follow._thread.is_alive() and follow.drain() == []

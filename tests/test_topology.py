@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from dataplane.core import syncwire as sw
 from dataplane.cli.main import main
 from dataplane.lab.topology import TopologyError, load
 
@@ -132,6 +133,13 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('address6 = "fd00:1::10/64"', 'address6 = 10', "hosts.client.address6: expected str, got int"),
     ('address6 = "fd00:2::1/64"', 'address6 = "ff02::1/64"', "egress.address6: ff02::1 is a link-local, multicast"),
     ('address6 = "fd00:1::1/64"', '', "hosts.client.address6: needs ingress.address6 (the hosts' IPv6 gateway)"),
+    ('name = "ctl"', 'name = "ctl"\npeers = ["ctl2"]',
+     'controller.peers: several controllers share the map through etcd: needs store = "etcd"'),
+    ('store = "embedded"', 'store = "etcd"\npeers = ["ba"]',
+     "services.B.instances[0]: name 'ba' already used by the controller"),
+    ('store = "embedded"', 'store = "etcd"\npeers = ["c1", "c2", "c3", "c4", "c5", "c6"]',
+     "controller.peers: at most 5 peers (fabric addresses .5-.9)"),
+    ('store = "embedded"', 'store = "etcd"\npeers = "ctl2"', "controller.peers: expected list, got str"),
 ])
 def test_precise_errors(tmp_path, old, new, needle):
     path = variant(tmp_path, old, new)
@@ -302,3 +310,22 @@ def test_machines_place_instances_in_the_map(tmp_path):
     assert "host" not in plain.to_json() and "anti_affinity" not in plain.to_json()
     off = load(variant(tmp_path, 'policy = "async"', 'policy = "async"\nanti_affinity = false')).build_map()
     assert not off.anti_affinity and off.table_digest("B") == plain.table_digest("B")
+
+
+def test_peer_controllers_share_the_map_in_etcd(tmp_path):
+    """`[controller] peers`: more controllers, the equals of `name`, each a
+    forwarder process with the controller role, addressed from .5 while
+    every other node keeps its address; every controller holds the master
+    key, and each forwarder one pair key per controller."""
+    base = load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"'))
+    t = load(variant(tmp_path, 'store = "embedded"', 'store = "etcd"\npeers = ["ctl2", "ctl3"]'))
+    assert t.controllers == ["ctl", "ctl2", "ctl3"] and base.controllers == ["ctl"]
+    assert [t.role(c) for c in t.controllers] == ["controller"] * 3
+    assert [t.fabric_ip(c) for c in t.controllers] == ["10.99.0.2", "10.99.0.5", "10.99.0.6"]
+    assert all(t.fabric_ip(n) == base.fabric_ip(n) for n in base.forwarders())
+    assert len({t.fabric_ip(n) for n in t.forwarders()}) == len(t.forwarders())
+    for c in t.controllers:
+        assert t.control_keyring(c).keys == {1: t.control_key}
+        mine = t.control_keyring("ba", c)
+        assert mine.keys == {1: sw.pair_key(t.control_key, sw.node_id(c), sw.node_id("ba"))}
+    assert t.control_keyring("ba").keys == t.control_keyring("ba", "ctl").keys

@@ -73,11 +73,12 @@ def _loaded(lab: str | None, node: str | None = None) -> tuple[Any, Any]:
     return state, topo
 
 
-def _ask(lab: str, node: str, req: dict[str, Any]) -> dict[str, Any]:
-    from dataplane.lab.query import QueryError, ask
+def _ask(lab: str, node: str | list[str], req: dict[str, Any]) -> dict[str, Any]:
+    """`req` to `node`, or to the first of a list of controllers that answers."""
+    from dataplane.lab.query import QueryError, ask, ask_controller
 
     try:
-        reply = ask(lab, node, req)
+        reply = ask_controller(lab, node, req) if isinstance(node, list) else ask(lab, node, req)
     except QueryError as exc:
         _fail(str(exc))
     if "error" in reply:
@@ -317,7 +318,7 @@ def flows(lab: str | None, node: str, as_json: bool) -> None:
 def map_show(lab: str | None, as_json: bool) -> None:
     """The lab's current map from the controller: epoch, roles, buckets per instance."""
     state, topo = _loaded(lab)
-    reply = _ask(state.lab, topo.controller, {"cmd": "map"})
+    reply = _ask(state.lab, topo.controllers, {"cmd": "map"})
     if as_json:
         click.echo(json.dumps(reply, indent=1))
         return

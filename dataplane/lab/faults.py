@@ -14,7 +14,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane.lab import build
-from dataplane.lab.query import QueryError, ask
+from dataplane.lab.query import QueryError, ask, ask_controller
 from dataplane.lab.state import LabState, alive, signal_proc
 from dataplane.lab.topology import AGENT_NODE, Topology
 
@@ -155,7 +155,7 @@ def restart(topo: Topology, state: LabState, node: str) -> None:
 def operator(topo: Topology, node: str, action: str) -> int:
     """`drain` or `scale-out` through the controller; returns the new epoch."""
     try:
-        reply = ask(topo.name, topo.controller, {"cmd": "operator", "node": node, "action": action})
+        reply = ask_controller(topo.name, topo.controllers, {"cmd": "operator", "node": node, "action": action})
     except QueryError as exc:
         raise FaultError(str(exc)) from None
     if "error" in reply:

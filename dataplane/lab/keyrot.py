@@ -63,6 +63,9 @@ class RotationError(RuntimeError):
 def purposes(topo: Topology, service: str | None = None, control: bool = False) -> list[str]:
     """The purposes to rotate: one service's sync key, the control key, or
     (neither given) the control key and every service's sync key."""
+    if topo.peers and service is None:
+        raise ValueError(f"lab {topo.name} has {len(topo.controllers)} controllers: rotating the control "
+                         "key is not supported with peers; rotate a service's sync key (--service)")
     if service is not None:
         if service not in topo.services:
             raise ValueError(f"no service {service!r}; services: {', '.join(topo.services)}")

@@ -36,3 +36,16 @@ def ask(lab: str, node: str, request: dict[str, Any], timeout: float = 2.0) -> d
         return json.loads(buf)
     except ValueError:
         raise QueryError(f"{node} sent a garbled answer") from None
+
+
+def ask_controller(lab: str, controllers: list[str], request: dict[str, Any],
+                   timeout: float = 2.0) -> dict[str, Any]:
+    """`request` to the first of `controllers` (`Topology.controllers`) that
+    answers: with peers, any controller holds the map, and one may be down."""
+    errors = []
+    for c in controllers:
+        try:
+            return ask(lab, c, request, timeout)
+        except QueryError as exc:
+            errors.append(str(exc))
+    raise QueryError("; ".join(errors))

@@ -87,7 +87,9 @@ class LabRun:
     def map(self) -> Any:
         from dataplane.core.servicemap import ServiceMap
 
-        return ServiceMap.from_dict(self.ask(self.topo.controller, "map")["map"])
+        from dataplane.lab.query import ask_controller
+
+        return ServiceMap.from_dict(ask_controller(self.name, self.topo.controllers, {"cmd": "map"})["map"])
 
     def wait_epoch(self, above: int, timeout: float = 3.0) -> int:
         """Wait until the controller publishes an epoch above `above`."""

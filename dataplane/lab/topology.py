@@ -171,18 +171,29 @@ class Topology:
     agent: bool = False
     """`[lab] agents`: run one `amesh agent` per machine, which reports its
     forwarders' exits to the controller the moment they happen."""
+    peers: list[str] = field(default_factory=list)
+    """`[controller] peers`: more controllers, the equals of `controller`,
+    sharing the map in etcd (compare-and-swap); `controller` is the one the
+    lab's tools ask first."""
 
     # -- derived ------------------------------------------------------------------
 
+    @property
+    def controllers(self) -> list[str]:
+        """Every controller: `controller` first, then its peers."""
+        return [self.controller, *self.peers]
+
     def forwarders(self) -> list[str]:
         """Nodes that run a forwarder process on the fabric, in address order."""
-        return [self.controller, self.ingress.name, self.egress.name,
+        return [self.controller, self.ingress.name, self.egress.name, *self.peers,
                 *(i for s in self.services.values() for i in s.members)]
 
     def fabric_ip(self, node: str) -> str:
-        order = self.forwarders()
-        host = 2 + order.index(node) if order.index(node) < 3 else \
-            FIRST_INSTANCE_HOST + order.index(node) - 3
+        """The controller .2, the edges .3 and .4, the peer controllers from
+        .5 (at most FIRST_INSTANCE_HOST - 5 of them), instances from .10."""
+        k = self.forwarders().index(node)
+        edges = 3 + len(self.peers)
+        host = 2 + k if k < 3 else 5 + k - 3 if k < edges else FIRST_INSTANCE_HOST + k - edges
         return str(self.subnet.network_address + host)
 
     def extra_nodes(self) -> list[ExtraNode]:
@@ -208,7 +219,7 @@ class Topology:
             return {}
         out: dict[str, list[str]] = {}
         for node in self.forwarders():
-            if node != self.controller:
+            if node not in self.controllers:
                 m = self.machine_of(node)
                 out.setdefault(f"{AGENT_NODE}-{m}" if m else "agent", []).append(node)
         return out
@@ -221,7 +232,7 @@ class Topology:
         return f"{self.prefix}-fabric"
 
     def role(self, node: str) -> str:
-        if node == self.controller:
+        if node in self.controllers:
             return "controller"
         if node == self.ingress.name:
             return "ingress"
@@ -273,7 +284,7 @@ class Topology:
         `controller` names another controller sharing the map store (the
         simulator's): every controller holds the master, and a forwarder has
         one pair key per controller."""
-        controller = controller or self.controller
+        controller = controller or (node if node in self.peers else self.controller)
         ctl = sw.node_id(controller)
         if node == controller:
             return sw.Keyring({1: self.control_key}, 1, pairwise=True,
@@ -422,6 +433,7 @@ class _Validator:
         gso = self.get(fabric, "gso", "fabric", bool, False)
         ctl = self.name(self.get(self.table("controller"), "name", "controller", str),
                         "controller.name", "controller")
+        peers = self.peers(self.table("controller"))
         anti_affinity = self.get(lab, "anti_affinity", "lab", bool, True)
         agent = self.get(lab, "agents", "lab", bool, False)
         edges = {}
@@ -438,6 +450,9 @@ class _Validator:
         obs = self.observability(self.table("observability", required=False))
         limits = self.limits(self.table("limits", required=False))
         n_extra = int(obs.prometheus) + members + (len(machines) + 1 if agent else 0)
+        if peers and store != "etcd":
+            raise self.fail("controller.peers", "several controllers share the map through etcd: "
+                            "needs store = \"etcd\"")
         n_fabric = 3 + sum(len(s.members) for s in services.values())
         if FIRST_INSTANCE_HOST + n_fabric + n_extra > subnet.num_addresses - 2:
             raise self.fail("fabric.subnet", f"too small for {n_fabric + n_extra} fabric nodes")
@@ -455,7 +470,7 @@ class _Validator:
         topo = Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
                         services, tenants, gso, obs, limits, store, endpoints, members, machines,
-                        anti_affinity, agent)
+                        anti_affinity, agent, peers)
         for a in topo.agents():
             if a in self.names:
                 raise self.fail("lab.agents", f"the agents are named agent and {AGENT_NODE}-<machine>: "
@@ -464,6 +479,14 @@ class _Validator:
             topo.etcd_endpoints = [f"http://{e.address}:{ETCD_CLIENT_PORT}" for e in topo.extra_nodes()
                                    if e.name.startswith(ETCD_NODE)]
         return topo
+
+    def peers(self, t: dict[str, Any]) -> list[str]:
+        """`[controller] peers`: the other controllers' names (fabric .5 up)."""
+        names = self.get(t, "peers", "controller", list, [])
+        if len(names) > FIRST_INSTANCE_HOST - 5:
+            raise self.fail("controller.peers", f"at most {FIRST_INSTANCE_HOST - 5} peers "
+                            "(fabric addresses .5-.9)")
+        return [self.name(n, f"controller.peers[{i}]", "controller") for i, n in enumerate(names)]
 
     def store(self, t: dict[str, Any]) -> tuple[str, list[str], int]:
         """`[controller] store`; for etcd, the cluster's `endpoints`

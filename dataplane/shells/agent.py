@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.core import syncwire as sw
-from dataplane.core.control import ControlClient
+from dataplane.core.control import ControlClient, ControlSend
 from dataplane.lab.state import LabState, start_time
 from dataplane.lab.topology import Topology, load
 from dataplane.shells.forwarder import realtime
@@ -58,8 +58,10 @@ class Agent:
         self.topo, self.name, self.run_dir = topo, name, run_dir
         self.nodes = agents[name]
         self.client = ControlClient(name, topo.controller, topo.build_map(), topo.control_keyring(name),
-                                    time.time_ns() // 1000, topo.timers.heartbeat)
-        self.ctl = (topo.fabric_ip(topo.controller), sw.CONTROL_PORT)
+                                    time.time_ns() // 1000, topo.timers.heartbeat,
+                                    others={c: topo.control_keyring(name, c) for c in topo.peers})
+        self.ctl = {c: (topo.fabric_ip(c), sw.CONTROL_PORT) for c in topo.controllers}
+        """Every controller's control address (each gets the notices)."""
         self.sel = selectors.DefaultSelector()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         ip = next(e.address for e in topo.extra_nodes() if e.name == name)
@@ -134,7 +136,7 @@ class Agent:
             if not sends:
                 continue    # no controller heard yet: held
             for s in sends:
-                self._send(s.data)
+                self._send(s)
             self.counters["notices_sent"] += 1
             self.pending[node] -= 1
             if not self.pending[node]:
@@ -142,9 +144,9 @@ class Agent:
 
     # -- the control channel ----------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, send: ControlSend) -> None:
         try:
-            self.sock.sendto(data, self.ctl)
+            self.sock.sendto(send.data, self.ctl[send.to])
         except OSError:
             self.counters["send_error"] += 1
 
@@ -175,7 +177,7 @@ class Agent:
                 pass
 
     def status(self) -> dict[str, Any]:
-        heard = self.topo.controller in self.client.endpoint.incarnations
+        heard = any(c in e.incarnations for c, e in self.client.endpoints.items())
         return {"node": self.name, "role": "agent", "pid": os.getpid(), "ready": heard,
                 "not_ready": [] if heard else ["controller not heard yet"], "epoch": self.client.epoch,
                 "watching": {n: pid for n, (pid, _) in self.watched.items()},
@@ -190,7 +192,7 @@ class Agent:
             self.refresh()
             sends = self.client.tick(now)
             for s in sends:
-                self._send(s.data)
+                self._send(s)
             if sends:
                 self._send_notices()   # once a tick: the resends, and what was held
             for key, _ in self.sel.select(timeout=self.client.interval / 2):

@@ -68,12 +68,12 @@ from dataplane.core import syncwire as sw
 from dataplane.core.affinity import AffinityHasher
 from dataplane.core.control import (ControlClient, Controller, ControlSend, MapPublished, MapReceived,
                                     not_ready, standing)
-from dataplane.core.events import Deliver, Persist, Send, TookOver
+from dataplane.core.events import Deliver, Persist, Propose, Send, TookOver
 from dataplane.core.header import UDP_PORT
 from dataplane.lab import keyrot
-from dataplane.lab.topology import Topology, load
+from dataplane.lab.topology import FIRST_INSTANCE_HOST, Topology, load
 from dataplane.core.liveness import Declared, FailureDetector
-from dataplane.shells.mapkeep import Conflict, KeepError, keeper
+from dataplane.shells.mapkeep import Conflict, Following, KeepError, keeper
 from dataplane.shells.metrics import MetricsServer, registry_for
 from dataplane.shells.mmsg import BatchReceiver, BatchSender
 from dataplane.core.node import EgressNode, IngressNode, ServiceNode
@@ -169,11 +169,14 @@ def plain(value: Any) -> Any:
 class Pulse:
     """What the packet loop tells its heartbeat process, in shared memory:
     the time of its last round, the epoch it holds, its status flags, and
-    the controller's incarnation as heard in its pushes (the heartbeats are
-    bound to it: `dataplane.core.control.Endpoint`); and the control key it
-    signs with, which a rotation changes after the fork (`set_key`)."""
+    each controller's incarnation as heard in its pushes (the heartbeats are
+    bound to it: `dataplane.core.control.Endpoint`), in the order of
+    `Topology.controllers`; and the control key it signs with, which a
+    rotation changes after the fork (`set_key`)."""
 
-    _LAYOUT = struct.Struct("=dQ??Q")
+    CONTROLLERS = 1 + FIRST_INSTANCE_HOST - 5
+    """The most controllers a topology has (`[controller] peers`)."""
+    _LAYOUT = struct.Struct(f"=dQ??{CONTROLLERS}Q")
     _KEY = struct.Struct("=IBB64s")
     """Generation (odd while being written), key id, key length, key (a
     forwarder's pair key is 32 bytes)."""
@@ -183,11 +186,13 @@ class Pulse:
         self.mem = mmap.mmap(-1, self._LAYOUT.size + self._KEY.size)
 
     def write(self, last_round: float, epoch: int, in_sync: bool, declared_dead: bool,
-              controller: int) -> None:
-        self._LAYOUT.pack_into(self.mem, 0, last_round, epoch, in_sync, declared_dead, controller)
+              controllers: list[int]) -> None:
+        incs = [*controllers, *[0] * (self.CONTROLLERS - len(controllers))]
+        self._LAYOUT.pack_into(self.mem, 0, last_round, epoch, in_sync, declared_dead, *incs)
 
-    def read(self) -> tuple[float, int, bool, bool, int]:
-        return self._LAYOUT.unpack_from(self.mem, 0)
+    def read(self) -> tuple[float, int, bool, bool, tuple[int, ...]]:
+        last, epoch, in_sync, dead, *incs = self._LAYOUT.unpack_from(self.mem, 0)
+        return last, epoch, in_sync, dead, tuple(incs)
 
     def set_key(self, kid: int, key: bytes) -> None:
         """Publish the key in use; the generation is odd while it is written,
@@ -291,10 +296,17 @@ class Forwarder:
         if self.role == "controller":
             self.store = keeper(topo, run_dir / f"{node}-map.json")
             """Where the controller's `Persist` events are kept (a file or etcd)."""
+            shared = bool(topo.peers)
             stored = self.store.load()
+            if shared and stored is None:
+                stored = self._first_shared_map(initial)
             self.ctl = Controller(node, initial, self.control_keys, self.incarnation,
                                   FailureDetector(timers.heartbeat, timers.misses, timers.holddown),
-                                  timers.map_refresh, time.monotonic(), stored, agents=topo.agents())
+                                  timers.map_refresh, time.monotonic(), stored, agents=topo.agents(),
+                                  shared=shared, revision=self.store.revision)
+            self.following = Following(topo.etcd_endpoints, f"/amesh/{topo.name}", self.store.revision) \
+                if shared else None
+            """Shared: the maps the other controllers win, from etcd's watch."""
             agents = topo.agents()
             self.agent_ips = {e.name: e.address for e in topo.extra_nodes() if e.name in agents}
             """The machines' agents: not map nodes, but they get the pushes."""
@@ -302,7 +314,8 @@ class Forwarder:
                 self._persist(self.ctl.map.to_json().encode())
         else:
             self.client = ControlClient(node, topo.controller, initial, self.control_keys,
-                                        self.incarnation, timers.heartbeat)
+                                        self.incarnation, timers.heartbeat,
+                                        others={c: topo.control_keyring(node, c) for c in topo.peers})
             self.fabric = self._udp(UDP_PORT, self._on_fabric)
             self.rx, self.tx = BatchReceiver(self.fabric, size=65536), BatchSender(self.fabric)
             self.resend = ResendBuffer(timers.heartbeat * (2 * timers.misses + 2))
@@ -329,6 +342,8 @@ class Forwarder:
             key.fileobj.close()
         if self.packet is not None:
             self.packet.close()
+        if self.role == "controller" and self.following is not None:
+            self.following.close()
         self.sel.close()
         (self.run_dir / f"{self.name}.sock").unlink(missing_ok=True)
 
@@ -434,7 +449,7 @@ class Forwarder:
         if epoch != self.map.epoch:
             by_name = {n: i.address for insts in self.map.services.values() for n, i in insts.items()
                        if i.address}
-            by_name[self.topo.controller] = self.topo.fabric_ip(self.topo.controller)
+            by_name.update((c, self.topo.fabric_ip(c)) for c in self.topo.controllers)
             by_ip = {socket.inet_aton(a): n for n, a in by_name.items()}
             self._addr_cache = (self.map.epoch, by_name, by_ip)
         return by_name, by_ip
@@ -636,6 +651,8 @@ class Forwarder:
                     self.ctl.counters["send_error"] += 1
             elif isinstance(ev, Persist):
                 self._persist(ev.data)
+            elif isinstance(ev, Propose):
+                self._propose(ev)
             elif isinstance(ev, MapPublished):
                 self._note("epoch", time.monotonic(), epoch=ev.epoch, reason=ev.reason)
             elif isinstance(ev, Declared):
@@ -654,6 +671,35 @@ class Forwarder:
         except KeepError as exc:
             self.ctl.counters["persist_error"] += 1
             log(self.name, f"map store: {exc}")
+
+    def _first_shared_map(self, initial: ServiceMap) -> bytes:
+        """The topology's map, written if etcd has none yet; a peer that
+        wrote first wins, and its map is the one taken."""
+        data = initial.to_json().encode()
+        try:
+            self.store.keep(data, time.monotonic())
+            return data
+        except Conflict:
+            return self.store.load() or data
+
+    def _propose(self, p: Propose) -> None:
+        """A shared controller's next map, written only if etcd still holds
+        the revision it was computed from; the answer goes back to the core
+        (won: push it; lost: adopt the winner's; no answer: propose again).
+        The loop waits for the write: milliseconds on the lab's cluster,
+        KEEP_TIMEOUT per member that does not answer."""
+        now = time.monotonic()
+        try:
+            res = self.store.inner.propose(p.data, p.computed_from)
+        except KeepError as exc:
+            self.ctl.counters["persist_error"] += 1
+            log(self.name, f"map store: {exc}")
+            res = None
+        if res is None or res.stored is None:
+            self._controller_out(self.ctl.on_cas(False, 0, None, now))
+        else:
+            self._controller_out(self.ctl.on_cas(res.won, res.stored.revision,
+                                                 None if res.won else res.stored.value, now))
 
     def _note(self, what: str, mono: float, **fields: Any) -> None:
         wall = time.time() - (time.monotonic() - mono)
@@ -755,6 +801,9 @@ class Forwarder:
             out["held_epochs"] = self.ctl.held
             out["rejected"] = dict(self.ctl.endpoint.rejected)
             out["store"] = self.store.describe()
+            if self.following is not None:
+                out["store"]["following"] = self.following.error or "watching"
+            out["revision"] = self.ctl.revision
             return out
         out["counters"] = dict(self.node.counters)
         out["drops"] = dict(self.node.drops)
@@ -806,6 +855,9 @@ class Forwarder:
             for _ in range(16):
                 if self._on_control(self.control, now):
                     break
+            if self.following is not None:
+                for got in self.following.drain():
+                    self._controller_out(self.ctl.adopt(got.value, got.revision, time.monotonic()))
             self._controller_out(self.ctl.tick(time.monotonic()))
             if (again := self.store.due(now)) is not None:
                 self._persist(again)
@@ -857,20 +909,22 @@ class Forwarder:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             realtime()
-            ctl = (self.topo.fabric_ip(self.topo.controller), sw.CONTROL_PORT)
+            ctls = self.topo.controllers
+            addr = {c: (self.topo.fabric_ip(c), sw.CONTROL_PORT) for c in ctls}
             client = self.client
             while os.getppid() == parent:
                 now = time.monotonic()
-                last, client.epoch, client.in_sync, client.declared_dead, ctl_inc = self.pulse.read()
-                if ctl_inc:
-                    client.endpoint.incarnations[client.controller] = ctl_inc
+                last, client.epoch, client.in_sync, client.declared_dead, incs = self.pulse.read()
+                for c, inc in zip(ctls, incs):
+                    if inc:
+                        client.endpoints[c].incarnations[c] = inc
                 kid, key = self.pulse.key()
                 if client.endpoint.keyring.keys.get(kid) != key or client.endpoint.keyring.current != kid:
                     client.endpoint.keyring = sw.Keyring({kid: key}, kid)   # rotated: sign with it
                 if now - last <= HANG_AFTER:
                     for send in client.tick(now):
                         try:
-                            self.control.sendto(send.data, ctl)
+                            self.control.sendto(send.data, addr[send.to])
                         except OSError:
                             pass
                 time.sleep(client.interval / 2)
@@ -880,7 +934,7 @@ class Forwarder:
     def _pulse(self) -> None:
         client = self.client
         self.pulse.write(time.monotonic(), client.epoch, client.in_sync, client.declared_dead,
-                         client.endpoint.incarnations.get(client.controller, 0))
+                         [client.endpoints[c].incarnations.get(c, 0) for c in self.topo.controllers])
 
     def run(self) -> None:
         log(self.name, f"{self.role} up on {self.ip} pid {os.getpid()} epoch {self.map.epoch}")
@@ -919,7 +973,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", required=True)
     ap.add_argument("--run-dir", required=True, type=Path)
     args = ap.parse_args(argv)
-    fwd = Forwarder(load(args.topology), args.node, args.run_dir)
+    try:
+        fwd = Forwarder(load(args.topology), args.node, args.run_dir)
+    except KeepError as exc:
+        log(args.node, f"map store: {exc}")
+        return 1
 
     def stop(_sig: int, _frame: object) -> None:
         fwd.running = False

@@ -15,8 +15,12 @@ kept, so no forwarder holds a map the store does not:
   write on the lab's cluster took a few milliseconds here). An endpoint
   that fails is skipped for the next one. A lost compare-and-swap (another
   writer moved the key) is counted and raised as `Conflict` with the
-  winner's revision learnt: one controller stays the writer; several
-  controllers adopting the winner's map is the shared-controller work.
+  winner's revision learnt.
+
+Several controllers sharing the map (`[controller] peers`) do not keep a
+map: each proposes the next by compare-and-swap from the revision it was
+computed from (`EtcdKeep.propose`, answered to the core's `on_cas`), and
+follows the key (`Following`) to adopt what the others won.
 
 Both raise `KeepError` when the map could not be kept; the shell counts it
 and forwarding goes on with the map in memory. `Retrying` wraps either and
@@ -29,11 +33,14 @@ imported only by a controller that uses etcd: the forwarders never load it.
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from dataplane.core.mapstore import CasResult, Stored
 from dataplane.lab.topology import Topology
 
 T = TypeVar("T")
@@ -80,6 +87,11 @@ class Retrying:
     def load(self) -> bytes | None:
         return self.inner.load()
 
+    @property
+    def revision(self) -> int:
+        """The store revision of the map last read or written (0: a file)."""
+        return self.inner.revision
+
     def keep(self, data: bytes, now: float) -> None:
         self.unkept = None
         try:
@@ -98,6 +110,9 @@ class Retrying:
 
 
 class FileKeep:
+    revision = 0
+    """A file has no revisions."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
@@ -172,6 +187,67 @@ class EtcdKeep:
         if not res.won:
             raise Conflict(f"the map key moved from revision {was} to {self.revision} under us")
 
+    def propose(self, data: bytes, computed_from: int) -> CasResult:
+        """Write `data` if the key is still at `computed_from` (a shared
+        controller's proposal): won, or lost with the winner's map."""
+        res = self._call(lambda ep: self.store.write(data, computed_from, ep))
+        if res.stored is not None:
+            self.revision = max(self.revision, res.stored.revision)
+        return res
+
     def close(self) -> None:
         self.loop.run_until_complete(self.store.close())
         self.loop.close()
+
+
+class Following:
+    """`EtcdMapStore.follow` on a thread of its own, with its own event loop
+    and clients, for a shell whose loop is not asyncio: every map newer than
+    `known_revision` lands in `maps`, which the shell drains on its tick. The
+    follower resumes broken watches and re-reads after a compaction
+    (`dataplane.shells.etcdstore`); the thread only waits on gRPC, so it
+    costs the controller's loop nothing between maps."""
+
+    def __init__(self, endpoints: list[str], prefix: str, known_revision: int) -> None:
+        self.maps: queue.SimpleQueue[Stored] = queue.SimpleQueue()
+        self.error: str | None = None
+        """Why the thread ended, if it ended before `close` (then no map
+        comes any more: the controller's status shows it)."""
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, args=(endpoints, prefix, known_revision),
+                                        name="etcd-follow", daemon=True)
+        self._thread.start()
+
+    def _run(self, endpoints: list[str], prefix: str, known_revision: int) -> None:
+        from dataplane.shells.etcdstore import EtcdMapStore
+
+        async def follow() -> None:
+            store = EtcdMapStore(endpoints, prefix)
+            try:
+                await store.follow(self.maps.put, self._stop, known_revision)
+            finally:
+                await store.close()
+
+        try:
+            self._loop.run_until_complete(follow())
+        except Exception as exc:           # reported in the status, never raised in the loop
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._loop.close()
+
+    def drain(self) -> list[Stored]:
+        out = []
+        while True:
+            try:
+                out.append(self.maps.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self, wait: float = 2.0) -> None:
+        if self._thread.is_alive():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:           # the loop closed meanwhile: the thread is ending
+                pass
+            self._thread.join(wait)
