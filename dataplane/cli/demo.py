@@ -59,7 +59,8 @@ def _report(r) -> None:  # type: ignore[no-untyped-def]
     click.echo(f"   B primary of the download: {r.primary}, secondary: {r.secondary}")
     labels = [("kill", "primary killed"), ("last_heartbeat", "last heartbeat heard"),
               ("declared_dead", "declared dead"), ("new_epoch", "new map epoch published"),
-              ("map_at_promoted", "secondary installs it"),
+              ("map_read_at_promoted", "secondary reads it"),
+              ("map_at_promoted", "secondary has installed it"),
               ("first_packet_at_promoted", "first packet served by the promoted secondary")]
     for key, label in labels:
         if key in r.timeline_ms:

@@ -124,6 +124,7 @@ def _timeline(run: LabRun, dead: str, promoted: str, t_kill: float) -> dict[str,
         out["epoch"] = epoch["epoch"]
     got = next((e for e in sec if e["event"] == "map" and e["time"] >= t_kill), None)
     if got:
+        out["map_read_at_promoted"] = round((got["time"] - t_kill) * 1000 - got.get("install_ms", 0), 1)
         out["map_at_promoted"] = round((got["time"] - t_kill) * 1000, 1)
     took = next((e for e in sec if e["event"] == "took_over" and e["time"] >= t_kill), None)
     if took:

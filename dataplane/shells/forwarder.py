@@ -716,7 +716,8 @@ class Forwarder:
             self.rep.update_map(smap, now)
         else:
             self.node.update_map(smap, now)
-        self._note("map", now, epoch=smap.epoch)
+        done = time.monotonic()   # `now` is when the datagram was read: the map's decoding is after it
+        self._note("map", done, epoch=smap.epoch, install_ms=round((done - now) * 1e3, 3))
         again = self.resend.reroute(old, smap, now) if self.serving else []
         if again:
             self._note("resent", now, packets=len(again), to=sorted({s.to for s in again}))
