@@ -1,13 +1,15 @@
 """Two controllers sharing the map in etcd on the namespace lab (issue #12
 item 2): `ctl1` and `ctl2` both hear every heartbeat, propose each new map
 by compare-and-swap and adopt what the other won, so either handles a
-failure alone, and each follows etcd's watch for what the other published.
+failure alone (also right after the etcd leader died), and each follows
+etcd's watch for what the other published.
 The control: with both down nothing reroutes (the epoch stands still);
 restarted, they resume at the stored revision and carry on.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -48,13 +50,37 @@ def converged(run: LabRun, above: int = 0, timeout: float = 5.0,
         time.sleep(0.1)
 
 
+LEADER = """
+import asyncio, sys
+import aetcd
+from dataplane.shells.etcdstore import parse_endpoint
+async def main():
+    for ep in sys.argv[1:]:
+        host, port = parse_endpoint(ep)
+        try:
+            async with aetcd.Client(host=host, port=port, timeout=2) as c:
+                print((await c.status()).leader.name)
+                return
+        except Exception:
+            continue
+asyncio.run(main())
+"""
+
+
+def etcd_leader(run: LabRun, node: str) -> str:
+    """The etcd member that leads the cluster, asked from `node`'s namespace."""
+    res = run.run(node, [sys.executable, "-c", LEADER, *run.topo.etcd_endpoints])
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    return res.stdout.strip()
+
+
 def counter(run: LabRun, ctl: str, key: str) -> int:
     return run.ask(ctl, "status")["counters"].get(key, 0)
 
 
 def test_either_controller_handles_a_failure_and_they_never_split(tmp_path):
     need_root()
-    run = bring_up(two_controllers(tmp_path), name="ctls", prefix="amq")
+    run = bring_up(two_controllers(tmp_path), name="ctls", prefix="amr")
     run.sha = run.http_server({"f": b"c" * (2 << 20)})["f"]
     try:
         assert run.topo.controllers == list(CTLS)
@@ -77,11 +103,14 @@ def test_either_controller_handles_a_failure_and_they_never_split(tmp_path):
         assert all(tr.ok(r) for r in rows), why(run, rows, tr)
         assert sum(counter(run, c, "failovers") for c in CTLS) == 1   # one published it
 
-        # ctl1 dies, then another B instance: ctl2 alone reroutes, no transfer breaks
+        # the etcd leader dies, then ctl1, then another B instance: ctl2 alone
+        # reroutes once the cluster has elected a new leader, no transfer breaks
         left = [i for i in B if i != victim]
         for i in left:
             assert run.wait_in_sync(i)
+        leader = etcd_leader(run, "ctl2")
         tr = Transfers(run, n=12, pace=0.1)
+        faults.kill(run.state, leader)
         faults.kill(run.state, "ctl1")
         faults.kill(run.state, left[0])
         e2, r2 = converged(run, above=e1, ctls=("ctl2",))
