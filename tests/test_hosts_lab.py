@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pyroute2 import IPRoute
 
 from dataplane.cli.main import main
 from dataplane.lab import faults, netns
@@ -23,18 +24,37 @@ H2 = ["ab", "bc", "bd"]
 MACHINES = f'[machines.h1]\nnodes = {H1}\n[machines.h2]\nnodes = {H2}\n\n[controller]'.replace("'", '"')
 
 
-def two_machines(tmp_path: Path, anti_affinity: bool) -> Path:
+UNDERLAY = "10.98.0.0/24"
+
+
+def two_machines(tmp_path: Path, anti_affinity: bool, underlay: bool = False) -> Path:
     text = DEFAULT.read_text().replace("[controller]", MACHINES, 1).replace(
         'policy = "async"', f'policy = "async"\nanti_affinity = {str(anti_affinity).lower()}', 1)
+    if underlay:
+        text = text.replace("\n[fabric]\n", f'\n[fabric]\nunderlay = "{UNDERLAY}"\n', 1)
     path = tmp_path / "two-machines.toml"
     path.write_text(text)
     return path
 
 
-@pytest.mark.parametrize("anti_affinity", [True, False], ids=["anti-affinity", "control"])
-def test_a_machine_killed_under_load(tmp_path, anti_affinity):
+def vxlan_packets(run, machine: str) -> int:
+    """Frames the machine's VXLAN device sent and received (0 without one)."""
+    with IPRoute(netns=run.topo.netns(machine), flags=0) as ip:
+        idx = ip.link_lookup(ifname="vx0")
+        if not idx:
+            return 0
+        st = ip.get_links(idx[0])[0].get_attr("IFLA_STATS64")
+        return st["rx_packets"] + st["tx_packets"]
+
+
+@pytest.mark.parametrize("anti_affinity,underlay", [(True, False), (False, False), (True, True)],
+                         ids=["anti-affinity", "control", "vxlan-underlay"])
+def test_a_machine_killed_under_load(tmp_path, anti_affinity, underlay):
+    """With `underlay`, each machine is a namespace of its own with its own
+    fabric bridge, and the fabric crosses between machines as VXLAN over
+    the underlay: the same downloads survive the same machine's death."""
     need_root()
-    run = bring_up(two_machines(tmp_path, anti_affinity), name="hosts", prefix="amy", agents=True)
+    run = bring_up(two_machines(tmp_path, anti_affinity, underlay), name="hosts", prefix="amy", agents=True)
     run.sha = run.http_server({"f": b"h" * (2 << 20)})["f"]
     try:
         m = run.map()
@@ -45,6 +65,8 @@ def test_a_machine_killed_under_load(tmp_path, anti_affinity):
         shared = {r["i"] for r in rows
                   if set(m.candidates("B", run.topo.stream_code(r["port"], 8080))[:2]) <= set(H1)}
         broken = {r["i"] for r in rows if not tr.ok(r)}
+        if underlay:   # the chain crossed machines inside VXLAN: h2's device carried it
+            assert vxlan_packets(run, "h2") > 1000 and run.topo.fabric_home("bc") == run.topo.netns("h2")
         lost = sum(run.ask(i, "status")["counters"].get("flows_lost", 0) for i in B if i not in H1)
         if anti_affinity:
             assert shared == set() and broken == set(), why(run, rows, tr)
@@ -56,9 +78,12 @@ def test_a_machine_killed_under_load(tmp_path, anti_affinity):
         tear_down(run)
 
 
-def test_partition_and_heal_a_machine(tmp_path):
+@pytest.mark.parametrize("underlay", [False, True], ids=["fabric-links", "vxlan-uplink"])
+def test_partition_and_heal_a_machine(tmp_path, underlay):
+    """Without an underlay partition-host cuts the machine's nodes' fabric
+    links; with one, the machine's uplink to the underlay."""
     need_root()
-    run = bring_up(two_machines(tmp_path, True), name="hostp", prefix="amx", agents=True)
+    run = bring_up(two_machines(tmp_path, True, underlay), name="hostp", prefix="amx", agents=True)
     try:
         env = {"AMESH_LAB": "hostp"}
         res = CliRunner().invoke(main, ["lab", "partition-host", "--lab", "hostp", "h2"], env=env)

@@ -140,6 +140,11 @@ def variant(tmp_path, old: str, new: str) -> str:
     ('store = "embedded"', 'store = "etcd"\npeers = ["c1", "c2", "c3", "c4", "c5", "c6"]',
      "controller.peers: at most 5 peers (fabric addresses .5-.9)"),
     ('store = "embedded"', 'store = "etcd"\npeers = "ctl2"', "controller.peers: expected list, got str"),
+    ('gso = false', 'gso = false\nunderlay = "10.98.0.0/24"',
+     "fabric.underlay: needs machines ([machines.NAME] nodes = [...]) to join"),
+    ('gso = false', 'gso = false\nunderlay = "10.99.0.0/16"', "fabric.underlay: 10.99.0.0/16 overlaps the fabric subnet"),
+    ('gso = false', 'gso = true\nunderlay = "10.98.0.0/24"', "fabric.underlay: not with gso"),
+    ('gso = false', 'gso = false\nunderlay = "10.98.0.300/24"', "fabric.underlay: "),
 ])
 def test_precise_errors(tmp_path, old, new, needle):
     path = variant(tmp_path, old, new)
@@ -329,3 +334,23 @@ def test_peer_controllers_share_the_map_in_etcd(tmp_path):
         mine = t.control_keyring("ba", c)
         assert mine.keys == {1: sw.pair_key(t.control_key, sw.node_id(c), sw.node_id("ba"))}
     assert t.control_keyring("ba").keys == t.control_keyring("ba", "ctl").keys
+
+
+def test_an_underlay_gives_each_machine_its_fabric_bridge(tmp_path):
+    """`[fabric] underlay`: a declared machine's nodes (and its agent) plug
+    into that machine's namespace, the rest into the lab's fabric
+    namespace; the machines' underlay addresses from .1, the lab's first."""
+    path = Path(variant(tmp_path, "[controller]", '[machines.h1]\nnodes = ["aa", "ba"]\n[machines.h2]\n'
+                        'nodes = ["ab", "bb"]\n\n[controller]'))
+    plain = load(path)
+    assert plain.underlay is None and plain.fabric_home("ba") == plain.fabric_ns and not plain.underlay_hosts()
+    path.write_text(path.read_text().replace("gso = false", 'gso = false\nunderlay = "10.98.0.0/24"', 1)
+                    .replace("agents = false", "agents = true", 1))
+    t = load(path)
+    assert [t.fabric_home(n) for n in ("ba", "ab", "ctl", "ag-h1", "agent")] == \
+        ["am-h1", "am-h2", "am-fabric", "am-h1", "am-fabric"]
+    assert t.underlay_hosts() == [("am-fabric", "10.98.0.1"), ("am-h1", "10.98.0.2"), ("am-h2", "10.98.0.3")]
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text(path.read_text().replace("10.98.0.0/24", "10.98.0.0/31"))
+    with pytest.raises(TopologyError, match="fabric.underlay: too small for 3 machines"):
+        load(tiny)

@@ -194,10 +194,12 @@ def status(lab: str | None, as_json: bool) -> None:
 
 def _links(topo: Any) -> list[dict[str, str]]:
     """The lab's veth pairs as (namespace, interface) ends."""
-    out = [{"a": f"{topo.netns(n)}:fab0", "b": f"{topo.fabric_ns}:p-{n}", "kind": "fabric"}
+    out = [{"a": f"{topo.netns(n)}:fab0", "b": f"{topo.fabric_home(n)}:p-{n}", "kind": "fabric"}
            for n in topo.forwarders()]
     out += [{"a": f"{topo.netns(h.name)}:eth0", "b": f"{topo.netns(h.attach)}:h-{h.name}", "kind": "host"}
             for h in topo.hosts.values()]
+    out += [{"a": f"{ns}:u0", "b": f"{topo.underlay_ns}:u-{k}", "kind": "underlay"}
+            for k, (ns, _) in enumerate(topo.underlay_hosts())]
     return out
 
 

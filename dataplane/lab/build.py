@@ -40,7 +40,7 @@ from pyroute2 import netns as pr_netns
 from dataplane.lab import netns
 from dataplane.lab.extras import Extra, extras
 from dataplane.lab.state import LabState, Proc, alive, run_dir, start_time, stop
-from dataplane.lab.topology import GSO_MAX_SIZE, Topology
+from dataplane.lab.topology import GSO_MAX_SIZE, VXLAN_OVERHEAD, Topology
 
 Progress = Callable[[str], None]
 IFF_UP = 0x1
@@ -146,7 +146,8 @@ def _wait_links_up(namespaces: list[str], timeout: float = 5.0) -> None:
             while True:
                 down = [link.get_attr("IFLA_IFNAME") for link in ip.get_links()
                         if link["flags"] & IFF_UP and link.get_attr("IFLA_IFNAME") != "lo"
-                        and link.get_attr("IFLA_OPERSTATE") != "UP"]
+                        and link.get_attr("IFLA_OPERSTATE") not in ("UP", *NO_CARRIER_STATE.get(
+                            link.get_attr("IFLA_IFNAME"), ()))]
                 if not down:
                     break
                 if time.monotonic() > deadline:
@@ -155,7 +156,8 @@ def _wait_links_up(namespaces: list[str], timeout: float = 5.0) -> None:
 
 
 def _all_namespaces(topo: Topology) -> list[str]:
-    return [topo.fabric_ns, *(topo.netns(n) for n in topo.all_nodes()),
+    machines = [topo.underlay_ns, *(ns for ns, _ in topo.underlay_hosts()[1:])] if topo.underlay else []
+    return [topo.fabric_ns, *machines, *(topo.netns(n) for n in topo.all_nodes()),
             *(topo.netns(e.name) for e in topo.extra_nodes())]
 
 
@@ -172,19 +174,64 @@ def _up(ip: IPRoute, ifname: str, **attrs: object) -> int:
 
 
 def _build_fabric(topo: Topology) -> None:
-    with IPRoute(netns=topo.fabric_ns, flags=0) as fab:
-        fab.link("add", ifname="br0", kind="bridge")
-        br = _up(fab, "br0", mtu=topo.mtu)
-        _up(fab, "lo")
+    """One fabric bridge (`br0`) per machine namespace: the lab's fabric
+    namespace, and with `[fabric] underlay` each declared machine's; every
+    fabric node plugged into its machine's bridge (`Topology.fabric_home`)."""
+    bridges = {}
+    for ns in [topo.fabric_ns, *(ns for ns, _ in topo.underlay_hosts()[1:])]:
+        with IPRoute(netns=ns, flags=0) as fab:
+            fab.link("add", ifname="br0", kind="bridge")
+            bridges[ns] = _up(fab, "br0", mtu=topo.mtu)
+            _up(fab, "lo")
+    if topo.underlay is not None:
+        _build_underlay(topo, bridges)
     for node, address in _fabric_nodes(topo):
+        home = topo.fabric_home(node)
         with IPRoute(netns=topo.netns(node), flags=0) as ip:
             ip.link("add", ifname="fab0", kind="veth",
-                    peer={"ifname": f"p-{node}", "net_ns_fd": topo.fabric_ns})
+                    peer={"ifname": f"p-{node}", "net_ns_fd": home})
             idx = _up(ip, "fab0", mtu=topo.mtu)
             ip.addr("add", index=idx, address=address, prefixlen=topo.subnet.prefixlen)
             _up(ip, "lo")
-        with IPRoute(netns=topo.fabric_ns, flags=0) as fab:
-            _up(fab, f"p-{node}", mtu=topo.mtu, master=br)
+        with IPRoute(netns=home, flags=0) as fab:
+            _up(fab, f"p-{node}", mtu=topo.mtu, master=bridges[home])
+
+
+NO_CARRIER_STATE = {"vx0": ("UNKNOWN",)}
+"""Links whose driver reports no carrier: a VXLAN device up is UNKNOWN."""
+VXLAN_VNI = 42
+VXLAN_PORT = 4789
+"""IANA's VXLAN port."""
+
+
+def _build_underlay(topo: Topology, bridges: dict[str, int]) -> None:
+    """The machines' network: an underlay bridge (`ubr0`, in its own
+    namespace, the switch between machines), each machine's uplink `u0` on
+    it with its underlay address, and a VXLAN device `vx0` (VNI
+    `VXLAN_VNI`, UDP 4789) in the machine's fabric bridge. Broadcasts
+    (ARP) go to every other machine by head-end replication (an all-zero
+    FDB entry per remote machine); the bridges learn the rest. The uplinks
+    carry the fabric MTU plus VXLAN's 50 bytes, so no fabric frame is cut."""
+    assert topo.underlay is not None
+    machines = topo.underlay_hosts()
+    with IPRoute(netns=topo.underlay_ns, flags=0) as ul:
+        ul.link("add", ifname="ubr0", kind="bridge")
+        ubr = _up(ul, "ubr0", mtu=topo.mtu + VXLAN_OVERHEAD)
+        _up(ul, "lo")
+    for k, (ns, address) in enumerate(machines):
+        port = f"u-{k}"
+        with IPRoute(netns=ns, flags=0) as ip:
+            ip.link("add", ifname="u0", kind="veth", peer={"ifname": port, "net_ns_fd": topo.underlay_ns})
+            up = _up(ip, "u0", mtu=topo.mtu + VXLAN_OVERHEAD)
+            ip.addr("add", index=up, address=address, prefixlen=topo.underlay.prefixlen)
+            ip.link("add", ifname="vx0", kind="vxlan", vxlan_id=VXLAN_VNI, vxlan_local=address,
+                    vxlan_port=VXLAN_PORT, vxlan_link=up, vxlan_learning=1)
+            vx = _up(ip, "vx0", mtu=topo.mtu, master=bridges[ns])
+            for other_ns, other in machines:
+                if other_ns != ns:
+                    ip.fdb("append", ifindex=vx, lladdr="00:00:00:00:00:00", dst=other)
+        with IPRoute(netns=topo.underlay_ns, flags=0) as ul:
+            _up(ul, port, mtu=topo.mtu + VXLAN_OVERHEAD, master=ubr)
 
 
 def _build_edges(topo: Topology) -> None:
@@ -238,7 +285,7 @@ def _offloads(topo: Topology) -> None:
     or, with `[fabric] gso`, left on for the host links (their TCP hands the
     edges 64 KB super-frames, at most GSO_MAX_SIZE) and off on the fabric."""
     links = [(topo.netns(n), "fab0") for n, _ in _fabric_nodes(topo)]
-    links += [(topo.fabric_ns, f"p-{n}") for n, _ in _fabric_nodes(topo)]
+    links += [(topo.fabric_home(n), f"p-{n}") for n, _ in _fabric_nodes(topo)]
     hosts = [(topo.netns(h.name), "eth0") for h in topo.hosts.values()]
     hosts += [(topo.netns(h.attach), f"h-{h.name}") for h in topo.hosts.values()]
     if topo.gso:

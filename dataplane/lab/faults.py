@@ -97,17 +97,31 @@ def kill_host(topo: Topology, state: LabState, machine: str) -> float:
     return t
 
 
+def _uplink(topo: Topology, machine: str, up: bool) -> None:
+    with IPRoute(netns=topo.netns(machine), flags=0) as ip:
+        ip.link("set", index=ip.link_lookup(ifname="u0")[0], state="up" if up else "down")
+
+
 def partition_host(topo: Topology, machine: str) -> float:
-    """Cut every fabric link of a machine (its processes keep running)."""
+    """Cut a machine off (its processes keep running): its underlay uplink
+    with `[fabric] underlay`, else every fabric link of its nodes."""
+    nodes = machine_nodes(topo, machine)
     t = time.time()
-    for n in machine_nodes(topo, machine):
-        _fabric_link(topo, n, up=False)
+    if topo.underlay is not None:
+        _uplink(topo, machine, up=False)
+    else:
+        for n in nodes:
+            _fabric_link(topo, n, up=False)
     return t
 
 
 def heal_host(topo: Topology, machine: str) -> None:
-    for n in machine_nodes(topo, machine):
-        _fabric_link(topo, n, up=True)
+    nodes = machine_nodes(topo, machine)
+    if topo.underlay is not None:
+        _uplink(topo, machine, up=True)
+    else:
+        for n in nodes:
+            _fabric_link(topo, n, up=True)
 
 
 def impair(topo: Topology, node: str, loss: float = 0.0, delay_ms: float = 0.0,

@@ -71,6 +71,9 @@ class ServiceSpec:
 
 
 GSO_MTU = 65535
+VXLAN_OVERHEAD = 50
+"""Outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: what the underlay's MTU
+adds to the fabric's so that no fabric frame is fragmented."""
 """Fabric MTU when super-frames are carried: one 64 KB frame, one datagram."""
 GSO_MAX_SIZE = 60000
 """Largest super-frame a host may build (its gso_max_size): with the
@@ -171,6 +174,10 @@ class Topology:
     agent: bool = False
     """`[lab] agents`: run one `amesh agent` per machine, which reports its
     forwarders' exits to the controller the moment they happen."""
+    underlay: ipaddress.IPv4Network | None = None
+    """`[fabric] underlay`: each declared machine is a namespace of its own
+    with its own fabric bridge, joined to the others by VXLAN over this
+    subnet (the underlay); None: one fabric bridge for the whole lab."""
     peers: list[str] = field(default_factory=list)
     """`[controller] peers`: more controllers, the equals of `controller`,
     sharing the map in etcd (compare-and-swap); `controller` is the one the
@@ -230,6 +237,28 @@ class Topology:
     @property
     def fabric_ns(self) -> str:
         return f"{self.prefix}-fabric"
+
+    @property
+    def underlay_ns(self) -> str:
+        return f"{self.prefix}-underlay"
+
+    def fabric_home(self, node: str) -> str:
+        """The namespace whose fabric bridge `node` (a forwarder or an extra
+        node) is plugged into: its machine's with an underlay, else the
+        lab's one fabric namespace (also for the nodes in no machine)."""
+        if self.underlay is None:
+            return self.fabric_ns
+        m = self.machine_of(node) or next((m for m in self.machines if node == f"{AGENT_NODE}-{m}"), "")
+        return self.netns(m) if m else self.fabric_ns
+
+    def underlay_hosts(self) -> list[tuple[str, str]]:
+        """(namespace, underlay address) of every machine with an underlay:
+        the lab's fabric namespace (the nodes in no machine) first, .1, then
+        the declared machines from .2 in file order."""
+        if self.underlay is None:
+            return []
+        homes = [self.fabric_ns, *(self.netns(m) for m in self.machines)]
+        return [(ns, str(self.underlay.network_address + 1 + k)) for k, ns in enumerate(homes)]
 
     def role(self, node: str) -> str:
         if node in self.controllers:
@@ -431,6 +460,7 @@ class _Validator:
         if not 1548 <= mtu <= 9000:
             raise self.fail("fabric.mtu", "must be 1548-9000 (1500 + 48 bytes of encapsulation)")
         gso = self.get(fabric, "gso", "fabric", bool, False)
+        underlay = self.underlay(fabric, subnet, gso)
         ctl = self.name(self.get(self.table("controller"), "name", "controller", str),
                         "controller.name", "controller")
         peers = self.peers(self.table("controller"))
@@ -447,6 +477,13 @@ class _Validator:
         tenants = self.tenants(services)
         store, endpoints, members = self.store(self.table("controller"))
         machines = self.machines(self.table("machines", required=False))
+        if underlay is not None and "underlay" in self.names:
+            raise self.fail("fabric.underlay", "the underlay's namespace is <prefix>-underlay: "
+                            f"'underlay' is taken by the {self.names['underlay']}")
+        if underlay is not None and not machines:
+            raise self.fail("fabric.underlay", "needs machines ([machines.NAME] nodes = [...]) to join")
+        if underlay is not None and underlay.num_addresses - 2 < len(machines) + 1:
+            raise self.fail("fabric.underlay", f"too small for {len(machines) + 1} machines")
         obs = self.observability(self.table("observability", required=False))
         limits = self.limits(self.table("limits", required=False))
         n_extra = int(obs.prometheus) + members + (len(machines) + 1 if agent else 0)
@@ -470,7 +507,7 @@ class _Validator:
         topo = Topology(self.path, name, prefix, buckets, secret, control_key, policy, timers, subnet,
                         GSO_MTU if gso else mtu, ctl, edges["ingress"], edges["egress"], hosts,
                         services, tenants, gso, obs, limits, store, endpoints, members, machines,
-                        anti_affinity, agent, peers)
+                        anti_affinity, agent, underlay, peers)
         for a in topo.agents():
             if a in self.names:
                 raise self.fail("lab.agents", f"the agents are named agent and {AGENT_NODE}-<machine>: "
@@ -479,6 +516,23 @@ class _Validator:
             topo.etcd_endpoints = [f"http://{e.address}:{ETCD_CLIENT_PORT}" for e in topo.extra_nodes()
                                    if e.name.startswith(ETCD_NODE)]
         return topo
+
+    def underlay(self, fabric: dict[str, Any], subnet: ipaddress.IPv4Network,
+                 gso: bool) -> ipaddress.IPv4Network | None:
+        """`[fabric] underlay`: the machines' own subnet, VXLAN between them."""
+        value = self.get(fabric, "underlay", "fabric", str, None)
+        if value is None:
+            return None
+        try:
+            net = ipaddress.IPv4Network(value)
+        except ValueError as exc:
+            raise self.fail("fabric.underlay", str(exc)) from None
+        if net.overlaps(subnet):
+            raise self.fail("fabric.underlay", f"{net} overlaps the fabric subnet {subnet}")
+        if gso:
+            raise self.fail("fabric.underlay", "not with gso: a 64 KB super-frame plus VXLAN's "
+                            f"{VXLAN_OVERHEAD} bytes exceeds the largest MTU")
+        return net
 
     def peers(self, t: dict[str, Any]) -> list[str]:
         """`[controller] peers`: the other controllers' names (fabric .5 up)."""
