@@ -54,6 +54,13 @@ def test_demo_rejects_bad_failure_point():
     assert res.exit_code == 2
 
 
+def test_demo_host_needs_a_lab_with_machines():
+    """Refused before any lab is built: the default lab has no [machines]."""
+    res = CliRunner().invoke(main, ["demo", "--host"])
+    assert res.exit_code == 1
+    assert "declares no [machines]" in res.output or "run it as root" in res.output, res.output
+
+
 def test_simulate_a_failing_seed_prints_the_command_that_replays_it():
     res = CliRunner().invoke(main, ["simulate", "--seed", "5", "--steps", "2", "--policy", "off"])
     assert res.exit_code == 1

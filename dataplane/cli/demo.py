@@ -20,15 +20,26 @@ def _say(msg: str) -> None:
               help="concurrent TCP connections beside the long download")
 @click.option("--size-mb", type=click.IntRange(6, 512), default=24, show_default=True,
               help="size of the long download")
-@click.option("--no-control", is_flag=True, help="skip the control run without state sync")
+@click.option("--no-control", is_flag=True, help="skip the control run (sync off, or anti-affinity off)")
+@click.option("--lab", "path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a lab file (default: labs/default.toml)")
+@click.option("--host", is_flag=True,
+              help="kill the whole machine of the download's B primary (a lab with [machines], "
+                   "e.g. labs/three-hosts.toml); the control turns anti-affinity off")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout")
-def demo(connections: int, size_mb: int, no_control: bool, as_json: bool) -> None:
+def demo(connections: int, size_mb: int, no_control: bool, path: str | None, host: bool,
+         as_json: bool) -> None:
     """Kill a B primary mid-transfer on the lab: everything survives; then
-    the control run with sync off shows what breaks. Needs root."""
+    the control run with sync off shows what breaks. With --host a whole
+    machine dies, and the control is anti-affinity off. Needs root."""
     import os
+
+    from pathlib import Path
 
     from dataplane.lab.build import LabError
     from dataplane.lab.demo import failover_run
+    from dataplane.lab.session import DEFAULT
+    from dataplane.lab.topology import TopologyError, load
 
     if os.geteuid() != 0:
         click.echo("error: the demo builds network namespaces: run it as root "
@@ -36,15 +47,20 @@ def demo(connections: int, size_mb: int, no_control: bool, as_json: bool) -> Non
         sys.exit(1)
     runs = []
     try:
-        for policy, prefix in (("async", "amo"), ("off", "amx"))[: 1 if no_control else 2]:
-            r = failover_run(policy, connections, size_mb, _say, prefix)
+        lab = Path(path) if path else DEFAULT
+        if host and not load(lab).machines:
+            raise ValueError(f"{lab} declares no [machines]: no whole machine to fail "
+                             "(try --lab labs/three-hosts.toml)")
+        plans = [("async", "amo", True), ("async" if host else "off", "amx", not host)]
+        for policy, prefix, anti in plans[: 1 if no_control else 2]:
+            r = failover_run(policy, connections, size_mb, _say, prefix, lab, host, anti)
             runs.append(r)
             if not as_json:
                 _report(r)
     except KeyboardInterrupt:
         _say("interrupted: the lab was cleaned up")
         sys.exit(130)
-    except LabError as exc:
+    except (LabError, TopologyError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     if as_json:
@@ -54,9 +70,12 @@ def demo(connections: int, size_mb: int, no_control: bool, as_json: bool) -> Non
 
 
 def _report(r) -> None:  # type: ignore[no-untyped-def]
-    title = "state sync on (async)" if r.policy != "off" else "CONTROL: state sync off"
+    if r.killed.startswith("machine"):
+        title = "anti-affinity on" if r.anti_affinity else "CONTROL: anti-affinity off"
+    else:
+        title = "state sync on (async)" if r.policy != "off" else "CONTROL: state sync off"
     click.echo(f"\n== {title}")
-    click.echo(f"   B primary of the download: {r.primary}, secondary: {r.secondary}")
+    click.echo(f"   B primary of the download: {r.primary}, secondary: {r.secondary}; killed {r.killed}")
     labels = [("kill", "primary killed"), ("last_heartbeat", "last heartbeat heard"),
               ("declared_dead", "declared dead"), ("new_epoch", "new map epoch published"),
               ("map_read_at_promoted", "secondary reads it"),

@@ -8,6 +8,11 @@ in the controller's map, SIGKILL the primary, and collect the timeline:
 kill, last heartbeat heard, declaration, new epoch, first packet served by
 the promoted secondary. Every transfer is checked by sha256. The control
 run does the same with state sync off.
+
+With `host` (a lab file with `[machines]`, e.g. labs/three-hosts.toml) the
+whole machine of the download's B primary is killed instead (its agent,
+its instances, a controller on it), and the control turns anti-affinity
+off: the flows whose primary and secondary shared the machine break.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dataplane.lab import faults
+from dataplane.lab.query import ask_controller
 from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
 
 DOWNLOAD_PORT = 46000
@@ -28,6 +35,9 @@ DOWNLOAD_PORT = 46000
 @dataclass
 class DemoResult:
     policy: str
+    killed: str = ""
+    """What was killed: the primary, or a machine and its nodes."""
+    anti_affinity: bool = True
     primary: str = ""
     secondary: str = ""
     download_ok: bool = False
@@ -49,13 +59,16 @@ class DemoResult:
 
 
 def failover_run(policy: str, connections: int = 30, size_mb: int = 24,
-                 progress: Any = print, prefix: str = "amo") -> DemoResult:
-    res = DemoResult(policy)
-    progress(f"bringing the lab up (policy {policy})")
-    run = bring_up(DEFAULT, lambda m: progress(f"  {m}"), name=f"demo-{policy}", prefix=prefix,
-                   policy=policy)
+                 progress: Any = print, prefix: str = "amo", path: Path = DEFAULT,
+                 host: bool = False, anti_affinity: bool = True) -> DemoResult:
+    res = DemoResult(policy, anti_affinity=anti_affinity)
+    progress(f"bringing the lab up (policy {policy}"
+             + (f", anti-affinity {'on' if anti_affinity else 'off'})" if host else ")"))
+    over: dict[str, Any] = {"anti_affinity": anti_affinity} if host else {}
+    run = bring_up(path, lambda m: progress(f"  {m}"), name=f"demo-{prefix}", prefix=prefix,
+                   policy=policy, **over)
     try:
-        _transfers_with_a_kill(run, res, connections, size_mb, progress)
+        _transfers_with_a_kill(run, res, connections, size_mb, progress, host)
     finally:
         progress("tearing the lab down")
         tear_down(run)
@@ -63,7 +76,7 @@ def failover_run(policy: str, connections: int = 30, size_mb: int = 24,
 
 
 def _transfers_with_a_kill(run: LabRun, res: DemoResult, connections: int, size_mb: int,
-                           progress: Any) -> None:
+                           progress: Any, host: bool = False) -> None:
     big, small = os.urandom(size_mb << 20), os.urandom(1 << 20)
     sha = run.http_server({"big": big, "small": small})
     rate = max(1, size_mb // 6)
@@ -83,8 +96,16 @@ def _transfers_with_a_kill(run: LabRun, res: DemoResult, connections: int, size_
     m = run.map()
     res.primary, res.secondary = m.primary("B", code) or "", m.secondary("B", code) or ""
     progress(f"the download (code 0x{code:08x}) is led by {res.primary}, mirrored to {res.secondary}")
-    t_kill = faults.kill(run.state, res.primary)
-    progress(f"killed {res.primary} (SIGKILL)")
+    gone = {res.primary}
+    if host:
+        machine = topo.machine_of(res.primary)
+        gone = set(faults.machine_nodes(topo, machine))
+        t_kill = faults.kill_host(topo, run.state, machine)
+        res.killed = f"machine {machine}: {', '.join(sorted(gone))}"
+    else:
+        t_kill = faults.kill(run.state, res.primary)
+        res.killed = res.primary
+    progress(f"killed {res.killed} (SIGKILL)")
     curl.wait(timeout=60)
     fetcher.join(timeout=120)
     res.download_ok = curl.returncode == 0 and out.exists() and \
@@ -96,7 +117,7 @@ def _transfers_with_a_kill(run: LabRun, res: DemoResult, connections: int, size_
     res.broken_ports = sorted(r["port"] or 0 for r in rows if r["error"] or r["sha256"] != sha["small"])
     res.timeline_ms = _timeline(run, res.primary, res.secondary, t_kill)
     for inst in topo.services["B"].members:
-        if inst == res.primary:
+        if inst in gone:
             continue
         st = run.ask(inst, "status")
         res.flows_lost += st["counters"].get("flows_lost", 0)
@@ -111,14 +132,16 @@ def _sha(data: bytes) -> str:
 
 
 def _timeline(run: LabRun, dead: str, promoted: str, t_kill: float) -> dict[str, float]:
-    ctl = run.ask(run.topo.controller, "status")["events"]
+    ctl = ask_controller(run.name, run.topo.controllers, {"cmd": "status"})["events"]
     sec = run.ask(promoted, "status")["events"]
     out: dict[str, float] = {"kill": 0.0}
-    decl = next((e for e in ctl if e["event"] == "declared_dead" and e.get("peer") == dead), None)
+    decl = next((e for e in ctl if e["event"] == "declared_dead" and e.get("peer") == dead
+                 and e["time"] >= t_kill), None)
     if decl:
         out["last_heartbeat"] = round((decl["last_heard"] - t_kill) * 1000, 1)
         out["declared_dead"] = round((decl["time"] - t_kill) * 1000, 1)
-    epoch = next((e for e in ctl if e["event"] == "epoch" and e["time"] >= t_kill), None)
+    epoch = next((e for e in ctl if e["event"] == "epoch" and e["time"] >= t_kill
+                  and e.get("reason", "").startswith(f"{dead} ")), None)   # its death's map
     if epoch:
         out["new_epoch"] = round((epoch["time"] - t_kill) * 1000, 1)
         out["epoch"] = epoch["epoch"]
