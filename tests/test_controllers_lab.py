@@ -2,7 +2,8 @@
 item 2): `ctl1` and `ctl2` both hear every heartbeat, propose each new map
 by compare-and-swap and adopt what the other won, so either handles a
 failure alone (also right after the etcd leader died), and each follows
-etcd's watch for what the other published.
+etcd's watch for what the other published (also when the member it
+watches is cut off).
 The control: with both down nothing reroutes (the epoch stands still);
 restarted, they resume at the stored revision and carry on.
 """
@@ -84,7 +85,20 @@ def test_either_controller_handles_a_failure_and_they_never_split(tmp_path):
     run.sha = run.http_server({"f": b"c" * (2 << 20)})["f"]
     try:
         assert run.topo.controllers == list(CTLS)
-        e0, r0 = converged(run)
+        converged(run)
+
+        # an etcd member cut off (the first endpoint both controllers use):
+        # an operator's change through one controller is written through the
+        # majority, and the other's watch leaves the silent member for the next
+        faults.partition(run.topo, "etcd1")
+        e = faults.operator(run.topo, "bd", "scale-out")
+        e0, r0 = converged(run, above=e - 1, timeout=15)
+        assert e0 >= e
+        faults.heal(run.topo, "etcd1")
+        assert run.wait_state(("bd",), "active", timeout=10)
+        e0, r0 = converged(run, above=e0 - 1)
+        for i in (*B, "bd"):
+            assert run.wait_in_sync(i)
 
         # the control: no controller alive, a B instance dies, nothing reroutes
         tr = Transfers(run, n=12, pace=0.1)
@@ -105,7 +119,7 @@ def test_either_controller_handles_a_failure_and_they_never_split(tmp_path):
 
         # the etcd leader dies, then ctl1, then another B instance: ctl2 alone
         # reroutes once the cluster has elected a new leader, no transfer breaks
-        left = [i for i in B if i != victim]
+        left = [i for i in (*B, "bd") if i != victim]
         for i in left:
             assert run.wait_in_sync(i)
         leader = etcd_leader(run, "ctl2")
@@ -133,7 +147,7 @@ def test_either_controller_handles_a_failure_and_they_never_split(tmp_path):
 
         # an operator's change through one controller: the other has nothing
         # to propose and learns it from its etcd watch alone
-        e4 = faults.operator(run.topo, "bd", "scale-out")
+        e4 = faults.operator(run.topo, left[1], "drain")
         assert converged(run, above=e3)[0] >= e4 > e3
         assert counter(run, "ctl2", "adopted") >= 1
     finally:

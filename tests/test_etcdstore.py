@@ -17,7 +17,7 @@ import pytest
 from aetcd import exceptions as etcd_errors
 
 from dataplane.core.mapstore import Fence, Stored
-from dataplane.shells.etcdstore import EtcdMapStore, parse_endpoint
+from dataplane.shells.etcdstore import PROBE_EVERY, PROBE_TIMEOUT, EtcdMapStore, parse_endpoint
 
 ETCD = shutil.which("etcd")
 pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd is not installed (apt-get install etcd-server)")
@@ -152,6 +152,34 @@ def test_watch_resumes_after_etcd_restarts_and_misses_nothing(etcd):
         f = await task
         revs = [s.revision for s in got]
         assert [s.value for s in got] == [b"v1", b"v2", b"v3", b"v4"] and revs == sorted(set(revs))
+        assert f.counters["resumes"] >= 1
+        await w.close()
+        await reader.close()
+    run(go())
+
+
+def test_a_watched_member_that_stops_answering_is_left_and_nothing_is_missed(etcd):
+    """A member frozen (SIGSTOP: no RST, no FIN, the stream just goes
+    silent) fails the watch's read probe, so the watch ends as broken and
+    resumes (from the last revision + 1) instead of waiting for ever; the
+    map written once the member answers again arrives."""
+    async def go():
+        w = EtcdMapStore([etcd.url], "/p")
+        r1 = await w.write(b"v1", 0)
+        got: list[Stored] = []
+        stop = asyncio.Event()
+        reader = EtcdMapStore([etcd.url], "/p")
+        task = follow_until(reader, lambda s: s.value == b"v2", stop, got)
+        while not got:
+            await asyncio.sleep(0.02)
+        os.kill(etcd.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(PROBE_EVERY + PROBE_TIMEOUT + 0.5)
+        finally:
+            os.kill(etcd.proc.pid, signal.SIGCONT)
+        await until_connected(lambda: w.write(b"v2", r1.stored.revision))
+        f = await task
+        assert [s.value for s in got] == [b"v1", b"v2"]
         assert f.counters["resumes"] >= 1
         await w.close()
         await reader.close()

@@ -21,9 +21,13 @@ re-read) are `dataplane.core.mapstore`'s; this module only talks to etcd:
   one installed is ever handed to `install`.
 
 aetcd talks to one endpoint per client, so there is one client per
-endpoint, made on first use. A silently dead member (no RST, no FIN) holds
-a watch until gRPC's keepalive gives up: the multi-controller work adds a
-progress check.
+endpoint, made on first use. A silently dead or partitioned member (no
+RST, no FIN) would hold a watch that never ends and never delivers: while
+a watch runs, a probe reads the key from the same member every
+`PROBE_EVERY` seconds (a linearizable read, which a member cut off from the
+majority cannot answer), and a probe unanswered within `PROBE_TIMEOUT` ends
+the watch as broken, so it resumes on the next endpoint from the last
+revision seen + 1 and nothing written meanwhile is missed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from dataplane.core.mapstore import (MAP_KEY, Broken, CasResult, Compacted, DoRe
 ENDPOINT = re.compile(r"^http://(?P<host>[^:/]+):(?P<port>[0-9]{1,5})$")
 TIMEOUT = 2.0
 """Seconds a read, a write or a watch's creation may take."""
+PROBE_EVERY = 0.5
+PROBE_TIMEOUT = 1.0
+"""A watched member that does not answer a read within this is left."""
 
 
 def parse_endpoint(url: str) -> tuple[str, int]:
@@ -137,6 +144,8 @@ class EtcdMapStore:
             return Broken()
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(lambda fut: fut.cancelled() or asyncio.ensure_future(w.cancel()))
+        prober = asyncio.ensure_future(self._probe(action.endpoint))
+        prober.add_done_callback(lambda fut: fut.cancelled() or asyncio.ensure_future(w.cancel()))
         try:
             async for ev in w:
                 kv = ev.kv
@@ -150,4 +159,14 @@ class EtcdMapStore:
             return Broken()
         finally:
             stopper.cancel()
+            prober.cancel()
         return None if stop.is_set() else Broken()
+
+    async def _probe(self, endpoint: int) -> None:
+        """Return (ending the watch) once `endpoint` leaves a read unanswered."""
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            try:
+                await asyncio.wait_for(self.read(endpoint), PROBE_TIMEOUT)
+            except (etcd_errors.ClientError, asyncio.TimeoutError):
+                return
