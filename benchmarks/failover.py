@@ -8,8 +8,12 @@ restarted and waited for until it is ACTIVE again (it rejoins, syncs, leads).
 Prints p50 / p99 / max of the gap, the flows lost, and the false alarms
 (live instances the controller declared dead: the price of fast timers).
 Rounds alternate on one lab with `[lab] agents`: the agent reporting the
-exit through a pidfd, and the agent stopped (SIGSTOP), so the kill is found
-by missed heartbeats only, as without agents. `python -m benchmarks.failover [ROUNDS]`.
+exit through a pidfd; the agent stopped (SIGSTOP), so the kill is found
+by missed heartbeats only, as without agents; and a hang: the primary is
+SIGSTOPped instead of killed (its heartbeat child goes on until the loop
+has been still for the forwarder's HANG_AFTER, then falls silent), and
+SIGCONTed after the round: it finds itself declared dead and rejoins.
+`python -m benchmarks.failover [ROUNDS]`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from dataplane.lab import faults
 from dataplane.lab.session import DEFAULT, LabRun, bring_up, tear_down
 
 PORT = 46500
-MODES = ("agents", "heartbeats")
+MODES = ("agents", "heartbeats", "hang")
 AGENT = "agent"
 
 
-def one_round(run: LabRun, sha: dict[str, str], i: int) -> tuple[float | None, float | None, int, int, int]:
+def one_round(run: LabRun, sha: dict[str, str], i: int,
+              hang: bool = False) -> tuple[float | None, float | None, int, int, int]:
     topo = run.topo
     start = time.time()
     port = PORT + i
@@ -43,7 +48,7 @@ def one_round(run: LabRun, sha: dict[str, str], i: int) -> tuple[float | None, f
     time.sleep(0.8)
     code = topo.stream_code(port, 8080)
     victim = run.map().primary("B", code)
-    t_kill = faults.kill(run.state, victim)
+    t_kill = faults.stop(run.state, victim) if hang else faults.kill(run.state, victim)
     curl.wait(timeout=60)
     t.join(timeout=60)
     bad = (curl.returncode != 0) + sum(1 for r in rows if r["error"] or r["sha256"] != sha["small"])
@@ -54,8 +59,11 @@ def one_round(run: LabRun, sha: dict[str, str], i: int) -> tuple[float | None, f
     false = sum(1 for e in events if e["event"] == "declared_dead" and e["peer"] != victim and e["time"] >= start)
     detect = next(((e["time"] - t_kill) * 1000 for e in events
                    if e["event"] == "declared_dead" and e["peer"] == victim and e["time"] >= t_kill), None)
-    faults.restart(topo, run.state, victim)
-    run.wait_state((victim,), "active", timeout=10)
+    if hang:
+        faults.cont(run.state, victim)
+    else:
+        faults.restart(topo, run.state, victim)
+    run.wait_state((victim,), "active", timeout=15)
     return gap, detect, bad, lost, false
 
 
@@ -69,7 +77,8 @@ def main(rounds: int = 20) -> dict[str, dict[str, float]]:
                 if mode == "heartbeats":   # the agent stopped: it reports nothing
                     faults.stop(run.state, AGENT)
                 try:
-                    gap, detect, bad, lost, false = one_round(run, sha, 2 * i + MODES.index(mode))
+                    gap, detect, bad, lost, false = one_round(run, sha, len(MODES) * i + MODES.index(mode),
+                                                              hang=mode == "hang")
                 finally:
                     if mode == "heartbeats":
                         faults.cont(run.state, AGENT)
@@ -81,7 +90,7 @@ def main(rounds: int = 20) -> dict[str, dict[str, float]]:
                     t["gaps"].append(gap)
                 if detect is not None:
                     t["detect"].append(detect)
-                print(f"  round {i + 1:2} {mode:<10}: declared dead {_ms(detect)} ms after the kill, "
+                print(f"  round {i + 1:2} {mode:<10}: declared dead {_ms(detect)} ms after the kill/stop, "
                       f"gap {_ms(gap)} ms, broken {bad}", flush=True)
     finally:
         tear_down(run)
