@@ -290,3 +290,222 @@ def test_a_flow_that_comes_back_rerouted_catches_up_loosely():
             st = FW.moved(st)
         v, _ = FW.process(parse(ahead), True, st, 1.0)
         assert v.action == action
+
+
+# -- RSTs before the handshake, exact RSTs, ICMP errors without a flow, comebacks ----
+
+from dataplane.core.services import Verdict  # noqa: E402
+from dataplane.core.services.firewall import LAG_TIME, TCP_TIMEOUTS  # noqa: E402
+
+CLOSED = Verdict(Action.FORWARD, mirror=True, timeout=TCP_TIMEOUTS[TcpState.CLOSED])
+
+
+def syn_sent():
+    _, st = step(None, tcp(flags="S", seq=100))
+    assert st.state == TcpState.SYN_SENT and st.end0 == 101
+    return st
+
+
+@pytest.mark.parametrize("rst,forward,closes", [
+    (tcp(*SERVER_SIDE, flags="RA", seq=0, ack=101), False, True),     # the refusal of the SYN
+    (tcp(*SERVER_SIDE, flags="RA", seq=0, ack=100), False, False),    # acknowledges something else
+    (tcp(*SERVER_SIDE, flags="R", seq=0, ack=101), False, False),     # no ACK flag: acknowledges nothing
+    (tcp(*SERVER_SIDE, flags="RA", seq=101, ack=7), False, False),    # its seq counts for nothing
+    (tcp(flags="R", seq=101), True, True),                            # the originator's own abort
+    (tcp(flags="R", seq=100), True, False),
+], ids=["refusal", "other-ack", "no-ack-flag", "seq-not-ack", "own-abort", "own-abort-bad-seq"])
+def test_a_rst_before_the_handshake_closes_only_when_it_answers_the_syn(rst, forward, closes):
+    v, st = step(syn_sent(), rst, forward)
+    if closes:
+        assert v == CLOSED and st.state == TcpState.CLOSED
+    else:
+        assert v == Verdict(Action.DROP, "rst_out_of_window") and st.state == TcpState.SYN_SENT
+
+
+def test_an_exact_rst_closes_with_the_closed_timeout():
+    closes, v = rst_closes(handshake(), 101)
+    assert closes and v == CLOSED
+
+
+def test_a_rst_at_the_receivers_last_ack_or_behind_the_senders_unacknowledged_data_closes():
+    """Each side has sent data the other has not acknowledged yet: a RST
+    is exact at the receiver's last ack, or right behind the sender's own
+    data, from either side."""
+    st = handshake()
+    _, st = step(st, tcp(flags="PA", seq=101, ack=901, payload=b"c" * 500))             # end0 = 601
+    _, st = step(st, tcp(*SERVER_SIDE, flags="PA", seq=901, ack=101, payload=b"s" * 100),
+                 forward=False)                                                          # end1 = 1001
+    assert (st.end0, st.maxack1, st.end1, st.maxack0) == (601, 101, 1001, 901)
+    for seq, forward in ((601, True), (101, True), (1001, False), (901, False)):
+        closes, v = rst_closes(st, seq, forward)
+        assert closes, (seq, forward)
+    for seq, forward in ((301, True), (951, False)):
+        closes, v = rst_closes(st, seq, forward)
+        assert not closes and v.reason == "rst_challenge"
+
+
+def test_a_rst_is_checked_against_its_own_directions_window():
+    """A client RST 8,000 bytes behind its own next byte is inside the
+    client's window (the server announced 8,192) though outside the
+    server's: challenged, not refused as out of window."""
+    closes, v = rst_closes(handshake(), (101 - 8000) % (1 << 32))
+    assert not closes and v.reason == "rst_challenge"
+
+
+def test_a_state_of_older_releases_knows_no_acks_so_a_rst_at_sequence_0_is_not_exact():
+    import struct
+    old = FW.decode_state(struct.pack("!BBBB4I", Kind.TCP, TcpState.ESTABLISHED, 1, 0, 601, 901, 601, 901))
+    assert old.maxack0 == old.maxack1 == 0
+    for forward in (True, False):
+        closes, v = rst_closes(old, 0, forward)
+        assert not closes and v.action == Action.DROP
+
+
+def test_an_icmp_error_quoting_no_flow_here_is_dropped():
+    query = udp(sport=5000, dport=53)
+    err = parse(bytes(IP(src="10.2.0.10", dst="10.1.0.10") / ICMP(type=3, code=3) / IP(query)))
+    assert err.icmp_error is not None
+    assert FW.process(err, False, None, 0.0) == (Verdict(Action.DROP, "icmp_unrelated"), None)
+
+
+def test_a_flow_that_came_back_starts_its_catch_up_clock_at_its_first_packet():
+    st = FW.moved(handshake())
+    v, st = step_at(st, tcp(*SERVER_SIDE, flags="PA", seq=901 + 50_000, ack=101, payload=b"s"), 10.0, False)
+    assert v.action == Action.FORWARD and st.lag_until == 10.0 + LAG_TIME
+
+
+def test_a_flow_that_came_back_stays_loose_until_both_directions_passed():
+    """Only the server talks for longer than LAG_TIME: the client's side
+    was not seen since the comeback, so its unseen progress still passes."""
+    st = FW.moved(handshake())
+    for t in (0.0, LAG_TIME + 1.0):
+        v, st = step_at(st, tcp(*SERVER_SIDE, flags="A", seq=901, ack=101), t, False)
+        assert v.action == Action.FORWARD
+    assert st.lag_until
+    v, st = step_at(st, tcp(flags="PA", seq=101 + 5_000_000, ack=901, payload=b"c"), LAG_TIME + 1.1)
+    assert v.action == Action.FORWARD
+
+
+def step_at(st, data, now, forward=True):
+    return FW.process(parse(data), forward, st, now)
+
+
+def test_an_icmp_echo_request_is_known_by_its_type_byte_alone():
+    """A first fragment of one byte (the type: echo request) opens an ICMP
+    pseudo-connection like a whole echo request; an empty one does not."""
+    frag = parse(bytes(IP(src="10.1.0.10", dst="10.2.0.10", proto=1, flags="MF") / b"\x08"))
+    assert frag.fragment
+    v, st = FW.process(frag, True, None, 0.0)
+    assert v.action == Action.FORWARD and st.kind == Kind.ICMP
+    empty = parse(bytes(IP(src="10.1.0.10", dst="10.2.0.10", proto=1, flags="MF")))
+    assert FW.process(empty, True, None, 0.0) == (Verdict(Action.DROP, "misdelivery"), None)
+
+
+def test_a_reply_without_a_flow_is_a_dropped_misdelivery():
+    v, st = step(None, udp("10.2.0.10", "10.1.0.10", 53, 5000), forward=False)
+    assert v == Verdict(Action.DROP, "misdelivery") and st is None
+
+
+def liberal(end0, end1):
+    """A state of an older release: no window known, checked +-2^30."""
+    import struct
+    return FW.decode_state(struct.pack("!BBBB4I", Kind.TCP, TcpState.ESTABLISHED, 1, 0, end0, end1, end0, end1))
+
+
+def test_a_liberal_state_takes_segments_less_than_2_to_the_30_either_side():
+    for end0 in (601, (1 << 30) + 100, (1 << 32) - 50):
+        for delta, passes in ((-((1 << 30) - 1), True), (-10, True), ((1 << 30) - 1, True),
+                              (1 << 30, False), (-(1 << 30), False)):
+            seq = (end0 + delta) % (1 << 32)
+            v, _ = step(liberal(end0, 901), tcp(flags="PA", seq=seq, ack=901, payload=b"x"))
+            assert (v.action == Action.FORWARD) == passes, (end0, delta)
+            if not passes:
+                assert v.reason == "out_of_window"
+
+
+# -- the mirrored state: every field checked at its bounds, errors that say why -------
+
+import struct  # noqa: E402
+
+V2 = struct.Struct("!BBBBBBBB10I")
+FIELDS = ("version", "kind", "state", "orig", "fin", "flags", "scale0", "scale1", "end0", "end1", "maxend0",
+          "maxend1", "maxwin0", "maxwin1", "maxack0", "maxack1", "synced0", "synced1")
+
+
+def v2(**kw):
+    """A version-2 state: an established TCP flow unless told otherwise."""
+    values = dict(version=2, kind=int(Kind.TCP), state=int(TcpState.ESTABLISHED), orig=1, fin=0, flags=0,
+                  scale0=0, scale1=0, end0=601, end1=901, maxend0=9000, maxend1=9500, maxwin0=8192,
+                  maxwin1=8192, maxack0=901, maxack1=601, synced0=601, synced1=901)
+    values.update(kw)
+    return V2.pack(*(values[f] for f in FIELDS))
+
+
+PSEUDO = dict(kind=int(Kind.UDP), state=1, orig=1, **{f: 0 for f in FIELDS[4:]})
+
+
+@pytest.mark.parametrize("fields", [
+    dict(scale0=14, scale1=14, maxwin0=MAX_WINDOW, maxwin1=MAX_WINDOW, flags=31, fin=3, orig=0),
+    dict(state=int(TcpState.SYN_SENT)), dict(state=int(TcpState.CLOSED)),
+    dict(PSEUDO), dict(PSEUDO, state=0), dict(PSEUDO, kind=int(Kind.ICMP)), dict(PSEUDO, kind=int(Kind.OTHER)),
+])
+def test_a_state_at_the_edges_of_every_range_decodes_field_for_field(fields):
+    data = v2(**fields)
+    st = FW.decode_state(data)
+    values = dict(zip(FIELDS, V2.unpack(data)))
+    assert (st.kind, st.state, st.orig_forward, st.fin_seen, st.flags, st.scale0, st.scale1) == (
+        values["kind"], values["state"], bool(values["orig"]), values["fin"], values["flags"],
+        values["scale0"], values["scale1"])
+    assert all(getattr(st, f) == values[f] for f in FIELDS[8:])
+    assert FW.encode_state(st) == data
+
+
+@pytest.mark.parametrize("data,message", [
+    (v2()[:-1], "firewall state is 48 (or 20) bytes, got 47"),
+    (v2(version=1), "firewall state version 1, this release reads 2"),
+    (v2(version=3), "firewall state version 3, this release reads 2"),
+    (v2(kind=0), "firewall state of unknown kind 0"),
+    (v2(kind=5), "firewall state of unknown kind 5"),
+    (v2(flags=32), "firewall state with unknown flags or an impossible window"),
+    (v2(scale0=15), "firewall state with unknown flags or an impossible window"),
+    (v2(scale1=15), "firewall state with unknown flags or an impossible window"),
+    (v2(maxwin0=MAX_WINDOW + 1), "firewall state with unknown flags or an impossible window"),
+    (v2(maxwin1=MAX_WINDOW + 1), "firewall state with unknown flags or an impossible window"),
+    (v2(orig=2), "firewall state with an impossible direction or FIN mask"),
+    (v2(fin=4), "firewall state with an impossible direction or FIN mask"),
+    (v2(state=0), "firewall state with unknown TCP state 0"),
+    (v2(state=8), "firewall state with unknown TCP state 8"),
+    (v2(**dict(PSEUDO, state=2)), "firewall pseudo-connection state with TCP fields"),
+    (v2(**dict(PSEUDO, fin=1)), "firewall pseudo-connection state with TCP fields"),
+] + [(v2(**dict(PSEUDO, **{f: 1})), "firewall pseudo-connection state with TCP fields")
+     for f in FIELDS[5:]])
+def test_a_state_out_of_range_is_refused_saying_why(data, message):
+    with pytest.raises(ValueError) as err:
+        FW.decode_state(data)
+    assert str(err.value) == message
+
+
+def test_a_state_of_older_releases_decodes_field_for_field():
+    tcp_old = FW.decode_state(struct.pack("!BBBB4I", Kind.TCP, TcpState.FIN_WAIT, 0, 2, 601, 901, 500, 800))
+    assert (tcp_old.kind, tcp_old.state, tcp_old.orig_forward, tcp_old.fin_seen) == (
+        Kind.TCP, TcpState.FIN_WAIT, False, 2)
+    assert (tcp_old.end0, tcp_old.end1, tcp_old.synced0, tcp_old.synced1) == (601, 901, 500, 800)
+    assert (tcp_old.maxend0, tcp_old.maxend1, tcp_old.flags) == (601, 901, 1)
+    assert (tcp_old.maxwin0, tcp_old.maxwin1, tcp_old.maxack0, tcp_old.maxack1) == (0, 0, 0, 0)
+    assert (tcp_old.fresh, tcp_old.lag_until) == (0, -1.0)
+    udp_old = FW.decode_state(struct.pack("!BBBB4I", Kind.UDP, 1, 1, 0, 0, 0, 0, 0))
+    assert (udp_old.kind, udp_old.state, udp_old.orig_forward, udp_old.flags) == (Kind.UDP, 1, True, 0)
+    for bad, message in (((Kind.TCP, 1, 2, 0), "firewall state with an impossible direction or FIN mask"),
+                         ((Kind.TCP, 1, 1, 4), "firewall state with an impossible direction or FIN mask"),
+                         ((Kind.TCP, 9, 1, 0), "firewall state with unknown TCP state 9"),
+                         ((Kind.UDP, 2, 1, 0), "firewall pseudo-connection state with TCP fields"),
+                         ((7, 1, 1, 0), "firewall state of unknown kind 7")):
+        with pytest.raises(ValueError) as err:
+            FW.decode_state(struct.pack("!BBBB4I", *bad, 0, 0, 0, 0))
+        assert str(err.value) == message
+
+
+def test_a_decoded_state_is_loose_until_its_first_packets_and_an_encoded_one_starts_with_version_2():
+    st = FW.decode_state(v2())
+    assert (st.fresh, st.lag_until) == (0, -1.0)
+    assert FW.encode_state(handshake())[:2] == b"\x02\x01"
