@@ -10,7 +10,7 @@ from dataplane.core import header as wire
 from dataplane.core.node import ServiceNode
 from dataplane.core.packet import parse
 from dataplane.core.services import Action, create
-from dataplane.core.services.inspection import FlowAction, Inspection
+from dataplane.core.services.inspection import HISTORY, RECOVERY, FlowAction, Inspection, Rule, Stream
 from tests.conftest import codes_led_by, pair_map, tcp
 
 RULES = [{"name": "exfil", "pattern": "SECRET-TOKEN"}]
@@ -416,3 +416,179 @@ def test_a_flow_that_comes_back_rerouted_recovers_like_a_promoted_one():
         assert node.drops["out_of_order"] == 1 - passed
         node.from_fabric(wrapped(0, ISN_C + 5101, b"SECRET-TOKEN"), "ingress", 0.3)
         assert node.drops["blocked"] == passed                  # still scanning after it came back
+
+
+# --- reassembly edges, acknowledgements and what is mirrored ----------------------------
+
+def test_a_block_is_mirrored_so_the_replica_blocks_too():
+    svc = Inspection(rules=RULES)
+    _, st = send(svc, None, b"SECRET-")
+    v, st = send(svc, st, b"TOKEN")
+    assert v.action == Action.DROP and v.reason == "blocked" and v.mirror
+
+
+def test_the_syn_ack_is_mirrored_it_starts_the_servers_stream():
+    svc = Inspection(rules=RULES)
+    _, st = svc.process(seg(ISN_C, flags="S"), True, None, 0.0)
+    v, st = svc.process(seg(ISN_S, flags="SA", forward=False, ack=ISN_C + 1), False, st, 0.0)
+    assert v.action == Action.FORWARD and v.mirror
+    assert st.streams[1].synced and st.streams[1].nxt == ISN_S + 1
+    assert [s.tail for s in st.streams] == [b"", b""]          # a stream starts with no carry-over
+
+
+def test_data_on_a_syn_is_scanned_from_the_byte_after_the_syn():
+    """A SYN may carry data (TCP Fast Open): it is the stream's first bytes."""
+    svc = Inspection(rules=RULES)
+    v, st = svc.process(seg(ISN_C, b"SECRET-TOKEN", flags="S"), True, None, 0.0)
+    assert v.action == Action.DROP and v.reason == "blocked"
+    v, st = svc.process(seg(ISN_C, b"..SECRET-", flags="S"), True, None, 0.0)
+    assert v.action == Action.FORWARD and st.streams[0].nxt == ISN_C + 1 + 9
+    st, _, vs = run(svc, st, [(9, b"TOKEN")])
+    assert vs[0].reason == "blocked"
+
+
+def test_the_payload_of_a_rst_is_not_scanned_nor_taken_as_stream_bytes():
+    """A receiver delivers no RST payload, so none is scanned."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    v, st = svc.process(seg(ISN_C + 1, b"SECRET-TOKEN", flags="R"), True, st, 0.0)
+    assert v.action == Action.FORWARD and st.streams[0].nxt == ISN_C + 1
+    assert st.streams[0].scanned == 0 and st.action == FlowAction.INSPECT
+
+
+def test_a_late_syn_does_not_move_a_stream_that_carried_data():
+    """A SYN (retransmitted late, or forged) after data was scanned and
+    acknowledged must not restart the stream at its sequence number."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"0123456789")])
+    _, st = svc.process(seg(ISN_S + 1, flags="A", forward=False, ack=ISN_C + 11), False, st, 0.0)
+    assert not st.streams[0].history
+    _, st = svc.process(seg(5000, flags="S"), True, st, 0.0)
+    st, _, vs = run(svc, st, [(10, b"SECRET-TOKEN")])
+    assert vs[0].reason == "blocked"
+
+
+def test_a_new_syn_before_any_data_restarts_the_stream():
+    """The client gave up and sent a SYN with another initial sequence
+    number before any data: its stream starts there."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    _, st = svc.process(seg(7000, flags="S"), True, st, 0.0)
+    assert st.streams[0].nxt == 7001
+    v, st = svc.process(seg(7001, b"SECRET-TOKEN"), True, st, 0.0)
+    assert v.reason == "blocked"
+
+
+def test_a_segment_ahead_of_the_stream_is_out_of_order_by_one_byte_or_a_gigabyte():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"abc")])
+    for ahead in (1, 1 << 30, (1 << 31) - 1):
+        v, st = svc.process(seg((ISN_C + 4 + ahead) % (1 << 32), b"SECRET-TOKEN"), True, st, 0.0)
+        assert v.action == Action.DROP and v.reason == "out_of_order", ahead
+    assert st.streams[0].nxt == ISN_C + 4
+
+
+def test_a_segment_half_the_sequence_space_away_is_taken_as_old_bytes():
+    """Serial arithmetic's boundary: 2^31 away counts as behind (acknowledged
+    long ago, not scanned again), not as ahead."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"abc")])
+    v, st = svc.process(seg((ISN_C + 4 + (1 << 31)) % (1 << 32), b"xyz"), True, st, 0.0)
+    assert v.action == Action.FORWARD and st.streams[0].nxt == ISN_C + 4
+
+
+def test_an_identical_retransmission_passes_and_its_new_bytes_are_scanned():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, vs = run(svc, st, [(0, b"0123456789"), (0, b"0123456789"), (3, b"3456")])
+    assert [v.action for v in vs] == [Action.FORWARD] * 3 and vs[1].reason == ""
+    st, _, vs = run(svc, st, [(4, b"456789SECRET-TOKEN")])      # old bytes, then new ones
+    assert vs[0].reason == "blocked"
+
+
+def test_acknowledged_bytes_of_a_retransmission_are_neither_compared_nor_scanned():
+    """The receiver discards bytes it acknowledged: a retransmission reaching
+    back into them passes whatever they hold; its unacknowledged bytes are
+    still compared with what was scanned."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"a" * 20)])
+    _, st = svc.process(seg(ISN_S + 1, flags="A", forward=False, ack=ISN_C + 1 + 16), False, st, 0.0)
+    assert bytes(st.streams[0].history) == b"aaaa"
+    st, _, vs = run(svc, st, [(0, b"SECRET-TOKEN" + b"a" * 8), (0, b"b" * 16 + b"aaaa"),
+                              (0, b"a" * 16 + b"aaab")])
+    assert [v.reason for v in vs] == ["", "", "overlap_mismatch"]
+
+
+def test_a_promoted_state_scans_retransmitted_bytes_it_has_no_history_for():
+    """A decoded state has no history: unacknowledged bytes retransmitted to
+    it are scanned on their own (from their first byte) instead of compared."""
+    primary, promoted = Inspection(rules=RULES), Inspection(rules=RULES)
+    st = handshake(primary)
+    st, _, _ = run(primary, st, [(0, b"a" * 100)])
+    mirrored = primary.encode_state(st)
+    carried = promoted.decode_state(mirrored)
+    _, _, vs = run(promoted, carried, [(50, b"SECRET-TOKEN" + b"a" * 38)])
+    assert vs[0].reason == "overlap_mismatch"
+    carried = promoted.decode_state(mirrored)
+    _, _, vs = run(promoted, carried, [(50, b"a" * 50)])
+    assert vs[0].action == Action.FORWARD
+
+
+def test_a_direction_may_run_exactly_history_bytes_ahead_of_its_receiver():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, vs = run(svc, st, [(0, b"a" * 40000), (40000, b"b" * (HISTORY - 40000)), (HISTORY, b"c")])
+    assert [v.action for v in vs] == [Action.FORWARD, Action.FORWARD, Action.DROP]
+    assert vs[2].reason == "inspect_window"
+
+
+def test_an_acknowledgement_of_some_scanned_bytes_trims_the_history_by_as_many():
+    s = Stream(True, nxt=1010, acked=1000, history=bytearray(b"0123456789"))
+    s.ack(1001)
+    assert s.acked == 1001 and bytes(s.history) == b"123456789"
+    s.ack(1001)
+    assert s.acked == 1001 and bytes(s.history) == b"123456789"
+    s.ack(1011)                                              # past the scanned bytes: ignored
+    assert (s.nxt, s.acked) == (1010, 1001)
+
+
+def test_a_recovering_stream_follows_acknowledgements_past_its_position_within_a_quarter_of_the_space():
+    """A decoded stream takes an ack past its position as bytes the dead
+    primary forwarded (up to 2^30 ahead); an ack inside what it scanned
+    only moves `acked`; one ahead by 2^30 or more, or behind, is ignored."""
+    s = Stream(True, nxt=1100, acked=1000, tail=b"SECRET-", recovering=True)
+    s.ack(1050)
+    assert (s.nxt, s.acked, s.tail) == (1100, 1050, b"SECRET-")
+    s.ack(1100)                                              # exactly what it scanned
+    assert (s.nxt, s.acked, s.tail) == (1100, 1100, b"SECRET-")
+    s.ack(1200)
+    assert (s.nxt, s.acked, s.tail) == (1200, 1200, b"")
+    s.ack(1200 + (1 << 30))
+    assert s.nxt == 1200
+    s.ack(1190)
+    assert s.nxt == 1200
+    s.ack(1200 + (1 << 30) - 1)
+    assert s.nxt == s.acked == 1200 + (1 << 30) - 1
+
+
+def test_a_flow_that_comes_back_starts_its_recovery_clock_at_its_next_packet():
+    """`moved` at any time: the RECOVERY seconds count from the next packet."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"a" * 100)])
+    st = svc.moved(st)
+    v, st = svc.process(seg(ISN_C + 1 + 5000, b"b" * 100), True, st, 100.0)
+    assert v.action == Action.FORWARD and st.streams[0].recover_until == 100.0 + RECOVERY
+    v, st = svc.process(seg(ISN_C + 1 + 5100, b"SECRET-TOKEN"), True, st, 100.5)
+    assert v.reason == "blocked"
+
+
+def test_rules_may_be_given_as_rule_objects():
+    svc = Inspection(rules=(Rule("exfil", b"SECRET-TOKEN"),))
+    _, st = send(svc, None, b"SECRET-")
+    v, st = send(svc, st, b"TOKEN")
+    assert v.reason == "blocked" and st.matched == "exfil"
