@@ -509,3 +509,23 @@ def test_a_decoded_state_is_loose_until_its_first_packets_and_an_encoded_one_sta
     st = FW.decode_state(v2())
     assert (st.fresh, st.lag_until) == (0, -1.0)
     assert FW.encode_state(handshake())[:2] == b"\x02\x01"
+
+
+def test_sequence_numbers_compare_in_32_bit_serial_arithmetic():
+    from dataplane.core.services.firewall import _after, _seq_le
+
+    m = 1 << 32
+    for b in (0, 1000, m - 5):
+        assert _after((b + 1) % m, b) and _after((b + (1 << 31) - 1) % m, b)
+        assert not _after(b, b) and not _after((b - 1) % m, b) and not _after((b + (1 << 31)) % m, b)
+        assert _seq_le(b, b) and _seq_le(b, (b + (1 << 31) - 1) % m) and _seq_le((b - 1) % m, b)
+        assert not _seq_le((b + 1) % m, b) and not _seq_le(b, (b + (1 << 31)) % m)
+
+
+def test_deny_and_reject_ports_of_a_new_firewall():
+    fw = Firewall(deny_ports=[23], reject_ports=[24])
+    assert fw.process(parse(tcp(dport=23)), True, None, 0.0)[0] == Verdict(Action.DROP, "policy_denied")
+    v, _ = fw.process(parse(tcp(dport=24)), True, None, 0.0)
+    assert v.action == Action.REPLY and v.reason == "policy_rejected" and v.reply
+    assert fw.process(parse(tcp(dport=25)), True, None, 0.0)[0].action == Action.FORWARD
+    assert Firewall().process(parse(tcp(dport=23)), True, None, 0.0)[0].action == Action.FORWARD

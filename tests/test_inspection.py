@@ -9,7 +9,7 @@ from scapy.packet import Raw
 from dataplane.core import header as wire
 from dataplane.core.node import ServiceNode
 from dataplane.core.packet import parse
-from dataplane.core.services import Action, create
+from dataplane.core.services import FORWARD, Action, Verdict, create
 from dataplane.core.services.inspection import HISTORY, RECOVERY, FlowAction, Inspection, Rule, Stream
 from tests.conftest import codes_led_by, pair_map, tcp
 
@@ -592,3 +592,59 @@ def test_rules_may_be_given_as_rule_objects():
     _, st = send(svc, None, b"SECRET-")
     v, st = send(svc, st, b"TOKEN")
     assert v.reason == "blocked" and st.matched == "exfil"
+
+
+def test_rule_options_are_checked_at_their_limits_saying_why():
+    assert Inspection(rules=[{"name": "n" * 255, "pattern": "x"}])
+    assert Inspection(rules=[{"name": "p", "pattern": "x" * 1764}]).keep == 1763   # the state's 4096 bytes
+    for rules, message in (
+            ([{"name": "e", "pattern": ""}], "inspection rule with an empty pattern"),
+            ([{"name": "n" * 256, "pattern": "x"}],
+             "inspection rule name longer than 255 bytes (the mirrored state's limit)"),
+            ([{"name": "p", "pattern": "x" * 1765}], "inspection rule pattern too long for the mirrored state")):
+        with pytest.raises(ValueError) as err:
+            Inspection(rules=rules)
+        assert str(err.value) == message
+
+
+def test_the_carry_over_is_one_byte_short_of_the_longest_pattern():
+    """Enough to catch a pattern split anywhere, down to its last byte
+    alone in the next segment; and what a state may carry when decoded."""
+    svc = Inspection(rules=RULES)
+    _, st = send(svc, None, b"x" * 50 + b"SECRET-TOKE")
+    assert st.streams[0].tail == b"SECRET-TOKE"
+    v, st = send(svc, st, b"N")
+    assert v.reason == "blocked"
+    short = Inspection(rules=[{"name": "ab", "pattern": "ab"}])
+    _, st = send(short, None, b"xyz")
+    assert st.streams[0].tail == b"z"
+    with pytest.raises(ValueError, match="inspection stream state out of range"):
+        Inspection().decode_state(short.encode_state(st))           # no rules: no carry-over
+
+
+def test_an_icmp_error_passes_with_a_live_flow_and_is_dropped_with_a_blocked_one_or_none():
+    from scapy.layers.inet import ICMP as SICMP
+
+    svc = Inspection(rules=RULES)
+    query = bytes(SIP(src=H[0], dst=H[1]) / SUDP(sport=5000, dport=53) / Raw(b"q"))
+    err = parse(bytes(SIP(src=H[1], dst=H[0]) / SICMP(type=3, code=3) / SIP(query)))
+    assert svc.process(err, False, None, 0.0) == (Verdict(Action.DROP, "icmp_unrelated"), None)
+    _, st = svc.process(parse(query), True, None, 0.0)
+    assert svc.process(err, False, st, 1.0) == (FORWARD, st)
+    _, st = svc.process(parse(bytes(SIP(src=H[0], dst=H[1]) / SUDP(sport=5000, dport=53)
+                                    / Raw(b"SECRET-TOKEN"))), True, st, 1.0)
+    assert st.action == FlowAction.BLOCK
+    assert svc.process(err, False, st, 2.0) == (Verdict(Action.DROP, "blocked"), st)
+
+
+def test_after_a_block_every_packet_is_a_plain_drop_and_after_allow_a_plain_forward():
+    svc = Inspection(rules=RULES)
+    _, st = send(svc, None, b"SECRET-TOKEN")
+    v, st = send(svc, st, b"more")
+    assert v == Verdict(Action.DROP, "blocked")
+    svc = Inspection(rules=RULES, inspect_limit=10)
+    _, st = send(svc, None, b"a" * 20)
+    _, st = send(svc, st, b"b" * 20, forward=False)
+    assert st.action == FlowAction.ALLOW
+    v, st = send(svc, st, b"c" * 20)
+    assert v == FORWARD

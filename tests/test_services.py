@@ -77,6 +77,10 @@ def test_registry_has_the_built_ins():
 def test_an_unknown_kind_names_the_known_ones():
     with pytest.raises(ServiceError, match="unknown service kind 'nope'; known: .*firewall"):
         create("nope")
+    with pytest.raises(ServiceError) as err:
+        load("nope")
+    assert str(err.value) == f"unknown service kind 'nope'; known: {', '.join(sorted(registry()))}"
+    assert "firewall, inspection, nat, passthrough" in str(err.value)
 
 
 @needs_quota
