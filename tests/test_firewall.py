@@ -529,3 +529,21 @@ def test_deny_and_reject_ports_of_a_new_firewall():
     assert v.action == Action.REPLY and v.reason == "policy_rejected" and v.reply
     assert fw.process(parse(tcp(dport=25)), True, None, 0.0)[0].action == Action.FORWARD
     assert Firewall().process(parse(tcp(dport=23)), True, None, 0.0)[0].action == Action.FORWARD
+
+
+def test_an_icmp_error_quoting_a_live_flow_passes_and_changes_nothing():
+    query = udp(sport=5000, dport=53)
+    err = parse(bytes(IP(src="10.2.0.10", dst="10.1.0.10") / ICMP(type=3, code=3) / IP(query)))
+    _, st = step(None, query)
+    before = FW.encode_state(st)
+    v, after = FW.process(err, False, st, 1.0)
+    assert v == Verdict(Action.FORWARD) and after is st and FW.encode_state(st) == before
+
+
+def test_a_packet_of_another_protocol_opens_an_other_pseudo_connection():
+    gre = bytes(IP(src="10.1.0.10", dst="10.2.0.10", proto=47) / (b"\x00\x00\x08\x00" + b"x" * 20))
+    v, st = step(None, gre)
+    assert v == Verdict(Action.FORWARD, mirror=True, timeout=60.0) and st.kind == Kind.OTHER
+    back = bytes(IP(src="10.2.0.10", dst="10.1.0.10", proto=47) / (b"\x00\x00\x08\x00" + b"y" * 20))
+    v, st = step(st, back, forward=False)
+    assert v == Verdict(Action.FORWARD, mirror=True, timeout=120.0) and st.state == 1

@@ -648,3 +648,13 @@ def test_after_a_block_every_packet_is_a_plain_drop_and_after_allow_a_plain_forw
     assert st.action == FlowAction.ALLOW
     v, st = send(svc, st, b"c" * 20)
     assert v == FORWARD
+
+
+def test_an_ack_number_without_the_ack_flag_is_not_taken():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"0123456789")], forward=False)
+    _, st = svc.process(seg(ISN_C + 1, b"", flags="P", ack=ISN_S + 1 + 10), True, st, 0.0)
+    assert st.streams[1].acked == ISN_S + 1 and bytes(st.streams[1].history) == b"0123456789"
+    _, st = svc.process(seg(ISN_C + 1, b"", flags="A", ack=ISN_S + 1 + 10), True, st, 0.0)
+    assert st.streams[1].acked == ISN_S + 11 and not st.streams[1].history
