@@ -547,3 +547,10 @@ def test_a_packet_of_another_protocol_opens_an_other_pseudo_connection():
     back = bytes(IP(src="10.2.0.10", dst="10.1.0.10", proto=47) / (b"\x00\x00\x08\x00" + b"y" * 20))
     v, st = step(st, back, forward=False)
     assert v == Verdict(Action.FORWARD, mirror=True, timeout=120.0) and st.state == 1
+
+
+def test_the_eviction_class_is_established_from_the_handshakes_end_to_time_wait():
+    for state in TcpState:
+        expect = TcpState.ESTABLISHED <= state <= TcpState.TIME_WAIT
+        assert FW.established(FlowState(Kind.TCP, state)) == expect, state
+    assert [FW.established(FlowState(Kind.UDP, s)) for s in (0, 1)] == [False, True]

@@ -658,3 +658,14 @@ def test_an_ack_number_without_the_ack_flag_is_not_taken():
     assert st.streams[1].acked == ISN_S + 1 and bytes(st.streams[1].history) == b"0123456789"
     _, st = svc.process(seg(ISN_C + 1, b"", flags="A", ack=ISN_S + 1 + 10), True, st, 0.0)
     assert st.streams[1].acked == ISN_S + 11 and not st.streams[1].history
+
+
+def test_a_segment_without_data_or_syn_is_not_checksum_checked():
+    """Nothing of it is scanned, so its checksum is the receiving host's
+    business; a bad one on a data segment is dropped (control)."""
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    v, st = svc.process(seg(ISN_C + 1, b"", flags="A", ack=ISN_S + 1, chksum=0x1234), True, st, 0.0)
+    assert v.action == Action.FORWARD
+    v, st = svc.process(seg(ISN_C + 1, b"x", flags="PA", ack=ISN_S + 1, chksum=0x1234), True, st, 0.0)
+    assert v.reason == "bad_checksum"
