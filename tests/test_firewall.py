@@ -554,3 +554,90 @@ def test_the_eviction_class_is_established_from_the_handshakes_end_to_time_wait(
         expect = TcpState.ESTABLISHED <= state <= TcpState.TIME_WAIT
         assert FW.established(FlowState(Kind.TCP, state)) == expect, state
     assert [FW.established(FlowState(Kind.UDP, s)) for s in (0, 1)] == [False, True]
+
+
+# -- the fast path (`fast`) against `process` ----------------------------------------
+
+from dataplane.core.services import FORWARD  # noqa: E402
+from dataplane.core.services.firewall import SYNC_STRIDE  # noqa: E402
+
+
+def fast_matches_process(st, data, forward=True):
+    """`fast` on a copy of `st` and `process` on another: when `fast` takes
+    the packet, `process` forwards it unmirrored leaving the same state;
+    when it declines, it touched nothing. Returns whether it took it."""
+    proto = data[9]
+    a, b = copy.deepcopy(st), copy.deepcopy(st)
+    took = FW.fast(a, forward, data, proto, 20, len(data))
+    if took:
+        v, b = FW.process(parse(data), forward, b, 0.0)
+        assert v == FORWARD
+        assert (a, a.fresh, a.lag_until) == (b, b.fresh, b.lag_until)
+    else:
+        assert (a, a.fresh, a.lag_until) == (st, st.fresh, st.lag_until)
+    return took
+
+
+def test_the_fast_path_takes_in_window_acks_and_data_of_an_established_flow_both_ways():
+    st = handshake()
+    assert fast_matches_process(st, tcp(flags="A", seq=101, ack=901))
+    assert fast_matches_process(st, tcp(flags="PA", seq=101, ack=901, payload=b"x" * 500))
+    assert fast_matches_process(st, tcp(*SERVER_SIDE, flags="PA", seq=901, ack=101, payload=b"y" * 300), False)
+    assert fast_matches_process(st, tcp(flags="PA", seq=101 + 4000, ack=901, payload=b"z"))     # a later segment
+    a, data = copy.deepcopy(st), tcp(flags="PA", seq=101, ack=901, payload=b"x" * 500)
+    assert FW.fast(a, True, data, 6, 20, len(data)) and a.end0 == 601 and a.maxack0 == 901
+
+
+@pytest.mark.parametrize("data,forward", [
+    (tcp(flags="S", seq=101), True), (tcp(flags="FA", seq=101, ack=901), True),
+    (tcp(flags="RA", seq=101, ack=901), True), (tcp(flags="SA", seq=901, ack=101), False),
+    (tcp(flags="PA", seq=101 + 100_000, ack=901, payload=b"x"), True),      # out of window
+    (tcp(flags="A", seq=101, ack=901 + 100_000), True),                    # acks the unsent
+    (tcp(flags="", seq=101, ack=901), True),                               # no ACK flag
+], ids=["syn", "fin", "rst", "synack", "out-of-window", "ack-out-of-window", "no-ack"])
+def test_the_fast_path_declines_flags_and_window_edges_untouched(data, forward):
+    assert not fast_matches_process(handshake(), data, forward)
+
+
+def test_the_fast_path_declines_a_bad_header_length_or_a_truncated_segment():
+    st = handshake()
+    good = bytearray(tcp(flags="A", seq=101, ack=901, payload=b"x" * 8))
+    for offset_byte in (0x40, 0xF0):                                       # 16 bytes; 60 bytes > what is there
+        bad = bytearray(good)
+        bad[32] = offset_byte
+        a = copy.deepcopy(st)
+        assert not FW.fast(a, True, bytes(bad), 6, 20, len(bad)) and a == st
+    a = copy.deepcopy(st)
+    assert not FW.fast(a, True, bytes(good), 6, 20, 20 + 19) and a == st    # not even a TCP header
+    assert FW.fast(copy.deepcopy(st), True, bytes(good), 6, 20, 20 + 20)   # a bare header will do
+
+
+def test_the_fast_path_declines_before_the_handshakes_end_liberal_catching_up_or_past_the_stride():
+    st = handshake()
+    ack = tcp(flags="A", seq=101, ack=901)
+    for changed in (dict(state=TcpState.SYN_RECV), dict(state=TcpState.FIN_WAIT), dict(flags=st.flags | 1),
+                    dict(lag_until=5.0), dict(lag_until=-1.0)):
+        other = copy.deepcopy(st)
+        for k, val in changed.items():
+            setattr(other, k, val)
+        assert not fast_matches_process(other, ack), changed
+    near = copy.deepcopy(st)
+    near.synced0 = (near.end0 - SYNC_STRIDE + 100) % (1 << 32)
+    assert fast_matches_process(near, tcp(flags="PA", seq=101, ack=901, payload=b"x" * 99))
+    assert not fast_matches_process(near, tcp(flags="PA", seq=101, ack=901, payload=b"x" * 100))
+    near1 = copy.deepcopy(st)
+    near1.synced1 = (near1.end1 - SYNC_STRIDE + 100) % (1 << 32)
+    assert fast_matches_process(near1, tcp(*SERVER_SIDE, flags="PA", seq=901, ack=101, payload=b"y" * 99), False)
+    assert not fast_matches_process(near1, tcp(*SERVER_SIDE, flags="PA", seq=901, ack=101, payload=b"y" * 100),
+                                    False)
+
+
+def test_the_fast_path_of_a_pseudo_connection():
+    _, st = step(None, udp())
+    reply = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    assert fast_matches_process(st, udp())
+    assert not fast_matches_process(st, reply, False)                      # the first reply changes state
+    _, st = step(st, reply, forward=False)
+    assert fast_matches_process(st, reply, False) and fast_matches_process(st, udp())
+    a = copy.deepcopy(st)
+    assert not FW.fast(a, True, tcp(flags="A"), 6, 20, 40)                 # TCP on a UDP flow: process
