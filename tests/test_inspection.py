@@ -669,3 +669,69 @@ def test_a_segment_without_data_or_syn_is_not_checksum_checked():
     assert v.action == Action.FORWARD
     v, st = svc.process(seg(ISN_C + 1, b"x", flags="PA", ack=ISN_S + 1, chksum=0x1234), True, st, 0.0)
     assert v.reason == "bad_checksum"
+
+
+# --- the mirrored state, field by field ---------------------------------------------
+
+import struct  # noqa: E402
+
+HEAD, DIR = struct.Struct("!BBBBBQQ"), struct.Struct("!BIIQH")
+
+
+def state_bytes(version=1, action=0, app=b"http", matched=b"", pp=2, nbytes=100, pkts=5,
+                dirs=((1, 2000, 1990, 40, b"RET-"), (1, 9000, 9000, 60, b""))):
+    out = HEAD.pack(version, action, len(app), len(matched), pp, nbytes, pkts)
+    out += b"".join(DIR.pack(s, n, a, sc, len(t)) for s, n, a, sc, t in dirs)
+    return out + app + matched + dirs[0][4] + dirs[1][4]
+
+
+def test_a_mirrored_state_decodes_field_for_field_at_the_edges_of_its_ranges():
+    svc = Inspection(rules=RULES)                                          # keep: 11 bytes
+    st = svc.decode_state(state_bytes())
+    assert (st.action, st.app, st.matched, st.payload_packets, st.bytes, st.packets) == (
+        FlowAction.INSPECT, "http", "", 2, 100, 5)
+    assert [(s.synced, s.nxt, s.acked, s.scanned, s.tail, s.recovering) for s in st.streams] == [
+        (True, 2000, 1990, 40, b"RET-", True), (True, 9000, 9000, 60, b"", True)]
+    edge = state_bytes(action=2, matched=b"exfil", dirs=((1, 200000, 200000 - HISTORY, 100, b"x" * 11),
+                                                        (0, 0, 0, 0, b"")))
+    st = svc.decode_state(edge)
+    assert st.action == FlowAction.BLOCK and st.matched == "exfil" and svc.encode_state(st) == edge
+    assert st.streams[1].synced is False
+    bare = state_bytes(app=b"", dirs=((0, 0, 0, 0, b""), (0, 0, 0, 0, b"")))
+    assert len(bare) == HEAD.size + 2 * DIR.size and svc.decode_state(bare).app == ""
+
+
+@pytest.mark.parametrize("data,message", [
+    (state_bytes(app=b"", dirs=((0, 0, 0, 0, b""), (0, 0, 0, 0, b"")))[:-1], "inspection state truncated"),
+    (state_bytes(version=2), "inspection state version 2, not 1"),
+    (state_bytes(version=0), "inspection state version 0, not 1"),
+    (state_bytes() + b"x", "inspection state length mismatch"),
+    (state_bytes()[:-1], "inspection state length mismatch"),
+    (state_bytes(dirs=((2, 2000, 1990, 40, b""), (1, 9000, 9000, 60, b""))), "inspection stream state out of range"),
+    (state_bytes(dirs=((1, 2000, 1990, 40, b"x" * 12), (1, 9000, 9000, 60, b""))),
+     "inspection stream state out of range"),
+    (state_bytes(dirs=((1, 2000, 1990, 101, b""), (1, 9000, 9000, 60, b""))), "inspection stream state out of range"),
+    (state_bytes(dirs=((1, 2000, 1990, 40, b""), (1, 9000, 9000, 101, b""))), "inspection stream state out of range"),
+    (state_bytes(dirs=((1, 2000, 1990, 40, b""), (0, 5, 0, 0, b""))), "inspection stream position without a start"),
+    (state_bytes(dirs=((1, 2000, 1990, 40, b""), (0, 0, 5, 0, b""))), "inspection stream position without a start"),
+    (state_bytes(dirs=((1, 200000, 200000 - HISTORY - 1, 40, b""), (1, 9000, 9000, 60, b""))),
+     "inspection stream acknowledged too far behind"),
+])
+def test_a_mirrored_state_out_of_range_is_refused_saying_why(data, message):
+    with pytest.raises(ValueError) as err:
+        Inspection(rules=RULES).decode_state(data)
+    assert str(err.value) == message
+
+
+def test_the_encoded_state_carries_every_field():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"GET /x SECRET-")])
+    data = svc.encode_state(st)
+    version, action, la, lm, pp, nbytes, pkts = HEAD.unpack_from(data)
+    assert (version, action, la, lm, pp, nbytes, pkts) == (1, 0, 4, 0, 1, 14, 3)
+    d0 = DIR.unpack_from(data, HEAD.size)
+    assert d0 == (1, ISN_C + 15, ISN_C + 1, 14, 11)
+    assert data.endswith(b"http" + st.streams[0].tail) and st.streams[0].tail == b"T /x SECRET-"[-11:]
+    st.payload_packets = 300
+    assert HEAD.unpack_from(svc.encode_state(st))[4] == 255                 # a counter capped at one byte
