@@ -641,3 +641,64 @@ def test_the_fast_path_of_a_pseudo_connection():
     assert fast_matches_process(st, reply, False) and fast_matches_process(st, udp())
     a = copy.deepcopy(st)
     assert not FW.fast(a, True, tcp(flags="A"), 6, 20, 40)                 # TCP on a UDP flow: process
+
+
+# -- a connection's whole state, step by step ------------------------------------------
+
+def test_every_field_of_the_state_from_syn_to_time_wait():
+    """Window scaling on both sides (7 and 5): each segment's effect on
+    every tracked field, and each step's verdict."""
+    mirrored = {s: Verdict(Action.FORWARD, mirror=True, timeout=TCP_TIMEOUTS[s]) for s in TcpState}
+    v, st = step(None, syn_with(1000, 7, flags="S", seq=100))
+    assert v == mirrored[TcpState.SYN_SENT]
+    assert st == FlowState(Kind.TCP, TcpState.SYN_SENT, True, 0, end0=101, synced0=101, maxend0=101,
+                           maxwin0=1000, scale0=7, flags=8)
+    v, st = step(st, synack_with(2000, 5, flags="SA", seq=900, ack=101), forward=False)
+    assert v == mirrored[TcpState.SYN_RECV] and st.fresh == 3
+    assert st == FlowState(Kind.TCP, TcpState.SYN_RECV, True, 0, end0=101, end1=901, synced0=101, synced1=901,
+                           maxend0=2101, maxend1=901, maxwin0=1000, maxwin1=2000, maxack1=101, scale0=7,
+                           scale1=5, flags=8 | 16 | 4)
+    v, st = step(st, bytes(IP(src="10.1.0.10", dst="10.2.0.10")
+                           / ScapyTCP(sport=40000, dport=80, flags="A", seq=101, ack=901, window=500)))
+    assert v == mirrored[TcpState.ESTABLISHED]
+    assert st == FlowState(Kind.TCP, TcpState.ESTABLISHED, True, 0, end0=101, end1=901, synced0=101,
+                           synced1=901, maxend0=2101, maxend1=901 + (500 << 7), maxwin0=500 << 7, maxwin1=2000,
+                           maxack0=901, maxack1=101, scale0=7, scale1=5, flags=8 | 16 | 4 | 2)
+    v, st = step(st, bytes(IP(src="10.2.0.10", dst="10.1.0.10")
+                           / ScapyTCP(sport=80, dport=40000, flags="PA", seq=901, ack=101, window=100)
+                           / (b"y" * 300)), forward=False)
+    assert v == FORWARD
+    assert (st.end1, st.maxwin1, st.maxack1, st.maxend0, st.synced1) == (1201, 100 << 5, 101, 101 + (100 << 5), 901)
+    v, st = step(st, tcp(flags="FA", seq=101, ack=1201))
+    assert v == mirrored[TcpState.FIN_WAIT] and st.fin_seen == 1 and st.end0 == 102 and st.maxack0 == 1201
+    assert (st.synced0, st.synced1) == (102, 1201)
+    v, st = step(st, tcp(*SERVER_SIDE, flags="FA", seq=1201, ack=102), forward=False)
+    assert v == mirrored[TcpState.CLOSING] and st.fin_seen == 3 and st.end1 == 1202
+    v, st = step(st, tcp(flags="A", seq=102, ack=1202))
+    assert v == mirrored[TcpState.TIME_WAIT]
+    v, st = step(st, tcp(flags="A", seq=102, ack=1202))
+    assert v == FORWARD and st.state == TcpState.TIME_WAIT
+
+
+def test_a_syn_without_window_scale_or_window_and_with_data():
+    v, st = step(None, syn_with(0, None, flags="S", seq=100) + b"")
+    assert (st.maxwin0, st.scale0, st.flags, st.end0) == (1, 0, 0, 101)
+    _, st = step(None, tcp(flags="S", seq=100, payload=b"hello"))                 # data on the SYN
+    assert st.end0 == st.maxend0 == st.synced0 == 106
+    _, st = step(st, synack_with(0, 5, flags="SA", seq=900, ack=106), forward=False)
+    assert (st.maxwin1, st.scale0, st.scale1, st.flags) == (1, 0, 0, 16 | 4)    # one side offered: none
+
+
+def test_syns_retransmitted_or_out_of_place():
+    _, st = step(None, tcp(flags="S", seq=100))
+    v, again = step(copy.deepcopy(st), tcp(flags="S", seq=100))
+    assert v == FORWARD and again == st                                        # the client retransmits
+    _, st = step(st, tcp(*SERVER_SIDE, flags="SA", seq=900, ack=101), forward=False)
+    v, again = step(copy.deepcopy(st), tcp(*SERVER_SIDE, flags="SA", seq=900, ack=101), forward=False)
+    assert v == FORWARD and again == st                                        # so does the server
+    _, est = step(st, tcp(flags="A", seq=101, ack=901))
+    v, _ = step(copy.deepcopy(est), tcp(*SERVER_SIDE, flags="SA", seq=900, ack=101), forward=False)
+    assert v == FORWARD                                                        # late, after the handshake
+    for data, forward in ((tcp(*SERVER_SIDE, flags="S", seq=900), False), (tcp(flags="SA", seq=100, ack=5), True)):
+        v, after = step(copy.deepcopy(est), data, forward)
+        assert v == Verdict(Action.DROP, "unexpected_syn") and after == est
