@@ -702,3 +702,8 @@ def test_syns_retransmitted_or_out_of_place():
     for data, forward in ((tcp(*SERVER_SIDE, flags="S", seq=900), False), (tcp(flags="SA", seq=100, ack=5), True)):
         v, after = step(copy.deepcopy(est), data, forward)
         assert v == Verdict(Action.DROP, "unexpected_syn") and after == est
+
+
+def test_an_icmp_packet_other_than_an_echo_request_opens_nothing():
+    v, st = step(None, bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ICMP(type=0, id=3)))
+    assert (v, st) == (Verdict(Action.DROP, "misdelivery"), None)

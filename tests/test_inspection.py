@@ -735,3 +735,37 @@ def test_the_encoded_state_carries_every_field():
     assert data.endswith(b"http" + st.streams[0].tail) and st.streams[0].tail == b"T /x SECRET-"[-11:]
     st.payload_packets = 300
     assert HEAD.unpack_from(svc.encode_state(st))[4] == 255                 # a counter capped at one byte
+
+
+def test_a_new_flows_first_packet_is_mirrored_even_without_payload():
+    for svc in (Inspection(), Inspection(rules=RULES)):
+        v, st = svc.process(parse(bytes(SIP(src=H[0], dst=H[1]) / SUDP(sport=5000, dport=53))), True, None, 0.0)
+        assert v == Verdict(Action.FORWARD, mirror=True, timeout=600.0) and st.packets == 1
+
+
+def test_a_limit_of_zero_bytes_inspects_nothing_but_mirrors_the_new_flow():
+    svc = Inspection(rules=RULES, inspect_limit=0)
+    v, st = svc.process(seg(ISN_C + 1, b"SECRET-TOKEN"), True, None, 0.0)
+    assert v == Verdict(Action.FORWARD, mirror=True, timeout=600.0) and st.streams[0].scanned == 0
+
+
+def test_a_direction_stops_being_scanned_at_exactly_its_limit():
+    svc = Inspection(rules=RULES, inspect_limit=100)
+    st = handshake(svc)
+    st, _, vs = run(svc, st, [(0, b"a" * 94 + b"SECRET"), (100, b"-TOKEN")])
+    assert st.streams[0].scanned == 100 and vs[1] == FORWARD
+    st, _, vs = run(svc, st, [(106, b"SECRET-TOKEN")])
+    assert vs[0] == FORWARD
+
+
+def test_a_promoted_state_recovers_for_exactly_recovery_seconds_after_its_first_packet():
+    primary, promoted = Inspection(rules=RULES), Inspection(rules=RULES)
+    st = handshake(primary)
+    st, _, _ = run(primary, st, [(0, b"a" * 100)], forward=False)
+    mirrored = primary.encode_state(st)
+    for at, recovering in ((1.0 + RECOVERY, True), (1.0 + RECOVERY + 0.001, False)):
+        carried = promoted.decode_state(mirrored)
+        _, carried = promoted.process(seg(ISN_S + 101, b"b" * 10, forward=False), False, carried, 1.0)
+        v, carried = promoted.process(seg(ISN_S + 501, b"c" * 10, forward=False), False, carried, at)
+        assert (v.action == Action.FORWARD) is recovering
+        assert carried.streams[1].recovering is recovering
