@@ -707,3 +707,17 @@ def test_syns_retransmitted_or_out_of_place():
 def test_an_icmp_packet_other_than_an_echo_request_opens_nothing():
     v, st = step(None, bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ICMP(type=0, id=3)))
     assert (v, st) == (Verdict(Action.DROP, "misdelivery"), None)
+
+
+def test_a_new_udp_flow_to_a_denied_port_is_dropped_by_policy():
+    assert step(None, udp(dport=23)) == (Verdict(Action.DROP, "policy_denied"), None)
+
+
+def test_the_fast_path_declines_a_buffer_shorter_than_a_tcp_header_or_another_protocol():
+    st = handshake()
+    data = tcp(flags="A", seq=101, ack=901)
+    a = copy.deepcopy(st)
+    assert not FW.fast(a, True, data[:39], 6, 20, 39) and a == st
+    as_udp = bytearray(data)
+    as_udp[9] = 17
+    assert not FW.fast(a, True, bytes(as_udp), 17, 20, len(as_udp)) and a == st
