@@ -431,7 +431,7 @@ def test_the_syn_ack_is_mirrored_it_starts_the_servers_stream():
     svc = Inspection(rules=RULES)
     _, st = svc.process(seg(ISN_C, flags="S"), True, None, 0.0)
     v, st = svc.process(seg(ISN_S, flags="SA", forward=False, ack=ISN_C + 1), False, st, 0.0)
-    assert v.action == Action.FORWARD and v.mirror
+    assert v == Verdict(Action.FORWARD, mirror=True, timeout=600.0)
     assert st.streams[1].synced and st.streams[1].nxt == ISN_S + 1
     assert [s.tail for s in st.streams] == [b"", b""]          # a stream starts with no carry-over
 
@@ -769,3 +769,33 @@ def test_a_promoted_state_recovers_for_exactly_recovery_seconds_after_its_first_
         v, carried = promoted.process(seg(ISN_S + 501, b"c" * 10, forward=False), False, carried, at)
         assert (v.action == Action.FORWARD) is recovering
         assert carried.streams[1].recovering is recovering
+
+
+def test_an_acknowledgement_alone_is_not_mirrored():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"hello")])
+    v, st = svc.process(seg(ISN_S + 1, flags="A", forward=False, ack=ISN_C + 6), False, st, 0.0)
+    assert v == FORWARD and st.streams[0].acked == ISN_C + 6
+
+
+def test_payload_packets_and_scanned_bytes_are_counted_one_by_one():
+    svc = Inspection(rules=RULES)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"z" * 10), (10, b"z" * 20)])
+    assert (st.payload_packets, st.streams[0].scanned, st.bytes, st.app) == (2, 30, 30, "inspecting")
+    st, _, _ = run(svc, st, [(30, b"z")])
+    assert (st.payload_packets, st.app) == (3, "unknown")
+
+
+def test_a_new_flow_without_rules_is_mirrored_before_its_app_is_known():
+    v, st = Inspection().process(parse(tcp(flags="PA", seq=5, payload=b"zzz")), True, None, 0.0)
+    assert v == Verdict(Action.FORWARD, mirror=True, timeout=600.0) and st.app == "inspecting"
+
+
+def test_one_byte_patterns_need_no_carry_over():
+    svc = Inspection(rules=[{"name": "bang", "pattern": "!"}])
+    _, st = send(svc, None, b"abc")
+    assert st.streams[0].tail == b"" and svc.decode_state(svc.encode_state(st)).streams[0].tail == b""
+    v, st = send(svc, st, b"x!")
+    assert v.reason == "blocked"
