@@ -718,6 +718,7 @@ def test_the_fast_path_declines_a_buffer_shorter_than_a_tcp_header_or_another_pr
     data = tcp(flags="A", seq=101, ack=901)
     a = copy.deepcopy(st)
     assert not FW.fast(a, True, data[:39], 6, 20, 39) and a == st
+    assert not FW.fast(a, True, data[:30], 6, 20, 30) and a == st
     as_udp = bytearray(data)
     as_udp[9] = 17
     assert not FW.fast(a, True, bytes(as_udp), 17, 20, len(as_udp)) and a == st
