@@ -722,3 +722,15 @@ def test_the_fast_path_declines_a_buffer_shorter_than_a_tcp_header_or_another_pr
     as_udp = bytearray(data)
     as_udp[9] = 17
     assert not FW.fast(a, True, bytes(as_udp), 17, 20, len(as_udp)) and a == st
+
+
+def test_the_fast_path_takes_a_retransmission_of_bytes_already_mirrored():
+    st, seq = handshake(), 101
+    while True:                                    # until the progress is mirrored (a stride)
+        v, st = step(st, tcp(flags="A", seq=seq, ack=901, payload=b"y" * 8000))
+        seq += 8000
+        _, st = step(st, tcp(*SERVER_SIDE, flags="A", seq=901, ack=seq), forward=False)
+        if v.mirror:
+            break
+    assert st.synced0 == st.end0 == seq
+    assert fast_matches_process(st, tcp(flags="A", seq=seq - 2000, ack=901, payload=b"y" * 1000))
