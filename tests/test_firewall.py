@@ -734,3 +734,16 @@ def test_the_fast_path_takes_a_retransmission_of_bytes_already_mirrored():
             break
     assert st.synced0 == st.end0 == seq
     assert fast_matches_process(st, tcp(flags="A", seq=seq - 2000, ack=901, payload=b"y" * 1000))
+
+
+def test_the_fast_path_takes_a_retransmission_of_server_bytes_already_mirrored():
+    st, seq = handshake(), 901
+    while True:
+        v, st = step(st, tcp(*SERVER_SIDE, flags="A", seq=seq, ack=101, payload=b"s" * 8000), forward=False)
+        seq += 8000
+        _, st = step(st, tcp(flags="A", seq=101, ack=seq))
+        if v.mirror:
+            break
+    assert st.synced1 == st.end1 == seq
+    assert fast_matches_process(st, tcp(*SERVER_SIDE, flags="A", seq=seq - 2000, ack=101, payload=b"s" * 1000),
+                                False)

@@ -799,3 +799,21 @@ def test_one_byte_patterns_need_no_carry_over():
     assert st.streams[0].tail == b"" and svc.decode_state(svc.encode_state(st)).streams[0].tail == b""
     v, st = send(svc, st, b"x!")
     assert v.reason == "blocked"
+
+
+def test_the_fast_path_of_an_allowed_flow_counts_its_payload_and_declines_a_bad_header():
+    import copy
+
+    svc = Inspection()
+    _, st = send(svc, None, b"GET / HTTP/1.1\r\n")
+    assert st.action == FlowAction.ALLOW and (st.packets, st.bytes) == (1, 16)
+    dns = bytes(SIP(src=H[0], dst=H[1]) / SUDP(sport=5000, dport=53) / Raw(b"q" * 10))
+    assert svc.fast(st, True, dns, 17, 20, len(dns)) and (st.packets, st.bytes) == (2, 26)
+    seg_ = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags="A", seq=5) / Raw(b"d" * 7))
+    assert svc.fast(st, True, seg_, 6, 20, len(seg_)) and (st.packets, st.bytes) == (3, 33)
+    before = copy.deepcopy(st)
+    long_header = bytearray(seg_)
+    long_header[32] = 0xF0                                          # 60 bytes of header in 47
+    assert not svc.fast(st, True, bytes(long_header), 6, 20, len(long_header))
+    assert not svc.fast(st, True, seg_[:39], 6, 20, 39)             # not even a TCP header
+    assert (st.packets, st.bytes) == (before.packets, before.bytes)
