@@ -747,3 +747,11 @@ def test_the_fast_path_takes_a_retransmission_of_server_bytes_already_mirrored()
     assert st.synced1 == st.end1 == seq
     assert fast_matches_process(st, tcp(*SERVER_SIDE, flags="A", seq=seq - 2000, ack=101, payload=b"s" * 1000),
                                 False)
+
+
+def test_the_fast_path_learns_an_acknowledgement_of_new_data():
+    st = handshake()
+    _, st = step(st, tcp(*SERVER_SIDE, flags="PA", seq=901, ack=101, payload=b"s" * 300), forward=False)
+    assert fast_matches_process(st, tcp(flags="A", seq=101, ack=1201))
+    a, data = copy.deepcopy(st), tcp(flags="A", seq=101, ack=1201)
+    assert FW.fast(a, True, data, 6, 20, len(data)) and a.maxack0 == 1201 and a.maxend1 == 1201 + 8192

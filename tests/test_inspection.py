@@ -817,3 +817,27 @@ def test_the_fast_path_of_an_allowed_flow_counts_its_payload_and_declines_a_bad_
     assert not svc.fast(st, True, bytes(long_header), 6, 20, len(long_header))
     assert not svc.fast(st, True, seg_[:39], 6, 20, 39)             # not even a TCP header
     assert (st.packets, st.bytes) == (before.packets, before.bytes)
+
+
+def test_the_fast_path_takes_acknowledgements_only_for_the_other_inspected_direction_with_the_ack_flag():
+    import copy
+
+    svc = Inspection(rules=RULES, inspect_limit=100)
+    st = handshake(svc)
+    st, _, _ = run(svc, st, [(0, b"s" * 150)], forward=False)                 # the server's direction done
+    st, _, _ = run(svc, st, [(0, b"c" * 40)])                                 # the client's still inspected
+    ack = bytes(SIP(src=H[1], dst=H[0]) / STCP(sport=80, dport=40000, flags="A", seq=ISN_S + 151,
+                                              ack=ISN_C + 1 + 40))
+    got = copy.deepcopy(st)
+    assert svc.fast(got, False, ack, 6, 20, len(ack))
+    assert got.streams[0].acked == ISN_C + 41 and got.streams[1] == st.streams[1]
+    no_flag = bytes(SIP(src=H[1], dst=H[0]) / STCP(sport=80, dport=40000, flags="P", seq=ISN_S + 151,
+                                                  ack=ISN_C + 1 + 40))
+    got = copy.deepcopy(st)
+    assert svc.fast(got, False, no_flag, 6, 20, len(no_flag)) and got.streams == st.streams
+    allowed = Inspection()
+    _, ast = send(allowed, None, b"GET / HTTP/1.1\r\n")
+    _, ast = send(allowed, ast, b"HTTP/1.1 200 OK\r\n", forward=False)
+    before = copy.deepcopy(ast.streams)
+    data = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags="A", seq=5, ack=7777))
+    assert allowed.fast(ast, True, data, 6, 20, len(data)) and ast.streams == before
