@@ -841,3 +841,31 @@ def test_the_fast_path_takes_acknowledgements_only_for_the_other_inspected_direc
     before = copy.deepcopy(ast.streams)
     data = bytes(SIP(src=H[0], dst=H[1]) / STCP(sport=40000, dport=80, flags="A", seq=5, ack=7777))
     assert allowed.fast(ast, True, data, 6, 20, len(data)) and ast.streams == before
+
+
+def test_a_state_with_carry_over_in_both_directions_round_trips():
+    svc = Inspection(rules=RULES)
+    data = state_bytes(dirs=((1, 2000, 1990, 40, b"RET-"), (1, 9000, 8990, 60, b"SECR")))
+    st = svc.decode_state(data)
+    assert [s.tail for s in st.streams] == [b"RET-", b"SECR"] and svc.encode_state(st) == data
+
+
+def test_without_rules_a_known_flows_unclassified_payload_is_not_mirrored():
+    svc = Inspection()
+    _, st = send(svc, None, b"zzz")
+    v, st = send(svc, st, b"zzz")
+    assert v == FORWARD and st.app == "inspecting"
+
+
+def test_the_fast_path_takes_a_32_bit_acknowledgement_number():
+    import copy
+
+    svc = Inspection(rules=RULES, inspect_limit=100)
+    big = 0x7F000000
+    _, st = svc.process(seg(big, flags="S"), True, None, 0.0)
+    _, st = svc.process(seg(ISN_S, flags="SA", forward=False, ack=big + 1), False, st, 0.0)
+    v, st = svc.process(seg(big + 1, b"c" * 40), True, st, 0.0)
+    st, _, _ = run(svc, st, [(0, b"s" * 150)], forward=False)
+    ack = bytes(SIP(src=H[1], dst=H[0]) / STCP(sport=80, dport=40000, flags="A", seq=ISN_S + 151, ack=big + 41))
+    got = copy.deepcopy(st)
+    assert svc.fast(got, False, ack, 6, 20, len(ack)) and got.streams[0].acked == big + 41
