@@ -13,8 +13,8 @@ from dataplane.core.events import Deliver, Drop, Mirror, Send
 from dataplane.core.node import EGRESS, INGRESS, EgressNode, IngressNode, ServiceNode
 from dataplane.core.packet import parse
 from dataplane.core.servicemap import Chain, InstanceState, ServiceMap, Tenant
-from dataplane.core.services import create
-from dataplane.core.services.nat import Nat, adjust, endpoints_key
+from dataplane.core.services import Action, Verdict, create
+from dataplane.core.services.nat import RST_TIMEOUT, Nat, adjust, endpoints_key
 from tests.conftest import tcp, udp
 
 HASHER = AffinityHasher(b"nat-tests")
@@ -260,3 +260,138 @@ def test_header_options_travel_through_the_nat():
     sent = [e for e in res if isinstance(e, Send)][0]
     h = wire.decode(sent.data)
     assert sent.data[20:h.length] == opt and IP(sent.data[h.length:]).src in PUBLIC
+
+
+# --- verdicts, option and state checks, allocation order, checksum edges --------------
+
+def test_verdicts_new_mappings_are_mirrored_with_the_protocols_timeout_rsts_shorten_it():
+    nat = Nat(pool=POOL)
+    v, st = nat.process(parse(tcp(sport=41000, flags="S")), True, None, 0.0)
+    assert (v.action, v.mirror, v.timeout) == (Action.FORWARD, True, 600.0)
+    v, ust = nat.process(parse(udp(sport=41000)), True, None, 0.0)
+    assert (v.action, v.mirror, v.timeout) == (Action.FORWARD, True, 120.0)
+    v, same = nat.process(parse(tcp(sport=41000, flags="A", seq=1001)), True, st, 0.0)
+    assert v == Verdict(Action.FORWARD) and same is st
+    v, _ = nat.process(parse(tcp(sport=41000, flags="R", seq=1001)), True, st, 0.0)
+    assert v == Verdict(Action.FORWARD, timeout=RST_TIMEOUT)
+    public = ".".join(str(b) for b in st.public)
+    reply = tcp("10.2.0.10", public, 80, st.public_port, flags="A", seq=9001)
+    v, _ = nat.process(parse(reply), False, st, 0.0)
+    assert v == Verdict(Action.FORWARD)
+    rst = tcp("10.2.0.10", public, 80, st.public_port, flags="R", seq=9001)
+    v, _ = nat.process(parse(rst), False, st, 0.0)
+    assert v == Verdict(Action.FORWARD, timeout=RST_TIMEOUT)
+
+
+def test_a_reply_to_the_public_address_on_another_port_or_to_another_address_is_misdelivery():
+    nat = Nat(pool=POOL)
+    _, st = nat.process(parse(tcp(sport=41000, flags="S")), True, None, 0.0)
+    public = ".".join(str(b) for b in st.public)
+    other = next(a for a in POOL if a != public)
+    for dst, dport in ((public, st.public_port + 1), (other, st.public_port)):
+        v, back = nat.process(parse(tcp("10.2.0.10", dst, 80, dport, flags="SA")), False, st, 0.0)
+        assert (v.action, v.reason) == (Action.DROP, "misdelivery") and back is st
+
+
+def test_what_the_nat_refuses_is_dropped_with_its_reason():
+    nat = Nat(pool=POOL[:1], ports=[20000, 20000])
+    six = bytes(__import__("scapy.layers.inet6", fromlist=["IPv6"]).IPv6(src="2001:db8::1", dst="2001:db8::2")
+                / TCP(sport=1, dport=2, flags="S"))
+    assert nat.process(parse(six), True, None, 0.0)[0] == Verdict(Action.DROP, "nat_unsupported")
+    assert nat.process(parse(tcp(flags="R")), True, None, 0.0)[0] == Verdict(Action.DROP, "misdelivery")
+    assert nat.process(parse(tcp(flags="SA")), False, None, 0.0)[0] == Verdict(Action.DROP, "misdelivery")
+    nat.attach(0, 1, lambda t: True)                      # every tuple taken
+    assert nat.process(parse(tcp(sport=2, flags="S")), True, None, 0.0)[0] == Verdict(Action.DROP, "nat_exhausted")
+
+
+def test_a_lone_nat_hands_out_its_whole_range_in_turn():
+    """Not attached to a service (one member), an instance owns the whole
+    range; each allocation starts after the last one, across the pool."""
+    nat = Nat(pool=POOL, ports=[20000, 20002])
+    assert nat.block == (20000, 20002)
+    got = [nat.process(parse(tcp(sport=41000 + i, flags="S")), True, None, 0.0)[1] for i in range(7)]
+    pairs = [(".".join(map(str, m.public)), m.public_port) for m in got[:6]]
+    assert pairs == [(POOL[0], 20000), (POOL[0], 20001), (POOL[0], 20002),
+                     (POOL[1], 20000), (POOL[1], 20001), (POOL[1], 20002)]
+    assert (got[6].public, got[6].public_port) == (got[0].public, 20000)   # round again
+
+
+def test_an_allocation_after_a_tuple_in_use_takes_the_next_one_up():
+    used = endpoints_key(6, (bytes(map(int, POOL[0].split("."))), 20000), (bytes([10, 2, 0, 10]), 80))
+    nat = Nat(pool=POOL[:1], ports=[20000, 20003])
+    nat.attach(0, 1, lambda t: t == used)
+    assert nat.process(parse(tcp(sport=41000, flags="S")), True, None, 0.0)[1].public_port == 20001
+
+
+def test_a_port_range_splits_down_to_one_port_per_instance():
+    nat = Nat(pool=POOL, ports=[5000, 5001])
+    nat.attach(1, 2, lambda t: False)
+    assert nat.block == (5001, 5001)
+    with pytest.raises(ValueError, match="^nat ports 5000-5001 cannot be split over 3 instances$"):
+        nat.attach(0, 3, lambda t: False)
+
+
+@pytest.mark.parametrize("ports", [[1, 65535], [5000, 5000]])
+def test_port_ranges_from_1_to_65535_and_of_one_port_are_accepted(ports):
+    assert Nat(pool=POOL, ports=ports).ports == tuple(ports)
+
+
+PORTS_MESSAGE = "nat ports must be [first, last] within 1-65535, got {!r}"
+
+
+@pytest.mark.parametrize("opts,message", [
+    ({}, "nat needs a pool of at least one public IPv4 address"),
+    ({"pool": ["not-an-ip"]}, "nat pool: Expected 4 octets in 'not-an-ip'"),
+    ({"pool": POOL + POOL[:1]}, "nat pool lists an address twice"),
+    ({"pool": POOL, "ports": [5, 1]}, PORTS_MESSAGE.format([5, 1])),
+    ({"pool": POOL, "ports": [0, 1]}, PORTS_MESSAGE.format([0, 1])),
+    ({"pool": POOL, "ports": [1, 65536]}, PORTS_MESSAGE.format([1, 65536])),
+    ({"pool": POOL, "ports": [1, 2, 3]}, PORTS_MESSAGE.format([1, 2, 3])),
+    ({"pool": POOL, "ports": ["1024", "2048"]}, PORTS_MESSAGE.format(["1024", "2048"])),
+    ({"pool": POOL, "ports": [True, 5]}, PORTS_MESSAGE.format([True, 5])),
+])
+def test_bad_options_are_refused_saying_why(opts, message):
+    with pytest.raises(ValueError) as err:
+        Nat(**opts)
+    assert str(err.value) == message
+
+
+def test_a_mapping_on_the_last_port_of_the_range_round_trips_and_bad_states_say_why():
+    nat = Nat(pool=POOL[:1], ports=[20000, 20000])
+    st = nat.process(parse(tcp(flags="S")), True, None, 0.0)[1]
+    data = nat.encode_state(st)
+    assert st.public_port == 20000 and nat.decode_state(data) == st
+    for bad, message in ((data[:-1], "nat state is 20 bytes, got 19"),
+                         (b"\x02" + data[1:], "nat state version 2, expected 1"),
+                         (data[:1] + b"\x01" + data[2:], "nat state of protocol 1"),
+                         (data[:12] + b"\x4e\x21" + data[14:], "nat state maps outside this service's pool")):
+        with pytest.raises(ValueError) as err:
+            nat.decode_state(bad)
+        assert str(err.value) == message
+
+
+def test_an_empty_udp_datagram_gets_its_checksum_fixed():
+    nat = Nat(pool=POOL)
+    data = udp(sport=5353, payload=b"")
+    st = nat.process(parse(data), True, None, 0.0)[1]
+    assert checksums_ok(nat.rewrite(st, True, data))
+
+
+def test_a_udp_checksum_that_comes_out_zero_is_sent_as_all_ones():
+    """0 means "no checksum" in UDP: a computed 0 goes on the wire as 0xFFFF."""
+    nat = Nat(pool=POOL)
+    probe = udp(sport=5353, payload=b"\x00\x00")
+    st = nat.process(parse(probe), True, None, 0.0)[1]
+    word = IP(nat.rewrite(st, True, probe))[UDP].chksum      # the payload word that sums to zero
+    data = udp(sport=5353, payload=word.to_bytes(2, "big"))
+    assert IP(data)[UDP].chksum != 0
+    out = nat.rewrite(st, True, data)
+    assert IP(out)[UDP].chksum == 0xFFFF and checksums_ok(out)
+
+
+def test_a_packet_cut_inside_its_transport_header_is_rewritten_without_its_checksum():
+    nat = Nat(pool=POOL)
+    data = tcp(sport=41000, flags="S")
+    st = nat.process(parse(data), True, None, 0.0)[1]
+    cut = nat.rewrite(st, True, data[:20 + 17])
+    assert len(cut) == 37 and IP(cut).src in PUBLIC and cut[20 + 16:] == data[20 + 16:37]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from dataplane.cli.main import main
 from dataplane.core.packet import parse
-from dataplane.core.services import BUILTIN, MAX_STATE, ServiceError, create, load, registry
+from dataplane.core.services import BUILTIN, MAX_STATE, Action, ServiceError, Verdict, create, load, registry
 from dataplane.lab.topology import TopologyError, load as load_topology
 from tests.conftest import need_root, tcp, udp
 
@@ -77,6 +77,10 @@ def test_registry_has_the_built_ins():
 def test_an_unknown_kind_names_the_known_ones():
     with pytest.raises(ServiceError, match="unknown service kind 'nope'; known: .*firewall"):
         create("nope")
+    with pytest.raises(ServiceError) as err:
+        load("nope")
+    assert str(err.value) == f"unknown service kind 'nope'; known: {', '.join(sorted(registry()))}"
+    assert "firewall, inspection, nat, passthrough" in str(err.value)
 
 
 @needs_quota
@@ -189,3 +193,21 @@ def test_a_lab_with_the_plugin_forwards_and_its_drops_are_counted():
         assert drops == 1
     finally:
         tear_down(run)
+
+
+def test_passthrough_mirrors_a_flow_once_in_no_bytes_and_takes_the_fast_path():
+    """Its state is only that the flow exists: the first packet is mirrored
+    (that pins the flow's hops on the secondary), later ones and those of a
+    decoded (promoted) flow are not, and every packet of a known flow may
+    take the node's fast path."""
+    svc = create("passthrough")
+    v, st = svc.process(parse(tcp(flags="S")), True, None, 0.0)
+    assert v == Verdict(Action.FORWARD, mirror=True) and st is True
+    v, st = svc.process(parse(tcp(flags="A", seq=1001)), True, st, 0.0)
+    assert v == Verdict(Action.FORWARD) and st is True
+    assert svc.encode_state(st) == b""
+    replica = svc.decode_state(svc.encode_state(st))
+    v, st = svc.process(parse(tcp(flags="A", seq=1001)), False, replica, 0.0)
+    assert v == Verdict(Action.FORWARD) and st is True
+    data = tcp(flags="A", seq=1001)
+    assert svc.fast(True, True, data, 6, 20, len(data)) is True

@@ -161,3 +161,9 @@ def test_retiring_a_key_the_ring_does_not_hold_changes_nothing():
     ring.retire(2)                                       # a rotation's phase 3 rerun
     ring.retire(7)
     assert set(ring.keys) == {1} and set(ring.senders) == {1}
+
+
+def test_a_refusal_without_detail_is_named_by_its_reason_alone():
+    err = sw.SyncError("truncated")
+    assert str(err) == "truncated" and err.reason == "truncated"
+    assert str(sw.SyncError("malformed", "hop")) == "malformed: hop"
