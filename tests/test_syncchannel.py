@@ -533,3 +533,271 @@ def test_an_update_is_encoded_when_flushed_so_a_coalesced_one_costs_nothing(monk
     w.run(0.05)
     assert encoded == [2]
     assert w.b.replica[key(1)] == w.a.truth[key(1)]
+
+
+# -- one channel pair, datagrams handed over by hand (exact clocks, no link) ---------------
+
+
+def deliver(to, events, now, drop=()):
+    """Hand `to` the datagrams among `events` (but those at the indexes in
+    `drop`); return everything it answers."""
+    out = []
+    datagrams = [e.data for e in events if isinstance(e, Transmit)]
+    for i, data in enumerate(datagrams):
+        if i not in drop:
+            out += to.receive(data, now)
+    return out
+
+
+def settle(a, b, events, now):
+    """Play `events` of `a` to `b`, their answers back, and so on until
+    neither has anything more to send; return the other events of each."""
+    seen = {a: [], b: []}
+    src, dst = a, b
+    while any(isinstance(e, Transmit) for e in events):
+        seen[src] += [e for e in events if not isinstance(e, Transmit)]
+        events = deliver(dst, events, now)
+        src, dst = dst, src
+    seen[src] += events
+    return seen[a], seen[b]
+
+
+def pair(config=None, now=1.0):
+    """Two established channels, ba (incarnation 1000) and bb (2000)."""
+    a = SyncChannel("ba", "bb", KEYS, 1_000, config)
+    b = SyncChannel("bb", "ba", KEYS, 2_000, config)
+    settle(a, b, a.tick(now), now)
+    assert a.state == b.state == State.ESTABLISHED
+    return a, b
+
+
+def upd(i, version=1, state=b"s"):
+    return FlowUpdate(key(i), version, state)
+
+
+def records(to, events):
+    """The records of the datagrams among `events`, as (type, value)."""
+    return [(r.type, r.value) for e in events if isinstance(e, Transmit)
+            for r in sw.decode(KEYS, e.data, sw.node_id(to)).records]
+
+
+def test_a_new_channel_has_sent_and_heard_nothing():
+    ch = SyncChannel("ba", "bb", KEYS, 1_000)
+    assert ch.snapshot(0.0) == {
+        "peer": "bb", "state": "hello_sent", "in_sync": False, "peer_in_sync": False,
+        "synced_epoch": 0, "next_seq": 1, "acked_upto": 1, "resend_queue": 0, "pending": 0,
+        "lag_ms": 0.0, "unsynced_flows": 0, "needs_bulk": False, "bulks": [], "stats": {},
+        "rejected": {}}
+
+
+def test_snapshot_of_records_in_flight_and_a_running_bulk():
+    """Every field of the status query, on a channel with one record sent and
+    unacknowledged, one bulk started, and the lag read to the microsecond."""
+    a, b = pair(now=1.0)
+    a.submit(upd(1), 1.0)
+    a.flush(1.0)                                  # sent, never delivered: unacked
+    a.start_bulk([upd(2)], 1.0, epoch=7)          # BULK_BEGIN pending
+    snap = a.snapshot(1.0123456)
+    stats = snap.pop("stats")
+    assert snap == {
+        "peer": "bb", "state": "established", "in_sync": False, "peer_in_sync": False,
+        "synced_epoch": 0, "next_seq": 2, "acked_upto": 1, "resend_queue": 1, "pending": 1,
+        "lag_ms": 12.346, "unsynced_flows": 1, "needs_bulk": False,
+        "bulks": [{"id": 1, "sent": 0, "total": 1}], "rejected": {}}
+    assert stats["records_sent"] == 1 and stats["bulk_started"] == 1
+
+
+def test_the_receiver_of_a_whole_bulk_reports_its_epoch():
+    a, b = pair(now=1.0)
+    a.start_bulk([upd(1), upd(2)], 1.0, epoch=7)
+    _, got = settle(a, b, a.tick(1.1), 1.1)      # one tick feeds the bulk whole
+    _, got2 = settle(a, b, a.tick(1.2), 1.2)
+    got += got2
+    assert [e for e in got if isinstance(e, InSync)] == [InSync(1, 2, 7)]
+    snap = b.snapshot(1.2)
+    assert snap["peer_in_sync"] is True and snap["synced_epoch"] == 7
+    assert b.stats["bulk_begin_received"] == 1 and b.stats["records_received"] == 4
+
+
+def test_in_sync_needs_an_established_channel_with_nothing_outstanding():
+    """The sender's in-sync view is false while flows wait to be resent
+    (`resync_keys`), a full bulk is owed (`needs_bulk`) or runs, and once the
+    oldest unacknowledged record is two RTOs old (exactly: not less than)."""
+    cfg = SyncConfig(rto=0.25, pending_limit=1, resync_limit=1)
+    a, b = pair(cfg, now=1.0)
+    assert a.in_sync(1.0)
+    a.submit(upd(1), 1.0)
+    assert a.in_sync(1.0)
+    a.submit(upd(2), 1.0)                          # past pending_limit: remembered
+    assert a._resync_keys and not a.needs_bulk and not a.in_sync(1.0)
+    a.submit(upd(3), 1.0)                          # past resync_limit: a bulk is owed
+    assert a.needs_bulk and not a._resync_keys and not a.in_sync(1.0)
+
+    a, b = pair(SyncConfig(rto=0.25), now=1.0)
+    a.start_bulk([], 1.0)
+    assert not a.in_sync(1.0)
+
+    a, b = pair(SyncConfig(rto=0.25), now=1.0)
+    a.submit(upd(1), 1.0)
+    a.flush(1.0)
+    assert a.in_sync(1.0 + 0.4999)
+    assert not a.in_sync(1.0 + 0.5)               # lag == 2 RTOs
+
+
+def test_nack_names_exactly_the_gaps_and_each_is_counted():
+    """The receiver NACKs the sequence numbers missing between what it
+    expects and the highest it holds, nothing below or held."""
+    a, b = pair(now=1.0)
+    sent = []
+    for i in range(1, 6):
+        a.submit(upd(i), 1.0)
+        sent += a.flush(1.0)                       # one datagram per record
+    deliver(b, sent, 1.0, drop={3})                # seq 4 lost
+    nacks = [v for t, v in records("ba", b.tick(1.1)) if t == sw.RecordType.NACK]
+    assert [sw.read_ranges(v) for v in nacks] == [[(4, 4)]]
+    b.tick(1.2)
+    assert b.stats["nacks_sent"] == 2
+
+
+def test_a_hello_beyond_our_expectation_keeps_the_records_buffered_from_it():
+    """A known peer's HELLO naming a sequence number past what we expect
+    moves our expectation there; records already buffered at and after it
+    are delivered at once, not dropped (and every such HELLO is counted)."""
+    a, b = pair(now=1.0)
+    sent = []
+    for i in range(1, 4):
+        a.submit(upd(i), 1.0)
+        sent += a.flush(1.0)
+    deliver(b, sent, 1.0, drop={0, 1})             # only seq 3 arrives: buffered
+    assert b.expected == 1
+    hello = sw.encode(KEYS, sw.node_id("ba"), sw.node_id("bb"), 1_000, 2_000, 10**6, 0,
+                      [sw.hello(3, answer_me=False)])
+    got = b.receive(hello, 1.0)
+    assert [e.update.key for e in got if isinstance(e, Apply)] == [key(3)]
+    assert b.expected == 4 and b.stats["hello_resync"] == 1
+    hello = sw.encode(KEYS, sw.node_id("ba"), sw.node_id("bb"), 1_000, 2_000, 10**6 + 1, 0,
+                      [sw.hello(9, answer_me=False)])
+    b.receive(hello, 1.0)
+    assert b.expected == 9 and b.stats["hello_resync"] == 2
+
+
+def test_a_resync_request_is_one_empty_resync_record():
+    ch = SyncChannel("bb", "ba", KEYS, 2_000)
+    assert records("ba", ch.request_resync()) == [(sw.RecordType.RESYNC, b"")]
+
+
+def sent_seqs(to, events):
+    """The sequence numbers of the reliable records among `events`."""
+    out = []
+    for e in events:
+        if isinstance(e, Transmit):
+            dg = sw.decode(KEYS, e.data, sw.node_id(to))
+            out += [dg.seq + i for i, r in enumerate(r for r in dg.records if r.type in sw.RELIABLE)]
+    return out
+
+
+def outstanding(n, config=None):
+    """An established ba that sent records 1..n to bb, none acknowledged."""
+    a, b = pair(config, now=1.0)
+    for i in range(1, n + 1):
+        a.submit(upd(i), 1.0)
+    assert sent_seqs("bb", a.flush(1.0)) == list(range(1, n + 1))
+    return a, b
+
+
+_counter = iter(range(10**6, 10**7))
+
+
+def from_bb(*recs):
+    """A datagram bb could send to ba (it holds the key), with a fresh counter."""
+    return sw.encode(KEYS, sw.node_id("bb"), sw.node_id("ba"), 2_000, 1_000, next(_counter), 0, list(recs))
+
+
+def nack(*spans):
+    return from_bb(sw.ranges(sw.RecordType.NACK, list(spans)))
+
+
+@pytest.mark.parametrize("spans,resent", [
+    ([(3, 3)], [3]),                       # one record
+    ([(1, 1)], [1]),                       # the oldest outstanding
+    ([(5, 5)], [5]),                       # the newest sent
+    ([(0, 2), (4, 9)], [1, 2, 4, 5]),      # clamped to what is outstanding
+    ([(2, 3), (3, 4), (2, 2)], [2, 3, 4]),  # overlaps: each once
+    ([(4, 2), (7, 9)], []),                # inverted, or past what was sent
+])
+def test_a_nack_resends_exactly_the_outstanding_records_it_names(spans, resent):
+    a, b = outstanding(5)
+    assert sent_seqs("bb", a.receive(nack(*spans), 1.0)) == resent
+
+
+def test_a_nack_resends_at_most_four_bursts_and_counts_every_nack():
+    """However much a NACK names, at most `retransmit_burst * 4` records are
+    taken from it, which a full token bucket sends without being limited."""
+    a, b = outstanding(20, SyncConfig(retransmit_burst=4))
+    assert sent_seqs("bb", a.receive(nack((1, 20)), 1.0)) == list(range(1, 17))
+    assert a.stats["retransmit_limited"] == 0
+    a.receive(nack((1, 20)), 1.0)
+    assert a.stats["nacks_received"] == 2
+
+
+def test_retransmission_tokens_refill_at_the_retransmit_rate():
+    cfg = SyncConfig(retransmit_burst=4, retransmit_rate=100.0)
+    a, b = outstanding(20, cfg)
+    assert len(sent_seqs("bb", a.receive(nack((1, 16)), 1.0))) == 16    # the bucket is empty
+    assert len(sent_seqs("bb", a.receive(nack((17, 20)), 1.0))) == 0
+    assert a.stats["retransmit_limited"] == 1
+    assert sent_seqs("bb", a.receive(nack((17, 20)), 1.03)) == [17, 18, 19]   # 3 tokens in 30 ms
+
+
+def test_each_rto_without_progress_resends_again():
+    """The RTO resends the oldest records again each time it expires: a
+    record resent by the last RTO is not held off."""
+    a, b = outstanding(1, SyncConfig(rto=0.25))
+    assert sent_seqs("bb", a.tick(1.25)) == [1]
+    assert sent_seqs("bb", a.tick(1.5)) == [1]
+    assert a.stats["timeouts"] == 2 and a.stats["retransmitted"] == 2
+
+
+def one_by_one(a, n, now=1.0):
+    """Records 1..n of `a`, one datagram each."""
+    sent = []
+    for i in range(1, n + 1):
+        a.submit(upd(i), now)
+        sent += a.flush(now)
+    return sent
+
+
+def test_a_nack_names_the_gaps_as_ranges():
+    a, b = pair(now=1.0)
+    sent = one_by_one(a, 11)
+    deliver(b, sent, 1.0, drop={1, 2, 3, 6, 8, 9})       # seqs 2-4, 7, 9-10 lost
+    nacks = [sw.read_ranges(v) for t, v in records("ba", b.tick(1.1)) if t == sw.RecordType.NACK]
+    assert nacks == [[(2, 4), (7, 7), (9, 10)]]
+
+
+def test_a_nack_names_at_most_64_ranges():
+    a, b = pair(now=1.0)
+    sent = one_by_one(a, 131)
+    deliver(b, sent, 1.0, drop=set(range(1, 131, 2)))    # every even seq lost: 65 gaps
+    nacks = [sw.read_ranges(v) for t, v in records("ba", b.tick(1.1)) if t == sw.RecordType.NACK]
+    assert nacks == [[(s, s) for s in range(2, 130, 2)]]
+
+
+def test_records_released_from_the_reorder_buffer_count_towards_the_next_ack():
+    """`ack_every` counts every record delivered, in order or drained from the
+    reorder buffer: three drained and one more make the fourth's ACK."""
+    a, b = pair(SyncConfig(ack_every=4), now=1.0)
+    sent = one_by_one(a, 4)
+    datagrams = [e for e in sent if isinstance(e, Transmit)]
+    acks = []
+    for d in (datagrams[1], datagrams[2], datagrams[0], datagrams[3]):
+        acks.append([t for t, _ in records("ba", b.receive(d.data, 1.0)) if t == sw.RecordType.ACK])
+    assert acks == [[], [], [], [sw.RecordType.ACK]]
+
+
+def test_a_record_resent_exactly_the_holdoff_ago_is_resent_on_a_nack():
+    a, b = outstanding(2, SyncConfig(retransmit_holdoff=0.25))
+    assert sent_seqs("bb", a.receive(nack((1, 2)), 1.0)) == [1, 2]
+    assert sent_seqs("bb", a.receive(nack((1, 2)), 1.125)) == []      # in flight: held off
+    assert sent_seqs("bb", a.receive(nack((1, 2)), 1.25)) == [1, 2]
+    assert a.stats["retransmit_held_off"] == 2
