@@ -747,6 +747,14 @@ def test_retransmission_tokens_refill_at_the_retransmit_rate():
     assert len(sent_seqs("bb", a.receive(nack((17, 20)), 1.0))) == 0
     assert a.stats["retransmit_limited"] == 1
     assert sent_seqs("bb", a.receive(nack((17, 20)), 1.03)) == [17, 18, 19]   # 3 tokens in 30 ms
+    assert a.stats["retransmit_limited"] == 2                                  # 20 was not
+
+
+def test_one_whole_retransmission_token_sends_one_record():
+    cfg = SyncConfig(retransmit_burst=4, retransmit_rate=4.0)
+    a, b = outstanding(20, cfg)
+    assert len(sent_seqs("bb", a.receive(nack((1, 16)), 1.0))) == 16
+    assert sent_seqs("bb", a.receive(nack((17, 20)), 1.25)) == [17]           # exactly 1 token
 
 
 def test_each_rto_without_progress_resends_again():
