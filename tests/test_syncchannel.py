@@ -809,3 +809,43 @@ def test_a_record_resent_exactly_the_holdoff_ago_is_resent_on_a_nack():
     assert sent_seqs("bb", a.receive(nack((1, 2)), 1.125)) == []      # in flight: held off
     assert sent_seqs("bb", a.receive(nack((1, 2)), 1.25)) == [1, 2]
     assert a.stats["retransmit_held_off"] == 2
+
+
+def grew(ch, before):
+    """The counters of `ch` that grew since `before`, by how much."""
+    return dict(ch.stats - before)
+
+
+def test_the_sender_counts_what_it_coalesced_refused_sent_and_had_acknowledged():
+    from collections import Counter
+    a, b = pair(now=1.0)
+    before = Counter(a.stats)
+    for v in (1, 2, 3):
+        a.submit(upd(1, version=v), 1.0)           # two replaced while waiting
+    a.submit(upd(1, version=1), 1.0)               # older than the one waiting
+    a.submit(upd(1, version=2), 1.0)
+    a.submit(upd(2), 1.0)
+    sent = a.flush(1.0)
+    assert grew(a, before) == {"coalesced": 2, "stale_submit": 2, "records_sent": 2,
+                               "datagrams_sent": 1, "bytes_sent": len(sent[0].data)}
+    before = Counter(a.stats)
+    deliver(a, deliver(b, sent, 1.0) + b.tick(1.1), 1.1)     # b's ACK at its ack_delay
+    assert grew(a, before) == {"acked": 2, "datagrams_received": 1}
+    assert a.acked_upto == 3 and a.snapshot(1.1)["resend_queue"] == 0
+
+
+def test_the_receiver_counts_duplicates_reordering_and_records_beyond_its_buffer():
+    from collections import Counter
+    a, b = pair(SyncConfig(reorder_buffer=4), now=1.0)
+    sent = [e for e in one_by_one(a, 8) if isinstance(e, Transmit)]
+    before = Counter(b.stats)
+    again = a.tick(1.0 + a.config.rto)             # the RTO resends 1..8 in one datagram
+    for d in (sent[0], sent[2], sent[3], sent[6], sent[7]):
+        b.receive(d.data, 1.0)                     # 1; 3, 4 reordered; 7, 8 past 1 + 4
+    assert grew(b, before) == {"datagrams_received": 5, "records_received": 1, "reordered": 2,
+                               "beyond_buffer": 2}
+    before = Counter(b.stats)
+    got = deliver(b, again, 1.1)                   # and a heartbeat; 1 and 3, 4 are duplicates now
+    assert grew(b, before) == {"datagrams_received": 2, "duplicates": 3, "records_received": 7}
+    assert b.expected == 9
+    assert [e.update.key for e in got if isinstance(e, Apply)] == [key(i) for i in (2, 3, 4, 5, 6, 7, 8)]
