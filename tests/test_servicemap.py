@@ -329,6 +329,7 @@ def _drop(key: str):
 
 
 @pytest.mark.parametrize("change,needle", [
+    (lambda doc: [doc], "expected a JSON object, got list"),
     (_drop("epoch"), "epoch: missing"),
     (_drop("services"), "services: missing"),
     (_set("epoch", -1), "epoch: -1 is not an integer in 0..4294967295"),
