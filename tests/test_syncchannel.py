@@ -849,3 +849,32 @@ def test_the_receiver_counts_duplicates_reordering_and_records_beyond_its_buffer
     assert grew(b, before) == {"datagrams_received": 2, "duplicates": 3, "records_received": 7}
     assert b.expected == 9
     assert [e.update.key for e in got if isinstance(e, Apply)] == [key(i) for i in (2, 3, 4, 5, 6, 7, 8)]
+
+
+def test_a_restarted_peer_drops_everything_outstanding_for_its_former_self():
+    """A larger incarnation from a known peer: what was unacked or pending for
+    its former self is dropped and counted, its running bulk ends, and what
+    we knew of its sync state is forgotten; it is told apart from a first
+    contact."""
+    from collections import Counter
+    a, b = pair(now=1.0)
+    b.start_bulk([], 1.0, epoch=5)                        # a learns it is in sync with bb
+    settle(b, a, b.tick(1.1), 1.1)
+    settle(b, a, b.tick(1.2), 1.2)
+    assert a.peer_in_sync and a.synced_epoch == 5
+    for i in (1, 2):
+        a.submit(upd(i), 1.2)
+    a.flush(1.2)                                          # two unacked
+    a.submit(upd(3), 1.2)
+    bulk_id = a.start_bulk([upd(4)], 1.2)                 # two pending: 3 and BULK_BEGIN
+    before = Counter(a.stats)
+    b2 = SyncChannel("bb", "ba", KEYS, 3_000)
+    got = deliver(a, b2.tick(1.3), 1.3)
+    assert PeerRestarted(first_contact=False) in got
+    assert grew(a, before) == {"peer_restarts": 1, "dropped_on_peer_restart": 4, "datagrams_received": 1,
+                               "datagrams_sent": 1, "bytes_sent": grew(a, before)["bytes_sent"]}
+    snap = a.snapshot(1.3)
+    assert (snap["resend_queue"], snap["pending"], snap["bulks"], snap["acked_upto"], snap["next_seq"],
+            snap["peer_in_sync"], snap["synced_epoch"]) == (0, 0, [], 3, 3, False, 0)
+    assert a.settled(key(1)) and a.settled(key(3)) and not a.bulk_running(bulk_id)
+    assert a.peer_incarnation == 3_000 and a.expected == 1
