@@ -878,3 +878,30 @@ def test_a_restarted_peer_drops_everything_outstanding_for_its_former_self():
             snap["peer_in_sync"], snap["synced_epoch"]) == (0, 0, [], 3, 3, False, 0)
     assert a.settled(key(1)) and a.settled(key(3)) and not a.bulk_running(bulk_id)
     assert a.peer_incarnation == 3_000 and a.expected == 1
+
+
+def progress(events):
+    return [e for e in events if isinstance(e, BulkProgress)]
+
+
+def test_a_bulk_is_paced_at_bulk_rate_and_ends_once_fed_whole():
+    a, b = pair(SyncConfig(bulk_rate=100.0), now=1.0)
+    bid = a.start_bulk([upd(i) for i in range(1, 11)], 1.0)
+    assert progress(a.tick(1.05)) == [BulkProgress(bid, 5, 10)]      # 50 ms at 100 flows/s
+    assert progress(a.tick(1.1)) == [BulkProgress(bid, 10, 10)]
+    last = a.tick(1.15)
+    assert progress(last) == []                                       # fed: BULK_END sent
+    assert [t for t, _ in records("bb", last) if t in sw.RELIABLE][-1] == sw.RecordType.BULK_END
+
+
+def test_a_bulk_takes_at_most_16_batches_of_credit_and_half_the_resend_queue():
+    a, b = pair(SyncConfig(bulk_rate=1e6, batch_records=1), now=1.0)
+    bid = a.start_bulk([upd(i) for i in range(1, 41)], 1.0)
+    assert progress(a.tick(1.1)) == [BulkProgress(bid, 16, 40)]      # credit capped at 16
+
+    a, b = pair(SyncConfig(bulk_rate=1e6, resend_queue=16), now=1.0)
+    bid = a.start_bulk([upd(i) for i in range(1, 21)], 1.0)
+    assert progress(a.tick(1.1)) == [BulkProgress(bid, 7, 20)]       # 8 in flight: BEGIN and 7
+    assert progress(a.tick(1.1)) == []                               # nothing more until acked
+    a.receive(from_bb(sw.Record(sw.RecordType.ACK, sw.u64(9))), 1.1)
+    assert progress(a.tick(1.1)) == [BulkProgress(bid, 15, 20)]
