@@ -905,3 +905,14 @@ def test_a_bulk_takes_at_most_16_batches_of_credit_and_half_the_resend_queue():
     assert progress(a.tick(1.1)) == []                               # nothing more until acked
     a.receive(from_bb(sw.Record(sw.RecordType.ACK, sw.u64(9))), 1.1)
     assert progress(a.tick(1.1)) == [BulkProgress(bid, 15, 20)]
+
+
+def test_flush_due_sends_a_full_batch_at_once_and_a_partial_one_after_the_batch_delay():
+    a, b = pair(SyncConfig(batch_records=4, batch_delay=0.25), now=1.0)
+    for i in (1, 2, 3):
+        a.submit(upd(i), 1.0)
+    assert a.flush_due(1.0) == [] and a.flush_due(1.125) == []
+    assert sent_seqs("bb", a.flush_due(1.25)) == [1, 2, 3]           # exactly the batch delay
+    for i in (4, 5, 6, 7):
+        a.submit(upd(i), 1.5)
+    assert sent_seqs("bb", a.flush_due(1.5)) == [4, 5, 6, 7]         # exactly a batch
