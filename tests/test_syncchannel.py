@@ -916,3 +916,20 @@ def test_flush_due_sends_a_full_batch_at_once_and_a_partial_one_after_the_batch_
     for i in (4, 5, 6, 7):
         a.submit(upd(i), 1.5)
     assert sent_seqs("bb", a.flush_due(1.5)) == [4, 5, 6, 7]         # exactly a batch
+
+
+def test_records_fill_a_datagram_to_exactly_its_size_limit_and_no_further():
+    body = sw.MAX_DATAGRAM - sw.HEADER_LEN - sw.TAG_LEN
+    base = len(sw.flow_record(upd(0, state=b"")).value)
+
+    def sized(i, rsize):
+        """An update whose record takes `rsize` bytes of body (3 of record header)."""
+        return upd(i, state=b"x" * (rsize - 3 - base))
+
+    for second, split in ((body - body // 2, [[1, 2], [3]]), (body - body // 2 + 1, [[1], [2, 3]])):
+        a, b = pair(now=1.0)
+        for i, rsize in ((1, body // 2), (2, second), (3, 100)):
+            a.submit(sized(i, rsize), 1.0)
+        sent = [e for e in a.flush(1.0) if isinstance(e, Transmit)]
+        assert [sent_seqs("bb", [e]) for e in sent] == split
+        assert max(len(e.data) for e in sent) <= sw.MAX_DATAGRAM
