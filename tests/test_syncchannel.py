@@ -933,3 +933,28 @@ def test_records_fill_a_datagram_to_exactly_its_size_limit_and_no_further():
         sent = [e for e in a.flush(1.0) if isinstance(e, Transmit)]
         assert [sent_seqs("bb", [e]) for e in sent] == split
         assert max(len(e.data) for e in sent) <= sw.MAX_DATAGRAM
+
+
+def hellos(to, events):
+    return [sw.read_hello(v) for t, v in records(to, events) if t == sw.RecordType.HELLO]
+
+
+def test_a_hello_is_repeated_every_heartbeat_until_established():
+    a = SyncChannel("ba", "bb", KEYS, 1_000, SyncConfig(heartbeat=0.25))
+    assert hellos("bb", a.tick(1.0)) == [(1, True)]
+    assert hellos("bb", a.tick(1.125)) == []
+    assert hellos("bb", a.tick(1.25)) == [(1, True)]             # exactly a heartbeat later
+    a, b = pair(SyncConfig(heartbeat=0.25), now=1.0)
+    assert hellos("bb", a.tick(2.0)) == []
+
+
+def test_a_hello_names_the_first_record_still_unacknowledged():
+    """A known peer's HELLO that does not name our incarnation (it lost us)
+    is answered with our HELLO naming the first record we still hold for it,
+    asking for an answer since we are no longer established."""
+    a, b = outstanding(3)
+    a.receive(from_bb(sw.Record(sw.RecordType.ACK, sw.u64(2))), 1.0)
+    unbound = sw.encode(KEYS, sw.node_id("bb"), sw.node_id("ba"), 2_000, 0, next(_counter), 0,
+                        [sw.hello(1)])
+    got = a.receive(unbound, 1.0)
+    assert hellos("bb", got) == [(2, True)] and a.state == State.KNOWN
