@@ -958,3 +958,15 @@ def test_a_hello_names_the_first_record_still_unacknowledged():
                         [sw.hello(1)])
     got = a.receive(unbound, 1.0)
     assert hellos("bb", got) == [(2, True)] and a.state == State.KNOWN
+
+
+def test_updates_submitted_before_first_contact_are_sent_once_established():
+    """The first HELLO of a peer is a first contact, not a restart: nothing
+    submitted before it is dropped."""
+    a = SyncChannel("ba", "bb", KEYS, 1_000)
+    b = SyncChannel("bb", "ba", KEYS, 2_000)
+    a.submit(upd(1), 1.0)
+    seen_a, seen_b = settle(a, b, a.tick(1.0), 1.0)
+    assert PeerRestarted(first_contact=True) in seen_a and PeerRestarted(first_contact=True) in seen_b
+    assert a.stats["peer_contacts"] == 1 and "peer_restarts" not in a.stats
+    assert [e.update.key for e in seen_b if isinstance(e, Apply)] == [key(1)]
