@@ -11,7 +11,7 @@ from dataplane.core import syncwire as sw
 from dataplane.core.events import FlowUpdate
 from dataplane.core.node import ServiceNode
 from dataplane.sim.simlink import Faults, SimLink
-from dataplane.core.syncchannel import (Apply, BulkDone, BulkProgress, InSync, PeerRestarted,
+from dataplane.core.syncchannel import (Acked, Apply, BulkDone, BulkProgress, InSync, PeerRestarted,
                                    Rejected, ResyncFlows, ResyncRequested, State, SyncChannel, SyncConfig, Transmit)
 
 from tests.conftest import pair_map
@@ -970,3 +970,31 @@ def test_updates_submitted_before_first_contact_are_sent_once_established():
     assert PeerRestarted(first_contact=True) in seen_a and PeerRestarted(first_contact=True) in seen_b
     assert a.stats["peer_contacts"] == 1 and "peer_restarts" not in a.stats
     assert [e.update.key for e in seen_b if isinstance(e, Apply)] == [key(1)]
+
+
+def ack(upto):
+    return from_bb(sw.Record(sw.RecordType.ACK, sw.u64(upto)))
+
+
+def test_an_ack_releases_exactly_the_records_below_it():
+    """An ACK is clamped to what was sent, an old one does nothing, a flow is
+    settled only once its latest record is acknowledged, and a bulk is done
+    once its BULK_END is."""
+    a, b = pair(now=1.0)
+    a.submit(upd(1, version=1), 1.0)
+    a.flush(1.0)                                   # seq 1
+    a.submit(upd(1, version=2), 1.0)
+    a.flush(1.0)                                   # seq 2
+    assert [e for e in a.receive(ack(2), 1.0) if not isinstance(e, Transmit)] == [Acked(2)]
+    assert not a.settled(key(1)) and a.snapshot(1.0)["resend_queue"] == 1
+    assert a.receive(ack(2), 1.0) == [] and a.receive(ack(1), 1.0) == []
+    assert [e for e in a.receive(ack(100), 1.0) if not isinstance(e, Transmit)] == [Acked(3)]
+    assert a.settled(key(1)) and a.acked_upto == 3 and a.stats["acked"] == 2
+
+    bid = a.start_bulk([], 1.0)
+    a.tick(1.1)
+    a.flush(1.1)                                   # BULK_BEGIN 3, BULK_END 4
+    assert a.bulk_running(bid)
+    assert a.receive(ack(4), 1.1) == [Acked(4)] and a.bulk_running(bid)
+    assert a.receive(ack(5), 1.1) == [Acked(5), BulkDone(bid, 0)] and not a.bulk_running(bid)
+    assert a.stats["bulk_done"] == 1
