@@ -878,6 +878,10 @@ def test_a_restarted_peer_drops_everything_outstanding_for_its_former_self():
             snap["peer_in_sync"], snap["synced_epoch"]) == (0, 0, [], 3, 3, False, 0)
     assert a.settled(key(1)) and a.settled(key(3)) and not a.bulk_running(bulk_id)
     assert a.peer_incarnation == 3_000 and a.expected == 1
+    assert snap["needs_bulk"] is False                     # PeerRestarted brings the bulk
+    b3 = SyncChannel("bb", "ba", KEYS, 4_000)
+    deliver(a, b3.tick(1.4), 1.4)
+    assert a.stats["peer_restarts"] == 2 and a.stats["peer_contacts"] == 1
 
 
 def progress(events):
