@@ -1002,3 +1002,15 @@ def test_an_ack_releases_exactly_the_records_below_it():
     assert a.receive(ack(4), 1.1) == [Acked(4)] and a.bulk_running(bid)
     assert a.receive(ack(5), 1.1) == [Acked(5), BulkDone(bid, 0)] and not a.bulk_running(bid)
     assert a.stats["bulk_done"] == 1
+
+
+def test_the_synced_epoch_is_the_highest_of_the_bulks_completed():
+    a, b = pair(now=1.0)
+    a.start_bulk([upd(1)], 1.0, epoch=7)
+    a.start_bulk([upd(2)], 1.0, epoch=5)
+    got = []
+    for now in (1.1, 1.2, 1.3):
+        got += settle(a, b, a.tick(now), now)[1]
+    assert [e for e in got if isinstance(e, InSync)] == [InSync(1, 1, 7), InSync(2, 1, 5)]
+    assert b.synced_epoch == 7 and b.peer_in_sync
+    assert b.stats["bulk_begin_received"] == 2 and b.stats["records_received"] == 6
