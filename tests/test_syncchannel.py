@@ -879,9 +879,14 @@ def test_a_restarted_peer_drops_everything_outstanding_for_its_former_self():
     assert a.settled(key(1)) and a.settled(key(3)) and not a.bulk_running(bulk_id)
     assert a.peer_incarnation == 3_000 and a.expected == 1
     assert snap["needs_bulk"] is False                     # PeerRestarted brings the bulk
+    settle(a, b2, got, 1.3)
+    assert a.state == State.ESTABLISHED
+    a.submit(upd(9), 1.3)
+    assert sent_seqs("bb", a.flush_due(1.31)) == [3]       # batched from a clean start
     b3 = SyncChannel("bb", "ba", KEYS, 4_000)
     deliver(a, b3.tick(1.4), 1.4)
     assert a.stats["peer_restarts"] == 2 and a.stats["peer_contacts"] == 1
+    assert a.stats["dropped_on_peer_restart"] == 5
 
 
 def progress(events):
