@@ -1019,3 +1019,23 @@ def test_the_synced_epoch_is_the_highest_of_the_bulks_completed():
     assert [e for e in got if isinstance(e, InSync)] == [InSync(1, 1, 7), InSync(2, 1, 5)]
     assert b.synced_epoch == 7 and b.peer_in_sync
     assert b.stats["bulk_begin_received"] == 2 and b.stats["records_received"] == 6
+
+
+def bound_hello(base, answer_me):
+    """A HELLO of an established bb that knows ba's incarnation."""
+    return sw.encode(KEYS, sw.node_id("bb"), sw.node_id("ba"), 2_000, 1_000, next(_counter), 0,
+                     [sw.hello(base, answer_me=answer_me)])
+
+
+def test_a_known_peers_hello_is_answered_only_when_it_asks():
+    a, b = pair(now=1.0)
+    assert hellos("bb", a.receive(bound_hello(1, answer_me=False), 1.0)) == []
+    assert hellos("bb", a.receive(bound_hello(1, answer_me=True), 1.0)) == [(1, False)]
+    assert a.state == State.ESTABLISHED and "hello_resync" not in a.stats     # base == expected
+
+
+def test_every_resync_request_is_counted_and_reported():
+    a, b = pair(now=1.0)
+    for n in (1, 2):
+        got = deliver(a, b.request_resync(), 1.0)
+        assert got == [ResyncRequested()] and a.stats["resync_requests"] == n
