@@ -1039,3 +1039,26 @@ def test_every_resync_request_is_counted_and_reported():
     for n in (1, 2):
         got = deliver(a, b.request_resync(), 1.0)
         assert got == [ResyncRequested()] and a.stats["resync_requests"] == n
+
+
+def test_a_new_incarnation_speaking_without_a_hello_is_answered_with_ours():
+    """A datagram of a larger incarnation that carries no HELLO cannot be
+    taken (we do not know where its stream starts): it is counted and
+    answered with our HELLO, and the peer is still its former self."""
+    a, b = pair(now=1.0)
+    for n in (1, 2):
+        dg = sw.encode(KEYS, sw.node_id("bb"), sw.node_id("ba"), 5_000, 1_000, next(_counter), 0,
+                       [sw.Record(sw.RecordType.ACK, sw.u64(1))])
+        got = a.receive(dg, 1.5)
+        assert len(hellos("bb", got)) == 1 and a.stats["unknown_incarnation"] == n
+    assert a.peer_incarnation == 2_000 and a.last_heard == 1.0
+
+
+def test_a_bad_record_is_refused_after_the_good_ones_before_it():
+    a, b = pair(now=1.0)
+    good = sw.flow_record(upd(1))
+    dg = sw.encode(KEYS, sw.node_id("ba"), sw.node_id("bb"), 1_000, 2_000, next(_counter), 1,
+                   [good, sw.Record(sw.RecordType.NACK, b"\x00" * 5)])
+    got = b.receive(dg, 1.5)
+    assert [type(e) for e in got] == [Apply, Rejected] and got[1].reason == "malformed"
+    assert b.rejected["malformed"] == 1 and b.last_heard == 1.5 and b.expected == 2
