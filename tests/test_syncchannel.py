@@ -1062,3 +1062,21 @@ def test_a_bad_record_is_refused_after_the_good_ones_before_it():
     got = b.receive(dg, 1.5)
     assert [type(e) for e in got] == [Apply, Rejected] and got[1].reason == "malformed"
     assert b.rejected["malformed"] == 1 and b.last_heard == 1.5 and b.expected == 2
+
+
+def test_updates_past_the_pending_limit_are_remembered_then_given_up_for_a_bulk():
+    a, b = pair(SyncConfig(pending_limit=1, resync_limit=2), now=1.0)
+    a.submit(upd(1, version=2), 1.0)
+    a.submit(upd(1, version=2), 1.0)                  # the same version again: stale
+    assert a.stats["stale_submit"] == 1 and "coalesced" not in a.stats
+    for i in (2, 2, 3):
+        a.submit(upd(i), 1.0)                         # remembered (2 once)
+    assert a._resync_keys == {key(2), key(3)} and not a.settled(key(2)) and a.settled(key(4))
+    a.submit(upd(4), 1.0)                             # past resync_limit: a bulk instead
+    a.submit(upd(5), 1.0)
+    assert a.needs_bulk and not a._resync_keys
+    assert (a.stats["resend_overflow"], a.stats["resync_overflow_bulk"]) == (5, 1)
+    assert ResyncRequested() in a.tick(1.1) and not a.needs_bulk
+    for i in (6, 7, 8, 9):                            # the tick sent 1: 6 waits, 7 and 8 remembered
+        a.submit(upd(i), 1.1)
+    assert a.needs_bulk and a.stats["resync_overflow_bulk"] == 2
