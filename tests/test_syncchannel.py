@@ -1080,3 +1080,57 @@ def test_updates_past_the_pending_limit_are_remembered_then_given_up_for_a_bulk(
     for i in (6, 7, 8, 9):                            # the tick sent 1: 6 waits, 7 and 8 remembered
         a.submit(upd(i), 1.1)
     assert a.needs_bulk and a.stats["resync_overflow_bulk"] == 2
+
+
+def kinds_of(to, events):
+    return [t for t, _ in records(to, events)]
+
+
+def test_acks_and_nacks_wait_their_intervals_heartbeats_carry_the_clock_and_an_ack():
+    cfg = SyncConfig(ack_delay=0.25, nack_interval=0.25, heartbeat=0.25)
+    a, b = pair(cfg, now=1.0)
+    sent = one_by_one(a, 4)
+    A, N, H = sw.RecordType.ACK, sw.RecordType.NACK, sw.RecordType.HEARTBEAT
+    deliver(b, sent, 1.0, drop={1})                      # 1 delivered, 3 and 4 wait for 2
+    assert kinds_of("ba", b.tick(1.0)) == [A, N, H]      # one ACK, not a second for the heartbeat
+    assert kinds_of("ba", b.tick(1.125)) == []
+    deliver(b, sent[1:2], 1.125)                         # 2 arrives: 2, 3, 4 unacked
+    assert records("ba", b.tick(1.25)) == [(A, sw.u64(5)), (H, sw.u64(1_250_000))]
+    deliver(b, one_by_one(a, 1)[-1:], 1.25)
+    assert kinds_of("ba", b.tick(1.375)) == []           # ACK and heartbeat both wait
+    a.submit(upd(9), 1.375)
+    assert kinds_of("ba", b.tick(1.5)) == [A, H]
+
+
+def test_heartbeats_start_once_the_peer_is_known():
+    a = SyncChannel("ba", "bb", KEYS, 1_000, SyncConfig(heartbeat=0.25))
+    assert kinds_of("bb", a.tick(1.0)) == [sw.RecordType.HELLO]
+    a, b = pair(SyncConfig(heartbeat=0.25), now=1.0)
+    assert records("bb", a.tick(1.0)) == [(sw.RecordType.HEARTBEAT, sw.u64(1_000_000)),
+                                          (sw.RecordType.ACK, sw.u64(1))]
+
+
+def test_an_rto_resends_one_burst_of_the_oldest_records():
+    a, b = outstanding(10, SyncConfig(rto=0.25, retransmit_burst=4))
+    assert sent_seqs("bb", a.tick(1.125)) == []
+    assert sent_seqs("bb", a.tick(1.25)) == [1, 2, 3, 4]
+
+
+def test_remembered_flows_are_handed_back_as_the_pending_set_has_room():
+    a, b = pair(SyncConfig(pending_limit=2), now=1.0)
+    for i in range(1, 6):
+        a.submit(upd(i), 1.0)                             # 1, 2 wait; 3, 4, 5 remembered
+    early = a.tick(1.0) + a.tick(1.1)                 # the second sends 1 and 2, after
+    assert not [e for e in early if isinstance(e, ResyncFlows)]     # no room before
+    handed = [e.keys for e in a.tick(1.2) if isinstance(e, ResyncFlows)]
+    assert len(handed) == 1 and len(handed[0]) == 2 and a.stats["resync_flows"] == 2
+    handed += [e.keys for e in a.tick(1.3) if isinstance(e, ResyncFlows)]
+    assert set().union(*handed) == {key(3), key(4), key(5)} and a.stats["resync_flows"] == 3
+
+
+def test_the_first_tick_of_an_established_channel_counts_one_heartbeat_of_bulk_credit():
+    a, b = pair(SyncConfig(bulk_rate=400.0, heartbeat=0.25), now=1.0)
+    bid = b.start_bulk([upd(i) for i in range(1, 301)], 1.0)        # b has never ticked
+    assert progress(b.tick(1.0)) == [BulkProgress(bid, 100, 300)]
+    assert progress(b.tick(0.5)) == []                               # the clock went back
+    assert progress(b.tick(0.75)) == [BulkProgress(bid, 200, 300)]  # from 0.5, not from 1.0
