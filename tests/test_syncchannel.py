@@ -1134,3 +1134,14 @@ def test_the_first_tick_of_an_established_channel_counts_one_heartbeat_of_bulk_c
     assert progress(b.tick(1.0)) == [BulkProgress(bid, 100, 300)]
     assert progress(b.tick(0.5)) == []                               # the clock went back
     assert progress(b.tick(0.75)) == [BulkProgress(bid, 200, 300)]  # from 0.5, not from 1.0
+
+
+def test_a_full_resend_queue_holds_the_rest_until_acknowledged():
+    a, b = pair(SyncConfig(resend_queue=2), now=1.0)
+    for i in (1, 2, 3):
+        a.submit(upd(i), 1.0)
+    assert sent_seqs("bb", a.flush(1.0)) == [1, 2]
+    assert a.flush(1.0) == [] and a.flush(1.0) == [] and a.stats["window_full"] == 2
+    assert a.snapshot(1.0)["pending"] == 1
+    a.receive(ack(2), 1.0)
+    assert sent_seqs("bb", a.flush(1.0)) == [3]
