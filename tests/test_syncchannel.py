@@ -1007,6 +1007,10 @@ def test_an_ack_releases_exactly_the_records_below_it():
     assert a.receive(ack(4), 1.1) == [Acked(4)] and a.bulk_running(bid)
     assert a.receive(ack(5), 1.1) == [Acked(5), BulkDone(bid, 0)] and not a.bulk_running(bid)
     assert a.stats["bulk_done"] == 1
+    bid = a.start_bulk([], 1.1)
+    a.tick(1.2)
+    a.flush(1.2)                                   # BULK_BEGIN 5, BULK_END 6
+    assert a.receive(ack(7), 1.2) == [Acked(7), BulkDone(bid, 0)] and a.stats["bulk_done"] == 2
 
 
 def test_the_synced_epoch_is_the_highest_of_the_bulks_completed():
