@@ -339,6 +339,7 @@ def _drop(key: str):
     (_set("replicas", True), "replicas: True is not"),
     (_set("anti_affinity", "yes"), "anti_affinity: expected a bool, got str"),
     (_set("services", []), "services: expected a JSON object, got list"),
+    (_set("services.B", {"name": "ba"}), "services.B: expected a list, got dict"),
     (_set("services.B.0", "ba"), "services.B[0]: expected an object"),
     (_set("services.B.0.address", 5), "services.B[0].address: expected a string, got int"),
     (_set("services.B.0.host", "Bad Host"), "services.B[0].host: 'Bad Host' must match"),
