@@ -343,6 +343,9 @@ def _drop(key: str):
     (_set("services.B.0", "ba"), "services.B[0]: expected an object"),
     (_set("services.B.0.address", 5), "services.B[0].address: expected a string, got int"),
     (_set("services.B.0.host", "Bad Host"), "services.B[0].host: 'Bad Host' must match"),
+    (_set("services.B.0.address", "::1"), "services.B[0].address: '::1' is not an IPv4 address"),
+    (_set("services.B.0.state", "zombie"),
+     "services.B[0].state: 'zombie' is not one of active, dead, draining, joining, spare"),
     (_set("tenants.0", 5), "tenants[0]: expected an object"),
     (_also("tenants"), "tenants[1].id: 1 appears twice"),
     (_set("tenants.0.name", "x" * 65), "tenants[0].name: longer than 64 characters"),
@@ -367,6 +370,7 @@ def test_every_refusal_names_its_field_and_reason(change, needle):
     ("tenants.0.name", "x" * 64), ("chains.0.id", 0), ("chains.0.id", 2**24 - 1),
     ("chains.0.match_dports", [0, 65535]), ("chains.0.services", ["A"] * 255),
     ("services.B.0.host", "h1"), ("services.B.0.address", ""),
+    ("tenants.0.prefixes", ["10.1.0.1/16", "2001:db8::1/48"]),        # host bits set: taken
 ])
 def test_values_at_the_ends_of_their_ranges_are_accepted(path, value):
     doc = _set(path, value)(good_doc())
