@@ -1149,3 +1149,11 @@ def test_a_full_resend_queue_holds_the_rest_until_acknowledged():
     assert a.snapshot(1.0)["pending"] == 1
     a.receive(ack(2), 1.0)
     assert sent_seqs("bb", a.flush(1.0)) == [3]
+
+
+def test_a_bulk_fed_whole_does_not_hold_up_the_one_behind_it():
+    a, b = pair(SyncConfig(bulk_rate=100.0), now=1.0)
+    small = a.start_bulk([upd(1)], 1.0)
+    big = a.start_bulk([upd(i) for i in range(2, 12)], 1.0)
+    assert progress(a.tick(1.05)) == [BulkProgress(small, 1, 1), BulkProgress(big, 5, 10)]
+    assert progress(a.tick(1.1)) == [BulkProgress(big, 10, 10)]
