@@ -344,6 +344,8 @@ def _drop(key: str):
     (_set("services.B.0.address", 5), "services.B[0].address: expected a string, got int"),
     (_set("services.B.0.host", "Bad Host"), "services.B[0].host: 'Bad Host' must match"),
     (_set("services.B.0.address", "::1"), "services.B[0].address: '::1' is not an IPv4 address"),
+    (_set("services.B.0.host", 5), "services.B[0].host: expected a string, got int"),
+    (_set("services.B.0.state", 5), "services.B[0].state: expected a string, got int"),
     (_set("services.B.0.state", "zombie"),
      "services.B[0].state: 'zombie' is not one of active, dead, draining, joining, spare"),
     (_set("tenants.0", 5), "tenants[0]: expected an object"),

@@ -1157,3 +1157,23 @@ def test_a_bulk_fed_whole_does_not_hold_up_the_one_behind_it():
     big = a.start_bulk([upd(i) for i in range(2, 12)], 1.0)
     assert progress(a.tick(1.05)) == [BulkProgress(small, 1, 1), BulkProgress(big, 5, 10)]
     assert progress(a.tick(1.1)) == [BulkProgress(big, 10, 10)]
+
+
+def test_bulks_share_the_ticks_each_sending_a_flow_per_whole_credit():
+    """At 2 flows/s and a tick every 250 ms each bulk gains half a flow of
+    credit per tick: it sends one every other tick, and one bulk waiting for
+    credit does not stop the next from sending."""
+    a, b = pair(SyncConfig(bulk_rate=2.0), now=1.0)
+    first = a.start_bulk([upd(i) for i in (1, 2, 3)], 1.0)
+    assert progress(a.tick(1.25)) == []
+    second = a.start_bulk([upd(i) for i in (4, 5, 6)], 1.25)
+    assert progress(a.tick(1.5)) == [BulkProgress(first, 1, 3)]
+    assert progress(a.tick(1.75)) == [BulkProgress(second, 1, 3)]
+
+
+def test_flows_fed_by_a_bulk_go_out_after_the_batch_delay():
+    a, b = pair(SyncConfig(bulk_rate=20.0, rto=10.0), now=1.0)
+    a.start_bulk([upd(i) for i in range(1, 16)], 1.0)
+    assert sent_seqs("bb", a.tick(1.25)) == list(range(1, 7))       # BULK_BEGIN and 5 flows
+    assert sent_seqs("bb", a.tick(1.5)) == []                       # 5 more, just fed
+    assert sent_seqs("bb", a.tick(1.75)) == list(range(7, 18))      # those, 5 more and BULK_END
