@@ -1177,3 +1177,11 @@ def test_flows_fed_by_a_bulk_go_out_after_the_batch_delay():
     assert sent_seqs("bb", a.tick(1.25)) == list(range(1, 7))       # BULK_BEGIN and 5 flows
     assert sent_seqs("bb", a.tick(1.5)) == []                       # 5 more, just fed
     assert sent_seqs("bb", a.tick(1.75)) == list(range(7, 18))      # those, 5 more and BULK_END
+
+
+def test_the_end_of_a_bulk_goes_out_after_the_batch_delay_even_with_nothing_else_pending():
+    a, b = pair(SyncConfig(rto=10.0), now=1.0)
+    a.start_bulk([], 1.0)
+    assert sent_seqs("bb", a.flush(1.0)) == [1]                     # BULK_BEGIN (the ordered policy)
+    assert sent_seqs("bb", a.tick(1.25)) == []                      # BULK_END queued
+    assert sent_seqs("bb", a.tick(1.5)) == [2]
