@@ -311,3 +311,82 @@ def test_bucket_sets_hold_the_buckets_of_their_candidates(n_names):
         want = bytes(next((codes[t.names[r[b]]] for r in ranks
                            if r[b] != NO_INSTANCE and t.names[r[b]] != exclude), 0) for b in range(n))
         assert t.others(exclude, codes) == want, exclude
+
+
+def _also(path: str):
+    """A change appending a copy of the first item of the list at `path`."""
+    def change(doc):
+        doc[path].append(dict(doc[path][0]))
+        return doc
+    return change
+
+
+def _drop(key: str):
+    def change(doc):
+        del doc[key]
+        return doc
+    return change
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda doc: [doc], "expected a JSON object, got list"),
+    (_drop("epoch"), "epoch: missing"),
+    (_drop("services"), "services: missing"),
+    (_set("epoch", -1), "epoch: -1 is not an integer in 0..4294967295"),
+    (_set("buckets", 0), "buckets: 0 is not an integer in 1..1048576"),
+    (_set("buckets", (1 << 20) + 1), "buckets: 1048577 is not"),
+    (_set("replicas", 9), "replicas: 9 is not an integer in 1..8"),
+    (_set("replicas", True), "replicas: True is not"),
+    (_set("anti_affinity", "yes"), "anti_affinity: expected a bool, got str"),
+    (_set("services", []), "services: expected a JSON object, got list"),
+    (_set("services.B", {"name": "ba"}), "services.B: expected a list, got dict"),
+    (_set("services.B.0", "ba"), "services.B[0]: expected an object"),
+    (_set("services.B.0.address", 5), "services.B[0].address: expected a string, got int"),
+    (_set("services.B.0.host", "Bad Host"), "services.B[0].host: 'Bad Host' must match"),
+    (_set("services.B.0.address", "::1"), "services.B[0].address: '::1' is not an IPv4 address"),
+    (_set("services.B.0.host", 5), "services.B[0].host: expected a string, got int"),
+    (_set("services.B.0.state", 5), "services.B[0].state: expected a string, got int"),
+    (_set("services.B.0.state", "zombie"),
+     "services.B[0].state: 'zombie' is not one of active, dead, draining, joining, spare"),
+    (_set("tenants.0", 5), "tenants[0]: expected an object"),
+    (_also("tenants"), "tenants[1].id: 1 appears twice"),
+    (_set("tenants.0.name", "x" * 65), "tenants[0].name: longer than 64 characters"),
+    (_set("tenants.0.prefixes", "10.0.0.0/8"), "tenants[0].prefixes: expected a list, got str"),
+    (_set("chains.0", []), "chains[0]: expected an object"),
+    (_also("chains"), "chains[1].id: 1 appears twice"),
+    (_set("chains.0.services", ["A"] * 256), "chains[0].services: a chain has 1 to 255 services, not 256"),
+    (_set("chains.0.services", [5]), "chains[0].services[0]: unknown service 5"),
+    (_set("chains.0.match_dports", [True]), "chains[0].match_dports[0]: True is not a port"),
+    (_set("chains.0.match_dports", ["80"]), "chains[0].match_dports[0]: '80' is not a port"),
+    (_set("chains.0.match_dports", [-1]), "chains[0].match_dports[0]: -1 is not a port"),
+    (_set("table_digests.B", 5), "table_digests.B: expected a string"),
+])
+def test_every_refusal_names_its_field_and_reason(change, needle):
+    with pytest.raises(MapError, match=re.escape(needle)):
+        servicemap.check_document(change(good_doc()))
+
+
+@pytest.mark.parametrize("path,value", [
+    ("epoch", 0), ("epoch", 2**32 - 1), ("buckets", 1), ("buckets", 1 << 20), ("replicas", 1),
+    ("replicas", 8), ("anti_affinity", False), ("tenants.0.id", 0), ("tenants.0.id", 2**32 - 1),
+    ("tenants.0.name", "x" * 64), ("chains.0.id", 0), ("chains.0.id", 2**24 - 1),
+    ("chains.0.match_dports", [0, 65535]), ("chains.0.services", ["A"] * 255),
+    ("services.B.0.host", "h1"), ("services.B.0.address", ""),
+    ("tenants.0.prefixes", ["10.1.0.1/16", "2001:db8::1/48"]),        # host bits set: taken
+])
+def test_values_at_the_ends_of_their_ranges_are_accepted(path, value):
+    doc = _set(path, value)(good_doc())
+    if path == "tenants.0.id":
+        doc["chains"][0]["tenant"] = value
+    servicemap.check_document(doc)
+
+
+def test_optional_fields_may_be_left_out():
+    doc = good_doc()
+    for key in ("tenants", "chains", "table_digests"):
+        del doc[key]
+    for inst in doc["services"]["B"]:
+        del inst["address"], inst["state"]
+    servicemap.check_document(doc)
+    m = ServiceMap.from_dict(doc)
+    assert m.tenants == {} and m.chains == {} and m.instance("ba").state == InstanceState.ACTIVE
