@@ -1007,9 +1007,9 @@ def test_the_index_of_translated_tuples_is_compacted_past_twice_the_flows_plus_1
     for stale, sizes in ((1026, [1027, 1028]), (1027, [1, 2])):
         m, node = _nat((20000, 29999))
         code = codes_led_by(m, "ba")[0]
-        head = wire.pack(1, 1, code, 1, m.epoch)
-        for p in range(stale):
-            node.from_fabric(head + udp(sport=1000 + p), INGRESS, 0.0)
+        head, query = wire.pack(1, 1, code, 1, m.epoch), udp()
+        for p in range(stale):        # the query from another client port (the NAT reads no checksum)
+            node.from_fabric(head + query[:20] + (1000 + p).to_bytes(2, "big") + query[22:], INGRESS, 0.0)
         node.expire(500.0)
         assert len(node.flows) == 0 and len(node._by_translated) == stale
         got = []
@@ -1019,3 +1019,16 @@ def test_the_index_of_translated_tuples_is_compacted_past_twice_the_flows_plus_1
         assert got == sizes, stale
         for e in node.flows:
             assert node._by_translated[node.service.translated(e.state)] == e.key
+
+
+def test_the_edges_take_only_packets_at_the_end_of_the_chain_in_their_direction():
+    """The ingress delivers only replies (REVERSE) at index 0, the egress
+    only forward packets at index 0; anything else is `bad_index`."""
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    rev = wire.Flags.REVERSE
+    for node, flags, index in ((ing, 0, 0), (ing, rev, 1), (eg, rev, 0), (eg, 0, 1)):
+        assert node.from_fabric(wire.pack(1, index, 5, 1, 1, flags) + udp(), "ba", 0.0) == [Drop("bad_index")]
+    assert ing.drops["bad_index"] == 2 and eg.drops["bad_index"] == 2
+    assert [type(e) for e in ing.from_fabric(wire.pack(1, 0, 5, 1, 1, rev) + udp(), "aa", 0.0)] == [Deliver]
+    assert [type(e) for e in eg.from_fabric(wire.pack(1, 0, 5, 1, 1) + udp(), "ba", 0.0)] == [Deliver]
