@@ -1032,3 +1032,16 @@ def test_the_edges_take_only_packets_at_the_end_of_the_chain_in_their_direction(
     assert ing.drops["bad_index"] == 2 and eg.drops["bad_index"] == 2
     assert [type(e) for e in ing.from_fabric(wire.pack(1, 0, 5, 1, 1, rev) + udp(), "aa", 0.0)] == [Deliver]
     assert [type(e) for e in eg.from_fabric(wire.pack(1, 0, 5, 1, 1) + udp(), "ba", 0.0)] == [Deliver]
+
+
+def test_packets_handed_in_without_options_get_a_bare_header():
+    """`options` defaults to none: both edges then send a 20-byte header
+    with the packet right behind it."""
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    [sent] = ing.from_client(udp(), 0.0)
+    assert wire.decode(sent.data).length == 20 and sent.data[20:] == udp()
+    eg.from_fabric(wire.pack(1, 0, 5, 1, 1) + udp(), "ba", 0.0)
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    [sent] = eg.from_server(answer, 0.0)
+    assert wire.decode(sent.data).length == 20 and sent.data[20:] == answer
