@@ -1045,3 +1045,61 @@ def test_packets_handed_in_without_options_get_a_bare_header():
     answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
     [sent] = eg.from_server(answer, 0.0)
     assert wire.decode(sent.data).length == 20 and sent.data[20:] == answer
+
+
+def test_a_service_node_refuses_a_name_outside_the_map_or_a_zero_embryonic_cap():
+    m = pair_map()
+    with pytest.raises(ValueError, match="^instance 'zz' is not in the service map$"):
+        ServiceNode("zz", m, create("firewall"))
+    with pytest.raises(ValueError, match="^embryonic_per_tenant must be at least 1$"):
+        ServiceNode("ba", m, create("firewall"), embryonic_per_tenant=0)
+    assert ServiceNode("ba", m, create("firewall"), embryonic_per_tenant=1).embryonic_per_tenant == 1
+
+
+def test_the_exact_match_cache_is_on_by_default_and_never_for_a_rewriting_service():
+    """By default a flow's next packet takes the exact-match cache; a
+    service that rewrites packets never does, even one offering `fast`,
+    so every packet of it is rewritten."""
+    m = pair_map()
+    code = codes_led_by(m, "ba")[0]
+    data = wire.pack(1, 1, code, 1, m.epoch) + udp()
+    plain = ServiceNode("ba", m, create("passthrough"))
+    for _ in range(2):
+        plain.from_fabric(data, INGRESS, 0.0)
+    assert plain.counters["fast_path"] == 1
+
+    class Stamp(type(create("passthrough"))):
+        def rewrite(self, state, forward, packet):
+            return packet + b"!"
+
+    stamping = ServiceNode("ba", m, Stamp())
+    for _ in range(3):
+        [sent] = [e for e in stamping.from_fabric(data, INGRESS, 0.0) if isinstance(e, Send)]
+        assert sent.data.endswith(b"!")
+    assert stamping.counters["fast_path"] == 0
+
+
+def test_a_flow_of_its_own_that_comes_back_rerouted_is_handed_to_the_services_moved_hook():
+    """A packet marked REROUTED for a flow this instance already leads (it
+    came back after a failover elsewhere) goes through the service's
+    `moved` hook, counted as `came_back`."""
+    m = pair_map()
+    node = ServiceNode("ba", m, create("firewall"))
+    code = codes_led_by(m, "ba")[0]
+    head = wire.pack(1, 1, code, 1, m.epoch)
+    node.from_fabric(head + udp(), INGRESS, 0.0)
+    node.from_fabric(head + udp(), INGRESS, 0.1)
+    assert node.counters["came_back"] == 0
+    node.from_fabric(wire.pack(1, 1, code, 1, m.epoch, wire.Flags.REROUTED) + udp(), INGRESS, 0.2)
+    assert node.counters["came_back"] == 1
+
+
+def test_a_replys_header_options_reach_the_client_side_whole():
+    """A GSO option the egress puts on a reply comes out of the ingress
+    with the packet, byte for byte."""
+    mesh = Mesh()
+    gso = wire.pack_gso(1, 1, 54, 1448, 34, 16)
+    mesh.client(tcp(flags="S", seq=1))
+    mesh.server(tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2), options=gso)
+    assert mesh.options == [b"", gso]
+    assert mesh.delivered[INGRESS] == [tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2)]
