@@ -1103,3 +1103,24 @@ def test_a_replys_header_options_reach_the_client_side_whole():
     mesh.server(tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2), options=gso)
     assert mesh.options == [b"", gso]
     assert mesh.delivered[INGRESS] == [tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2)]
+
+
+def test_the_edges_count_each_packet_they_encapsulate_and_each_related_error():
+    """Every packet an edge sends into the chain is counted `encapsulated`,
+    every ICMP error it passes for a flow `icmp_related`, one each."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    for _ in range(2):
+        mesh.client(udp())
+        mesh.server(answer)
+    unreachable = bytes(IP(src="10.2.0.10", dst="10.1.0.10") / ICMP(type=3, code=3) / Raw(udp()[:28]))
+    frag_needed = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ICMP(type=3, code=4) / Raw(answer[:28]))
+    for _ in range(2):
+        mesh.server(unreachable)
+        mesh.client(frag_needed)
+    assert (ing.counters["encapsulated"], eg.counters["encapsulated"]) == (4, 4)
+    assert (ing.counters["icmp_related"], eg.counters["icmp_related"]) == (2, 2)
+    assert mesh.delivered[INGRESS][-1] == unreachable and mesh.delivered[EGRESS][-1] == frag_needed
