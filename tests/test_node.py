@@ -1124,3 +1124,31 @@ def test_the_edges_count_each_packet_they_encapsulate_and_each_related_error():
     assert (ing.counters["encapsulated"], eg.counters["encapsulated"]) == (4, 4)
     assert (ing.counters["icmp_related"], eg.counters["icmp_related"]) == (2, 2)
     assert mesh.delivered[INGRESS][-1] == unreachable and mesh.delivered[EGRESS][-1] == frag_needed
+
+
+def test_an_edge_flow_idles_out_counted_from_its_hosts_last_packet():
+    """The ingress's flow is kept alive by its client's packets, the
+    egress's by its server's: each expires EDGE_TIMEOUT after the last."""
+    from dataplane.core.node import EDGE_TIMEOUT
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    mesh.client(udp(), now=0.0)
+    mesh.client(udp(), now=100.0)
+    mesh.server(udp("10.2.0.10", "10.1.0.10", 53, 5000), now=300.0)
+    assert ing.flows.expire(100.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == [] and len(ing.flows) == 1
+    assert len(ing.flows.expire(100.0 + EDGE_TIMEOUT, EDGE_TIMEOUT)) == 1
+    assert eg.flows.expire(300.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == [] and len(eg.flows) == 1
+    assert len(eg.flows.expire(300.0 + EDGE_TIMEOUT, EDGE_TIMEOUT)) == 1
+
+
+def test_a_flow_its_server_answered_is_not_pushed_out_of_the_egress_by_new_ones():
+    """The server's answer makes the egress's flow established, so a flood
+    of new flows evicts the unanswered ones first."""
+    eg = EgressNode(EGRESS, lab_map(), capacity=2)
+    head = wire.pack(1, 0, 5, 1, 1)
+    eg.from_fabric(head + udp(sport=5000), "ba", 0.0)
+    eg.from_server(udp("10.2.0.10", "10.1.0.10", 53, 5000), 0.1)
+    for sport in range(5001, 5005):
+        eg.from_fabric(head + udp(sport=sport), "ba", 0.2)
+    assert sorted(e.key[4] for e in eg.flows) == [5000, 5004]
+    assert [type(e) for e in eg.from_server(udp("10.2.0.10", "10.1.0.10", 53, 5000), 0.3)] == [Send]
