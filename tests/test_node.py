@@ -1152,3 +1152,29 @@ def test_a_flow_its_server_answered_is_not_pushed_out_of_the_egress_by_new_ones(
         eg.from_fabric(head + udp(sport=sport), "ba", 0.2)
     assert sorted(e.key[4] for e in eg.flows) == [5000, 5004]
     assert [type(e) for e in eg.from_server(udp("10.2.0.10", "10.1.0.10", 53, 5000), 0.3)] == [Send]
+
+
+def test_an_edge_delivers_up_to_the_host_mtu_whole_and_refragments_only_bigger_ipv4():
+    """At the host MTU exactly a packet (IPv4 or IPv6) is delivered whole;
+    a bigger IPv4 datagram is re-fragmented (counted once per datagram); a
+    super-frame with its GSO option is the host kernel's business, whole.
+    Each is counted delivered once."""
+    from scapy.layers.inet import IP
+    from scapy.layers.inet import UDP as ScapyUDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.packet import Raw
+    eg = EgressNode(EGRESS, lab_map())
+    head = wire.pack(1, 0, 5, 1, 1)
+    v4 = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ScapyUDP(sport=1, dport=2) / Raw(bytes(1472)))
+    v6 = bytes(IPv6(src="fd00:1::10", dst="fd00:2::10") / ScapyUDP(sport=1, dport=2) / Raw(bytes(1452)))
+    assert len(v4) == len(v6) == 1500
+    for whole, proto in ((v4, wire.NextProto.IPV4), (v6, wire.NextProto.IPV6)):
+        out = eg.from_fabric(wire.pack(1, 0, 5, 1, 1, next_proto=proto) + whole, "ba", 0.0)
+        assert out == [Deliver(whole, b"")]
+    big = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ScapyUDP(sport=1, dport=2) / Raw(bytes(1972)))
+    out = eg.from_fabric(head + big, "ba", 0.0)
+    assert len(out) == 2 and all(isinstance(e, Deliver) and len(e.data) <= 1500 for e in out)
+    gso = wire.pack_gso(1, 1, 28, 1472, 28, 6)
+    out = eg.from_fabric(wire.pack(1, 0, 5, 1, 1, words=8) + gso + big, "ba", 0.0)
+    assert out == [Deliver(big, gso)]
+    assert eg.counters["delivered"] == 4 and eg.counters["refragmented"] == 1
