@@ -1003,15 +1003,16 @@ def test_a_nat_tuple_of_an_expired_flow_is_free_again():
 def test_the_index_of_translated_tuples_is_compacted_past_twice_the_flows_plus_1024():
     """Expired flows leave their translated tuples in the index; a new flow
     compacts it when it holds more than 2 x flows + 1024 tuples, keeping
-    the tuples of the flows held."""
-    for stale, sizes in ((1026, [1027, 1028]), (1027, [1, 2])):
+    the tuples of the flows held (one opened later than the expired ones)."""
+    for stale, sizes in ((1027, [1029, 1030]), (1028, [2, 3])):
         m, node = _nat((20000, 29999))
         code = codes_led_by(m, "ba")[0]
         head, query = wire.pack(1, 1, code, 1, m.epoch), udp()
         for p in range(stale):        # the query from another client port (the NAT reads no checksum)
             node.from_fabric(head + query[:20] + (1000 + p).to_bytes(2, "big") + query[22:], INGRESS, 0.0)
+        node.from_fabric(head + udp(sport=60000), INGRESS, 400.0)
         node.expire(500.0)
-        assert len(node.flows) == 0 and len(node._by_translated) == stale
+        assert len(node.flows) == 1 and len(node._by_translated) == stale + 1
         got = []
         for p in (60001, 60002):
             node.from_fabric(head + udp(sport=p), INGRESS, 501.0)
