@@ -1179,3 +1179,21 @@ def test_an_edge_delivers_up_to_the_host_mtu_whole_and_refragments_only_bigger_i
     out = eg.from_fabric(wire.pack(1, 0, 5, 1, 1, words=8) + gso + big, "ba", 0.0)
     assert out == [Deliver(big, gso)]
     assert eg.counters["delivered"] == 4 and eg.counters["refragmented"] == 1
+
+
+def test_a_flow_whose_chain_left_the_map_is_dropped_at_both_edges_as_unknown_chain():
+    """An edge's flow names its chain; once a newer map no longer has that
+    chain, its packets from either host are dropped as `unknown_chain`."""
+    mesh = Mesh()
+    mesh.client(udp())
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    mesh.server(answer)
+    gone = mesh.map.copy()
+    del gone.chains[1]
+    gone.epoch += 1
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    for node in (ing, eg):
+        node.update_map(gone, 1.0)
+    assert ing.from_client(udp(), 1.0) == [Drop("unknown_chain")]
+    assert eg.from_server(answer, 1.0) == [Drop("unknown_chain")]
+    assert ing.drops["unknown_chain"] == 1 and eg.drops["unknown_chain"] == 1
