@@ -1197,3 +1197,21 @@ def test_a_flow_whose_chain_left_the_map_is_dropped_at_both_edges_as_unknown_cha
     assert ing.from_client(udp(), 1.0) == [Drop("unknown_chain")]
     assert eg.from_server(answer, 1.0) == [Drop("unknown_chain")]
     assert ing.drops["unknown_chain"] == 1 and eg.drops["unknown_chain"] == 1
+
+
+def test_an_edge_with_no_live_instance_of_its_neighbouring_service_drops_no_instance():
+    """With every instance of the chain's first (last) service dead, the
+    ingress (egress) has nowhere to send its host's packet: `no_instance`."""
+    mesh = Mesh()
+    mesh.client(udp())
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    mesh.server(answer)
+    dead = mesh.map.copy()
+    for name in ("aa", "ab", "ba", "bb", "bc"):
+        dead.set_state(name, InstanceState.DEAD)
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    for node in (ing, eg):
+        node.update_map(dead, 1.0)
+    assert ing.from_client(udp(), 1.0) == [Drop("no_instance")]
+    assert eg.from_server(answer, 1.0) == [Drop("no_instance")]
+    assert ing.drops["no_instance"] == 1 and eg.drops["no_instance"] == 1
