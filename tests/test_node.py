@@ -1215,3 +1215,22 @@ def test_an_edge_with_no_live_instance_of_its_neighbouring_service_drops_no_inst
     assert ing.from_client(udp(), 1.0) == [Drop("no_instance")]
     assert eg.from_server(answer, 1.0) == [Drop("no_instance")]
     assert ing.drops["no_instance"] == 1 and eg.drops["no_instance"] == 1
+
+
+def test_a_client_error_about_its_own_flow_passes_the_tenant_check_on_any_chain():
+    """The ingress compares the error sender's tenant with the flow's
+    tenant (not its chain): a client's error about its own flow on a
+    chain whose id is not the tenant's passes."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw
+    mesh = Mesh()
+    m = mesh.map
+    m.add_chain(Chain(7, 1, ["B"], [9000]))
+    query = udp(dport=9000)
+    mesh.client(query)
+    assert mesh.hops[0][2].chain == 7
+    answer = udp("10.2.0.10", "10.1.0.10", 9000, 5000)
+    mesh.server(answer)
+    err = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ICMP(type=3, code=4) / Raw(answer[:28]))
+    mesh.client(err)
+    assert mesh.delivered[EGRESS][-1] == err and mesh.nodes[INGRESS].counters["icmp_related"] == 1
