@@ -1234,3 +1234,22 @@ def test_a_client_error_about_its_own_flow_passes_the_tenant_check_on_any_chain(
     err = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ICMP(type=3, code=4) / Raw(answer[:28]))
     mesh.client(err)
     assert mesh.delivered[EGRESS][-1] == err and mesh.nodes[INGRESS].counters["icmp_related"] == 1
+
+
+def test_the_egress_keeps_sending_a_flows_replies_to_its_draining_instance():
+    """The egress's pin is the instance the flow came from; an instance
+    being drained is alive and no longer primary, and every reply of its
+    flows, one after another, still goes to it."""
+    mesh = Mesh()
+    mesh.client(udp())
+    b = mesh.hops[1][1]
+    drained = mesh.map.copy()
+    drained.set_state(b, InstanceState.DRAINING)
+    eg = mesh.nodes[EGRESS]
+    eg.update_map(drained, 1.0)
+    code = mesh.hops[0][2].code
+    assert drained.is_alive(b) and drained.primary("B", code) != b
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    for _ in range(3):
+        [sent] = eg.from_server(answer, 1.0)
+        assert sent.to == b and not wire.decode(sent.data).flags & wire.Flags.REROUTED
