@@ -1253,3 +1253,25 @@ def test_the_egress_keeps_sending_a_flows_replies_to_its_draining_instance():
     for _ in range(3):
         [sent] = eg.from_server(answer, 1.0)
         assert sent.to == b and not wire.decode(sent.data).flags & wire.Flags.REROUTED
+
+
+def test_the_ingress_keeps_a_flow_on_its_draining_instance_and_counts_its_packets():
+    """The ingress's pin holds while its instance drains (alive, no longer
+    primary); the flow counts each client packet; a flow of one packet
+    idles out EDGE_TIMEOUT after it."""
+    from dataplane.core.node import EDGE_TIMEOUT
+    mesh = Mesh()
+    ing = mesh.nodes[INGRESS]
+    ing.from_client(udp(sport=6000), 0.0)
+    [sent] = ing.from_client(udp(), 0.0)
+    a = sent.to
+    drained = mesh.map.copy()
+    drained.set_state(a, InstanceState.DRAINING)
+    ing.update_map(drained, 1.0)
+    assert drained.primary("A", wire.decode(sent.data).code) != a
+    for _ in range(2):
+        [sent] = ing.from_client(udp(), 1.0)
+        assert sent.to == a and not wire.decode(sent.data).flags & wire.Flags.REROUTED
+    [flow] = [e for e in ing.flows if e.key[4] == 5000]
+    assert flow.packets == 3
+    assert [e.key[4] for e in ing.flows.expire(EDGE_TIMEOUT, EDGE_TIMEOUT)] == [6000]
