@@ -1276,3 +1276,20 @@ def test_the_ingress_keeps_a_flow_on_its_draining_instance_and_counts_its_packet
     [flow] = [e for e in ing.flows if e.key[4] == 5000]
     assert flow.packets == 3
     assert [e.key[4] for e in ing.flows.expire(EDGE_TIMEOUT, EDGE_TIMEOUT)] == [6000]
+
+
+def test_the_ingress_marks_only_the_first_packet_after_its_pin_died_rerouted():
+    """When the instance a client flow is pinned to dies, the ingress sends
+    the next packet to the new primary marked REROUTED, the ones after it
+    plain; the egress's flow is refreshed by each client packet."""
+    from dataplane.core.node import EDGE_TIMEOUT
+    mesh = Mesh()
+    mesh.client(udp(), now=0.0)
+    a = mesh.hops[0][1]
+    mesh.kill(a)
+    mesh.client(udp(), now=100.0)
+    mesh.client(udp(), now=100.0)
+    flags = [h.flags for src, _, h in mesh.hops if src == INGRESS]
+    assert flags == [0, wire.Flags.REROUTED, 0]
+    eg = mesh.nodes[EGRESS]
+    assert eg.flows.expire(100.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == [] and len(eg.flows) == 1
