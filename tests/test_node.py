@@ -1293,3 +1293,11 @@ def test_the_ingress_marks_only_the_first_packet_after_its_pin_died_rerouted():
     assert flags == [0, wire.Flags.REROUTED, 0]
     eg = mesh.nodes[EGRESS]
     assert eg.flows.expire(100.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == [] and len(eg.flows) == 1
+
+
+def test_a_one_packet_egress_flow_idles_out_edge_timeout_after_it():
+    from dataplane.core.node import EDGE_TIMEOUT
+    eg = EgressNode(EGRESS, lab_map())
+    eg.from_fabric(wire.pack(1, 0, 5, 1, 1) + udp(), "ba", 10.0)
+    assert eg.flows.expire(10.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == []
+    assert len(eg.flows.expire(10.0 + EDGE_TIMEOUT, EDGE_TIMEOUT)) == 1
