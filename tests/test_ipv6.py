@@ -210,3 +210,17 @@ def test_the_inspection_blocks_a_pattern_in_an_ipv6_stream():
     mesh.client(c2s(flags="PA", seq=1010, ack=5001, load=b"ET HTTP/1.1\r\n"))   # split over segments
     assert [r for _, r in mesh.dropped] == ["blocked"]
     assert len(mesh.delivered[EGRESS]) == 3
+
+
+def test_an_ipv6_reply_too_big_for_the_client_link_is_answered_to_the_server():
+    """The ingress side of Packet Too Big: a server's IPv6 reply too big for
+    the client's host link is dropped at the ingress and answered, through
+    the chain, to the server, which learns the client link's MTU."""
+    mesh = Mesh()
+    mesh.nodes[INGRESS].host_mtu = 1280
+    mesh.client(bytes(IPv6(src=CLIENT6, dst=SERVER6) / UDP(sport=5000, dport=53) / Raw(b"q")))
+    big = bytes(IPv6(src=SERVER6, dst=CLIENT6) / UDP(sport=53, dport=5000) / Raw(b"b" * 1300))
+    mesh.server(big)
+    assert [r for _, r in mesh.dropped] == ["too_big"] and mesh.delivered[INGRESS] == []
+    ptb = IPv6(mesh.delivered[EGRESS][-1])
+    assert (ptb.src, ptb.dst, ptb[ICMPv6PacketTooBig].mtu) == (CLIENT6, SERVER6, 1280)

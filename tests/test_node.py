@@ -587,3 +587,717 @@ def test_orphaned_buckets_are_those_of_the_bucket_by_bucket_rule():
                 seen["mirrored"] += bool(orphans - before[0]) and node.mirroring
             smap = new
     assert min(seen.values()) > 3 and len(seen) == 4, seen
+
+
+# -- maps of the same epoch, replies, ICMP errors on their flow's pins ------------------------
+
+
+def test_a_map_of_the_same_epoch_is_not_installed():
+    """Only a newer epoch installs: a map of the held epoch is refused and
+    counted, and the ingress keeps classifying with the map it holds."""
+    mesh = Mesh()
+    same = lab_map()
+    same.add_chain(Chain(2, 1, ["B"], [9000]))
+    same.epoch = mesh.map.epoch
+    for name in (INGRESS, EGRESS, "aa", "ba"):
+        node = mesh.nodes[name]
+        assert not node.update_map(same, 0.0)
+        assert node.map is mesh.map and node.counters["stale_map"] == 1
+        assert node.counters["map_updates"] == 0
+    assert mesh.nodes[INGRESS].classifier.map is mesh.map
+
+
+def _rejecting_b(reject: int) -> tuple[ServiceMap, ServiceNode, int]:
+    m = lab_map()
+    node = ServiceNode("ba", m, create("firewall", reject_ports=[reject]))
+    return m, node, codes_led_by(m, "ba")[0]
+
+
+def test_a_rejected_forward_packet_is_answered_back_upstream_as_a_reply():
+    """The firewall's RST for a rejected SYN goes back to the instance the
+    SYN came from, as a reply (REVERSE) one position on; each reject is
+    counted once as a drop and once as replied."""
+    m, node, code = _rejecting_b(8080)
+    syn = tcp(dport=8080, flags="S", seq=77)
+    data = wire.pack(1, 1, code, 1, m.epoch, ttl=9) + syn
+    for i in (1, 2):
+        out = node.from_fabric(data, "aa", 0.0)
+        assert [type(e) for e in out] == [Drop, Send] and out[0].reason == "policy_rejected"
+        assert out[1].to == "aa"
+        h = wire.decode(out[1].data)
+        assert (h.chain, h.index, h.code, h.client, h.epoch) == (1, 1, code, 1, m.epoch)
+        assert h.flags == wire.Flags.REVERSE and h.length == 20
+        assert node.drops["policy_rejected"] == i and node.counters["replied"] == i
+    assert node.counters["forwarded"] == 0 and len(node.flows) == 0
+
+
+def test_a_rejected_reply_direction_syn_is_answered_toward_the_egress():
+    """A SYN coming up the chain (REVERSE) to a rejected port is answered
+    the other way: toward the egress, not REVERSE, at the index the egress
+    takes (0 from the chain's last service)."""
+    m, node, code = _rejecting_b(40000)
+    syn = tcp("10.2.0.10", "10.1.0.10", 80, 40000, "S", seq=5)
+    data = wire.pack(1, 2, code, 1, m.epoch, wire.Flags.REVERSE) + syn
+    out = node.from_fabric(data, EGRESS, 0.0)
+    assert [type(e) for e in out] == [Drop, Send] and out[1].to == EGRESS
+    h = wire.decode(out[1].data)
+    assert (h.index, h.flags, h.code, h.epoch) == (0, 0, code, m.epoch)
+    egress = EgressNode(EGRESS, m)
+    [delivered] = egress.from_fabric(out[1].data, "ba", 0.0)
+    assert isinstance(delivered, Deliver)
+
+
+def test_a_rejected_packet_without_a_sender_is_only_dropped():
+    """With no upstream node to answer (src None) the reject is a drop."""
+    m, node, code = _rejecting_b(8080)
+    out = node.from_fabric(wire.pack(1, 1, code, 1, m.epoch) + tcp(dport=8080, flags="S"), None, 0.0)
+    assert out == [Drop("policy_rejected")]
+    assert node.drops["policy_rejected"] == 1 and node.counters["replied"] == 0
+
+
+class Judge:
+    """A service that forwards every packet of a flow it holds and records
+    what it is asked; an ICMP error gets `error_verdict` when one is set.
+    With `translate`, its flows' replies carry the tuple of `translated`."""
+
+    name = "judge"
+    max_timeout = 60.0
+
+    def __init__(self, error_verdict=None, translated=None) -> None:
+        self.error_verdict = error_verdict
+        self.calls: list[tuple[bool, bool, object, float]] = []
+        if translated is not None:
+            self.translated = lambda state: translated
+            self.attach = lambda index, count, taken: None
+
+    def process(self, pkt, forward, state, now):
+        from dataplane.core.services import FORWARD, Action, Verdict
+        self.calls.append((pkt.icmp_error is not None, forward, state, now))
+        if pkt.icmp_error is not None and self.error_verdict is not None:
+            return self.error_verdict, state
+        if pkt.icmp_error is not None:
+            return FORWARD, state
+        return (FORWARD, state) if state else (Verdict(Action.FORWARD, mirror=True), "held")
+
+    def encode_state(self, state):
+        return b""
+
+    def decode_state(self, data):
+        return "held"
+
+
+SERVER = "10.2.0.10"
+
+
+def _abc(**judge) -> tuple[ServiceMap, dict, int, dict[str, str]]:
+    """ingress -> A -> B -> C -> egress (two `Judge` instances each), a UDP
+    flow opened through it; returns its code and the instance of each service."""
+    m = ServiceMap(buckets=256)
+    m.add_service(INGRESS, [INGRESS])
+    for s in "ABC":
+        m.add_service(s, [s.lower() + "1", s.lower() + "2"])
+    m.add_service(EGRESS, [EGRESS])
+    m.add_tenant(Tenant(1, "t1", ["10.1.0.0/16"]))
+    m.add_chain(Chain(1, 1, ["A", "B", "C"]))
+    nodes = {INGRESS: IngressNode(INGRESS, m, HASHER), EGRESS: EgressNode(EGRESS, m)}
+    nodes.update({f"{s}{i}": ServiceNode(f"{s}{i}", m, Judge(**judge)) for s in "abc" for i in (1, 2)})
+    code = HASHER.code_of(1, "10.1.0.10", 5000, SERVER, 53, 17)
+    _run(nodes, INGRESS, nodes[INGRESS].from_client(udp(), 0.0), 0.0)
+    via = {s: m.primary(s, code) for s in "ABC"}
+    assert all(len(nodes[via[s]].flows) == 1 for s in "ABC")
+    return m, nodes, code, via
+
+
+def _unreachable(src=SERVER, dst="10.1.0.10") -> bytes:
+    """Port unreachable from the server side about the flow's query."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw
+    return bytes(IP(src=src, dst=dst) / ICMP(type=3, code=3) / Raw(udp()[:28]))
+
+
+def _frag_needed() -> bytes:
+    """Frag needed from the client side about the server's answer."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw
+    answer = udp(SERVER, "10.1.0.10", 53, 5000)
+    return bytes(IP(src="10.1.0.10", dst=SERVER) / ICMP(type=3, code=4, nexthopmtu=1400) / Raw(answer[:28]))
+
+
+def _error_at(node, code, epoch, index, reverse, err, src, now=1.0, ttl=9):
+    gso = wire.pack_gso(1, 1, 54, 1448, 34, 16)
+    flags = wire.Flags.REVERSE if reverse else 0
+    data = wire.pack(1, index, code, 1, epoch, flags, ttl=ttl, words=5 + len(gso) // 4) + gso + err
+    return node.from_fabric(data, src, now), data
+
+
+def test_icmp_errors_follow_their_flows_pins_at_every_position_with_a_fresh_header():
+    """An error about a held flow goes where the flow's next packet in its
+    direction would: the pinned instance of the next service, the ingress
+    from the first, the egress from the last; its header one index on, the
+    TTL one less, the node's epoch, options kept; counted per error."""
+    m, nodes, code, via = _abc()
+    a, b, c = (nodes[via[s]] for s in "ABC")
+    cases = [(b, 2, True, _unreachable(), via["C"], via["A"]),
+             (a, 1, True, _unreachable(), via["B"], INGRESS),
+             (b, 2, False, _frag_needed(), via["A"], via["C"]),
+             (c, 1, False, _frag_needed(), via["B"], EGRESS)]
+    for node, index, reverse, err, src, to in cases:
+        sent = node.counters["forwarded"]
+        for i in (1, 2):
+            out, data = _error_at(node, code, m.epoch + 1, index, reverse, err, src)
+            assert len(out) == 1 and out[0].to == to
+            h = wire.decode(out[0].data)
+            assert (h.chain, h.index, h.code, h.client, h.epoch) == (1, index - 1, code, 1, m.epoch)
+            assert (h.flags, h.ttl, h.length) == ((wire.Flags.REVERSE if reverse else 0), 8, 32)
+            assert out[0].data[20:] == data[20:]
+        assert node.counters["forwarded"] == sent + 2
+    assert b.counters["icmp_related"] == 4 and a.counters["icmp_related"] == 2
+    assert b.service.calls[-4:] == [(True, False, "held", 1.0)] * 2 + [(True, True, "held", 1.0)] * 2
+
+
+def test_icmp_errors_whose_pin_died_take_the_next_services_primary_rerouted():
+    """A dead pin is not followed: the error goes to the map's current
+    primary of the next service in its direction, marked REROUTED; with no
+    instance left (the ingress dead) it is dropped as `no_instance`."""
+    m, nodes, code, via = _abc()
+    dead = m.copy()
+    for s in "ABC":
+        dead.set_state(via[s], InstanceState.DEAD)
+    dead.set_state(INGRESS, InstanceState.DEAD)
+    a, b = nodes[via["A"]], nodes[via["B"]]
+    for node in (a, b):
+        node.update_map(dead, 0.5)
+    cases = [(a, 3, False, _frag_needed(), "A", "B"), (b, 2, True, _unreachable(), "B", "A"),
+             (b, 2, False, _frag_needed(), "B", "C")]
+    for node, index, reverse, err, _, service in cases:
+        out, _ = _error_at(node, code, dead.epoch, index, reverse, err, INGRESS)
+        assert [e.to for e in out] == [dead.primary(service, code)] != [via[service]]
+        h = wire.decode(out[0].data)
+        assert h.flags == (wire.Flags.REVERSE if reverse else 0) | wire.Flags.REROUTED
+    out, _ = _error_at(a, code, dead.epoch, 1, True, _unreachable(), via["B"])
+    assert out == [Drop("no_instance")] and a.drops["no_instance"] == 1
+
+
+def test_an_icmp_error_is_dropped_with_the_services_reason_or_as_unrelated():
+    """An error the service does not let pass is dropped with its reason;
+    one about no held flow is `icmp_unrelated` even when the service would
+    pass it."""
+    from dataplane.core.services import Action, Verdict
+    m, nodes, code, via = _abc(error_verdict=Verdict(Action.DROP, "blocked"))
+    b = nodes[via["B"]]
+    out, _ = _error_at(b, code, m.epoch, 2, True, _unreachable(), via["C"])
+    assert out == [Drop("blocked")] and b.drops["blocked"] == 1
+    other = ServiceNode(via["B"], m, Judge())                              # holds no flow
+    out, _ = _error_at(other, code, m.epoch, 2, True, _unreachable(), via["C"])
+    assert out == [Drop("icmp_unrelated")] and other.drops["icmp_unrelated"] == 1
+
+
+def test_a_reply_direction_icmp_error_finds_a_translated_flow_by_its_public_tuple():
+    """Behind a translating service the server quotes the flow's public
+    tuple: the error is matched through the index of translated tuples; an
+    error quoting the flow's own tuple (not in the index) still finds it."""
+    from dataplane.core.node import flow_key
+    from dataplane.core.packet import parse
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw
+    public = udp("198.51.100.7", SERVER, 20001, 53)
+    tup = flow_key(0, 0, parse(public))[0][2:]
+    m, nodes, code, via = _abc(translated=tup)
+    b = nodes[via["B"]]
+    err = bytes(IP(src=SERVER, dst="198.51.100.7") / ICMP(type=3, code=3) / Raw(public[:28]))
+    out, _ = _error_at(b, code, m.epoch, 2, True, err, via["C"])
+    assert [e.to for e in out] == [via["A"]]
+    out, _ = _error_at(b, code, m.epoch, 2, True, _unreachable(), via["C"])
+    assert [e.to for e in out] == [via["A"]]
+    assert b.counters["icmp_related"] == 2
+
+
+def test_a_newer_map_is_installed_and_said_so():
+    """`update_map` answers whether it installed the map, on every node."""
+    mesh = Mesh()
+    newer = mesh.map.copy()
+    newer.set_state("bc", InstanceState.DRAINING)
+    for name in (INGRESS, EGRESS, "aa", "ba"):
+        assert mesh.nodes[name].update_map(newer, 0.0)
+        assert mesh.nodes[name].map is newer and mesh.nodes[name].counters["map_updates"] == 1
+    assert mesh.nodes[INGRESS].classifier.map is newer
+
+
+def test_a_packet_without_state_outside_an_orphaned_bucket_counts_once_as_state_missing():
+    """A single failure: each mid-stream packet that finds no state is
+    counted once as `state_missing`, and no flow as lost."""
+    m = pair_map()
+    node = ServiceNode("ba", m, create("firewall"))
+    code = codes_led_by(m, "ba")[0]
+    ack = wire.pack(1, 1, code, 1, m.epoch) + tcp(flags="A", seq=2, ack=1)
+    node.from_fabric(ack, INGRESS, 0.0)
+    assert node.counters["state_missing"] == 1
+    node.from_fabric(ack, INGRESS, 0.0)
+    assert node.counters["state_missing"] == 2 and node.counters["flows_lost"] == 0
+
+
+def _lost_ports(m, nodes, dying=("s1", "s2")) -> list[int]:
+    """Client ports of the flows whose primary and secondary both die."""
+    return sorted(e.key[4] for name in dying for e in nodes[name].flows
+                  if not e.replica and m.secondary("S", e.key[1], exclude=name) in dying)
+
+
+def _ack(nodes, port, now):
+    _run(nodes, INGRESS, nodes[INGRESS].from_client(tcp(sport=port, flags="A", seq=2, ack=1), now), now)
+
+
+def test_lost_flows_are_remembered_up_to_a_bound_oldest_forgotten_first(monkeypatch):
+    """Past LOST_MEMORY lost flows the oldest is forgotten first: a packet
+    of a remembered flow is not counted again, one of a forgotten flow is."""
+    import dataplane.core.node as node_module
+    monkeypatch.setattr(node_module, "LOST_MEMORY", 2)
+    m, nodes = _group("firewall")
+    _open(nodes)
+    f1, f2, f3 = _lost_ports(m, nodes)[:3]
+    _publish(nodes, m, ("s1", "s2"), 1.5, ("s3",))
+    s3 = nodes["s3"]
+    for port, lost in ((f1, 1), (f2, 2), (f3, 3), (f2, 3), (f1, 4)):
+        _ack(nodes, port, 2.0)
+        assert s3.counters["flows_lost"] == lost, port
+
+
+def test_packets_ahead_of_the_map_are_held_up_to_a_bound_oldest_forgotten_first(monkeypatch):
+    """Flows whose packets came ahead of their map are remembered up to
+    LOST_MEMORY, the oldest forgotten first: when the map comes, only the
+    remembered ones are counted lost."""
+    import dataplane.core.node as node_module
+    monkeypatch.setattr(node_module, "LOST_MEMORY", 2)
+    m, nodes = _group("firewall")
+    _open(nodes)
+    f1, f2, f3 = _lost_ports(m, nodes)[:3]
+    dead = _publish(nodes, m, ("s1", "s2"), 1.5, ())
+    for port in (f1, f2, f3):
+        _ack(nodes, port, 1.6)
+    nodes["s3"].update_map(dead, 1.7)
+    assert nodes["s3"].counters["flows_lost"] == 2
+    for port in (f2, f3):                      # remembered: counted already
+        _ack(nodes, port, 2.0)
+    assert nodes["s3"].counters["flows_lost"] == 2
+    _ack(nodes, f1, 2.0)                       # forgotten while held: counted now
+    assert nodes["s3"].counters["flows_lost"] == 3
+
+
+def test_a_replica_expires_without_mirroring_a_delete():
+    """Only the flows an instance leads mirror their delete on expiry; a
+    replica that idles out goes silently."""
+    prim, sec, upsert, _ = _udp_flow()
+    assert sec.apply_update(upsert, 0.0)
+    assert sec.expire(1000.0) == [] and len(sec.flows) == 0
+
+
+def test_an_expired_flows_delete_goes_to_the_buckets_other_instance():
+    """The delete of a flow a primary expires goes to the secondary of the
+    flow's code; on an instance no longer primary of a flow it led, to the
+    bucket's other instance, never to itself."""
+    mesh = Mesh()
+    for sport in range(40000, 40040):
+        mesh.client(tcp(sport=sport, flags="S", seq=1))
+    prim = mesh.nodes["ba"]
+    want = {e.key: mesh.map.secondary("B", e.key[1], exclude="ba") for e in prim.flows if not e.replica}
+    assert len(set(want.values())) == 2
+    got = {ev.update.key: ev.to for ev in prim.expire(10_000.0)}
+    assert got == want
+    m, node, code = _rejecting_b(1)
+    node.from_fabric(wire.pack(1, 1, code, 1, m.epoch) + udp(), "aa", 0.0)
+    later = m.copy()
+    later.set_state("ba", InstanceState.DRAINING)
+    node.update_map(later, 1.0)
+    assert later.primary("B", code) != "ba"
+    [delete] = node.expire(10_000.0)
+    assert delete.to == later.secondary("B", code, exclude="ba") != "ba"
+
+
+def test_the_gso_option_says_whether_the_transport_checksum_was_left_to_the_receiver():
+    """Only a well-formed GSO option with NEEDS_CSUM leaves the checksum
+    unverified; no option, another option, or a malformed one says nothing."""
+    from dataplane.core.node import NEEDS_CSUM, _checksum_left
+    assert _checksum_left(wire.pack_gso(NEEDS_CSUM, 1, 54, 1448, 34, 16))
+    assert not _checksum_left(wire.pack_gso(0, 1, 54, 1448, 34, 16))
+    assert not _checksum_left(b"\x00\x00\x00\x00")           # padding: no GSO option
+    assert not _checksum_left(bytes([1, 40]) + bytes(10))     # runs past the header
+
+
+def test_fragments_are_counted_held_then_reassembled_and_an_unparsable_whole_is_dropped():
+    """Each held fragment is counted, each completed datagram once; a
+    datagram the fragments complete is parsed, and one the parser refuses
+    is a counted drop at the edge."""
+    from scapy.layers.inet import IP, fragment
+    from scapy.packet import Raw
+    ing = Mesh().nodes[INGRESS]
+    cut = IP(src="10.1.0.10", dst="10.2.0.10", proto=6) / Raw(bytes(64))   # TCP header, data offset 0
+    pieces = [bytes(f) for f in fragment(cut, fragsize=24)]
+    assert len(pieces) == 3
+    for i, p in enumerate(pieces[:-1], 1):
+        assert ing.from_client(p, 0.0) == [] and ing.counters["frag_held"] == i
+    out = ing.from_client(pieces[-1], 0.0)
+    assert out == [Drop(out[0].reason)] and ing.drops[out[0].reason] == 1
+    assert ing.counters["reassembled"] == 1 and ing.counters["frag_held"] == 2
+    ok = [bytes(f) for f in fragment(IP(bytes(udp(payload=b"u" * 1400))), fragsize=800)]
+    ing.from_client(ok[0], 0.0)
+    assert [type(e) for e in ing.from_client(ok[1], 0.0)] == [Send]
+    assert ing.counters["reassembled"] == 2 and ing.counters["frag_held"] == 3
+
+
+def test_a_flow_deleted_again_moves_to_the_young_end_of_the_tombstones():
+    """Tombstones are kept oldest delete first: a flow deleted again (a
+    newer version) counts from its last delete, so an older tombstone of
+    another flow is forgotten before it, on time and past the capacity."""
+    from dataclasses import replace
+    prim, sec, up1, _ = _udp_flow(sport=5001)
+    _, _, up2, _ = _udp_flow(sport=5002)
+    top = sec.service.max_timeout
+    sec.apply_update(replace(up1, version=2, deleted=True, state=b""), 0.0)
+    sec.apply_update(replace(up2, version=2, deleted=True, state=b""), 10.0)
+    sec.apply_update(replace(up1, version=4, deleted=True, state=b""), 20.0)
+    sec.expire(15.0 + top)                       # past the second delete, not the third
+    assert sec.apply_update(replace(up2, version=1), 15.0 + top)      # forgotten
+    assert not sec.apply_update(replace(up1, version=3), 15.0 + top)  # still buried
+
+
+def test_tombstones_past_the_capacity_are_each_counted():
+    flows = [_udp_flow(capacity=2, sport=5000 + i) for i in range(4)]
+    _, sec, _, _ = flows[0]
+    for prim, _, _, _ in flows:
+        [delete] = prim.expire(1000.0)
+        sec.apply_update(delete.update, 1000.0)
+    assert sec.counters["tombstones_dropped"] == 2
+
+
+def test_an_evicted_flows_tombstone_lasts_the_longest_timeout():
+    """The tombstone an eviction leaves is dated at the eviction: expiry
+    forgets it after the service's longest timeout like any other."""
+    prim, sec, upsert, packet = _udp_flow(capacity=2)
+    code = codes_led_by(prim.map, "ba")[0]
+    for sport in (5998, 5999):
+        prim.from_fabric(wire.pack(1, 1, code, 1, prim.map.epoch) + udp(sport=sport), INGRESS, 0.1)
+    assert upsert.key in prim._tombstones
+    prim._forget_tombstones(0.1 + prim.service.max_timeout - 1)
+    assert upsert.key in prim._tombstones
+    prim._forget_tombstones(0.1 + prim.service.max_timeout)
+    assert upsert.key not in prim._tombstones
+
+
+def _nat(ports=(20000, 20001)):
+    m = pair_map()
+    return m, ServiceNode("ba", m, create("nat", pool=["198.51.100.7"], ports=list(ports)))
+
+
+def test_a_nat_tuple_of_an_expired_flow_is_free_again():
+    """A public port held by a flow is not given to another (`nat_exhausted`
+    when it is the last); once that flow expired the port is free."""
+    m, node = _nat()                    # one port for each of the two instances
+    code = codes_led_by(m, "ba")[0]
+    first, second = (wire.pack(1, 1, code, 1, m.epoch) + udp(sport=p) for p in (5001, 5002))
+    assert isinstance(node.from_fabric(first, INGRESS, 0.0)[-1], Send)
+    assert node.from_fabric(second, INGRESS, 1.0)[-1] == Drop("nat_exhausted")
+    node.expire(500.0)
+    assert len(node.flows) == 0
+    assert isinstance(node.from_fabric(second, INGRESS, 501.0)[-1], Send)
+
+
+def test_the_index_of_translated_tuples_is_compacted_past_twice_the_flows_plus_1024():
+    """Expired flows leave their translated tuples in the index; a new flow
+    compacts it when it holds more than 2 x flows + 1024 tuples, keeping
+    the tuples of the flows held (one opened later than the expired ones)."""
+    for stale, sizes in ((1027, [1029, 1030]), (1028, [2, 3])):
+        m, node = _nat((20000, 29999))
+        code = codes_led_by(m, "ba")[0]
+        head, query = wire.pack(1, 1, code, 1, m.epoch), udp()
+        for p in range(stale):        # the query from another client port (the NAT reads no checksum)
+            node.from_fabric(head + query[:20] + (1000 + p).to_bytes(2, "big") + query[22:], INGRESS, 0.0)
+        node.from_fabric(head + udp(sport=60000), INGRESS, 400.0)
+        node.expire(500.0)
+        assert len(node.flows) == 1 and len(node._by_translated) == stale + 1
+        got = []
+        for p in (60001, 60002):
+            node.from_fabric(head + udp(sport=p), INGRESS, 501.0)
+            got.append(len(node._by_translated))
+        assert got == sizes, stale
+        for e in node.flows:
+            assert node._by_translated[node.service.translated(e.state)] == e.key
+
+
+def test_the_edges_take_only_packets_at_the_end_of_the_chain_in_their_direction():
+    """The ingress delivers only replies (REVERSE) at index 0, the egress
+    only forward packets at index 0; anything else is `bad_index`."""
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    rev = wire.Flags.REVERSE
+    for node, flags, index in ((ing, 0, 0), (ing, rev, 1), (eg, rev, 0), (eg, 0, 1)):
+        assert node.from_fabric(wire.pack(1, index, 5, 1, 1, flags) + udp(), "ba", 0.0) == [Drop("bad_index")]
+    assert ing.drops["bad_index"] == 2 and eg.drops["bad_index"] == 2
+    assert [type(e) for e in ing.from_fabric(wire.pack(1, 0, 5, 1, 1, rev) + udp(), "aa", 0.0)] == [Deliver]
+    assert [type(e) for e in eg.from_fabric(wire.pack(1, 0, 5, 1, 1) + udp(), "ba", 0.0)] == [Deliver]
+
+
+def test_packets_handed_in_without_options_get_a_bare_header():
+    """`options` defaults to none: both edges then send a 20-byte header
+    with the packet right behind it."""
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    [sent] = ing.from_client(udp(), 0.0)
+    assert wire.decode(sent.data).length == 20 and sent.data[20:] == udp()
+    eg.from_fabric(wire.pack(1, 0, 5, 1, 1) + udp(), "ba", 0.0)
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    [sent] = eg.from_server(answer, 0.0)
+    assert wire.decode(sent.data).length == 20 and sent.data[20:] == answer
+
+
+def test_a_service_node_refuses_a_name_outside_the_map_or_a_zero_embryonic_cap():
+    m = pair_map()
+    with pytest.raises(ValueError, match="^instance 'zz' is not in the service map$"):
+        ServiceNode("zz", m, create("firewall"))
+    with pytest.raises(ValueError, match="^embryonic_per_tenant must be at least 1$"):
+        ServiceNode("ba", m, create("firewall"), embryonic_per_tenant=0)
+    assert ServiceNode("ba", m, create("firewall"), embryonic_per_tenant=1).embryonic_per_tenant == 1
+
+
+def test_the_exact_match_cache_is_on_by_default_and_never_for_a_rewriting_service():
+    """By default a flow's next packet takes the exact-match cache; a
+    service that rewrites packets never does, even one offering `fast`,
+    so every packet of it is rewritten."""
+    m = pair_map()
+    code = codes_led_by(m, "ba")[0]
+    data = wire.pack(1, 1, code, 1, m.epoch) + udp()
+    plain = ServiceNode("ba", m, create("passthrough"))
+    for _ in range(2):
+        plain.from_fabric(data, INGRESS, 0.0)
+    assert plain.counters["fast_path"] == 1
+
+    class Stamp(type(create("passthrough"))):
+        def rewrite(self, state, forward, packet):
+            return packet + b"!"
+
+    stamping = ServiceNode("ba", m, Stamp())
+    for _ in range(3):
+        [sent] = [e for e in stamping.from_fabric(data, INGRESS, 0.0) if isinstance(e, Send)]
+        assert sent.data.endswith(b"!")
+    assert stamping.counters["fast_path"] == 0
+
+
+def test_a_flow_of_its_own_that_comes_back_rerouted_is_handed_to_the_services_moved_hook():
+    """A packet marked REROUTED for a flow this instance already leads (it
+    came back after a failover elsewhere) goes through the service's
+    `moved` hook, counted as `came_back`."""
+    m = pair_map()
+    node = ServiceNode("ba", m, create("firewall"))
+    code = codes_led_by(m, "ba")[0]
+    head = wire.pack(1, 1, code, 1, m.epoch)
+    node.from_fabric(head + udp(), INGRESS, 0.0)
+    node.from_fabric(head + udp(), INGRESS, 0.1)
+    assert node.counters["came_back"] == 0
+    node.from_fabric(wire.pack(1, 1, code, 1, m.epoch, wire.Flags.REROUTED) + udp(), INGRESS, 0.2)
+    assert node.counters["came_back"] == 1
+
+
+def test_a_replys_header_options_reach_the_client_side_whole():
+    """A GSO option the egress puts on a reply comes out of the ingress
+    with the packet, byte for byte."""
+    mesh = Mesh()
+    gso = wire.pack_gso(1, 1, 54, 1448, 34, 16)
+    mesh.client(tcp(flags="S", seq=1))
+    mesh.server(tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2), options=gso)
+    assert mesh.options == [b"", gso]
+    assert mesh.delivered[INGRESS] == [tcp("10.2.0.10", "10.1.0.10", 80, 40000, "SA", seq=9, ack=2)]
+
+
+def test_the_edges_count_each_packet_they_encapsulate_and_each_related_error():
+    """Every packet an edge sends into the chain is counted `encapsulated`,
+    every ICMP error it passes for a flow `icmp_related`, one each."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    for _ in range(2):
+        mesh.client(udp())
+        mesh.server(answer)
+    unreachable = bytes(IP(src="10.2.0.10", dst="10.1.0.10") / ICMP(type=3, code=3) / Raw(udp()[:28]))
+    frag_needed = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ICMP(type=3, code=4) / Raw(answer[:28]))
+    for _ in range(2):
+        mesh.server(unreachable)
+        mesh.client(frag_needed)
+    assert (ing.counters["encapsulated"], eg.counters["encapsulated"]) == (4, 4)
+    assert (ing.counters["icmp_related"], eg.counters["icmp_related"]) == (2, 2)
+    assert mesh.delivered[INGRESS][-1] == unreachable and mesh.delivered[EGRESS][-1] == frag_needed
+
+
+def test_an_edge_flow_idles_out_counted_from_its_hosts_last_packet():
+    """The ingress's flow is kept alive by its client's packets, the
+    egress's by its server's: each expires EDGE_TIMEOUT after the last."""
+    from dataplane.core.node import EDGE_TIMEOUT
+    mesh = Mesh()
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    mesh.client(udp(), now=0.0)
+    mesh.client(udp(), now=100.0)
+    mesh.server(udp("10.2.0.10", "10.1.0.10", 53, 5000), now=300.0)
+    assert [e.packets for e in eg.flows] == [2]              # the client's two, counted on one entry
+    assert ing.flows.expire(100.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == [] and len(ing.flows) == 1
+    assert len(ing.flows.expire(100.0 + EDGE_TIMEOUT, EDGE_TIMEOUT)) == 1
+    assert eg.flows.expire(300.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == [] and len(eg.flows) == 1
+    assert len(eg.flows.expire(300.0 + EDGE_TIMEOUT, EDGE_TIMEOUT)) == 1
+
+
+def test_a_flow_its_server_answered_is_not_pushed_out_of_the_egress_by_new_ones():
+    """The server's answer makes the egress's flow established, so a flood
+    of new flows evicts the unanswered ones first."""
+    eg = EgressNode(EGRESS, lab_map(), capacity=2)
+    head = wire.pack(1, 0, 5, 1, 1)
+    eg.from_fabric(head + udp(sport=5000), "ba", 0.0)
+    eg.from_server(udp("10.2.0.10", "10.1.0.10", 53, 5000), 0.1)
+    for sport in range(5001, 5005):
+        eg.from_fabric(head + udp(sport=sport), "ba", 0.2)
+    assert sorted(e.key[4] for e in eg.flows) == [5000, 5004]
+    assert [type(e) for e in eg.from_server(udp("10.2.0.10", "10.1.0.10", 53, 5000), 0.3)] == [Send]
+
+
+def test_an_edge_delivers_up_to_the_host_mtu_whole_and_refragments_only_bigger_ipv4():
+    """At the host MTU exactly a packet (IPv4 or IPv6) is delivered whole;
+    a bigger IPv4 datagram is re-fragmented (counted once per datagram); a
+    super-frame with its GSO option is the host kernel's business, whole.
+    Each is counted delivered once."""
+    from scapy.layers.inet import IP
+    from scapy.layers.inet import UDP as ScapyUDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.packet import Raw
+    eg = EgressNode(EGRESS, lab_map())
+    head = wire.pack(1, 0, 5, 1, 1)
+    v4 = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ScapyUDP(sport=1, dport=2) / Raw(bytes(1472)))
+    v6 = bytes(IPv6(src="fd00:1::10", dst="fd00:2::10") / ScapyUDP(sport=1, dport=2) / Raw(bytes(1452)))
+    assert len(v4) == len(v6) == 1500
+    for whole, proto in ((v4, wire.NextProto.IPV4), (v6, wire.NextProto.IPV6)):
+        out = eg.from_fabric(wire.pack(1, 0, 5, 1, 1, next_proto=proto) + whole, "ba", 0.0)
+        assert out == [Deliver(whole, b"")]
+    big = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ScapyUDP(sport=1, dport=2) / Raw(bytes(1972)))
+    out = eg.from_fabric(head + big, "ba", 0.0)
+    assert len(out) == 2 and all(isinstance(e, Deliver) and len(e.data) <= 1500 for e in out)
+    gso = wire.pack_gso(1, 1, 28, 1472, 28, 6)
+    out = eg.from_fabric(wire.pack(1, 0, 5, 1, 1, words=8) + gso + big, "ba", 0.0)
+    assert out == [Deliver(big, gso)]
+    assert eg.counters["delivered"] == 4 and eg.counters["refragmented"] == 1
+
+
+def test_a_flow_whose_chain_left_the_map_is_dropped_at_both_edges_as_unknown_chain():
+    """An edge's flow names its chain; once a newer map no longer has that
+    chain, its packets from either host are dropped as `unknown_chain`."""
+    mesh = Mesh()
+    mesh.client(udp())
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    mesh.server(answer)
+    gone = mesh.map.copy()
+    del gone.chains[1]
+    gone.epoch += 1
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    for node in (ing, eg):
+        node.update_map(gone, 1.0)
+    assert ing.from_client(udp(), 1.0) == [Drop("unknown_chain")]
+    assert eg.from_server(answer, 1.0) == [Drop("unknown_chain")]
+    assert ing.drops["unknown_chain"] == 1 and eg.drops["unknown_chain"] == 1
+
+
+def test_an_edge_with_no_live_instance_of_its_neighbouring_service_drops_no_instance():
+    """With every instance of the chain's first (last) service dead, the
+    ingress (egress) has nowhere to send its host's packet: `no_instance`."""
+    mesh = Mesh()
+    mesh.client(udp())
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    mesh.server(answer)
+    dead = mesh.map.copy()
+    for name in ("aa", "ab", "ba", "bb", "bc"):
+        dead.set_state(name, InstanceState.DEAD)
+    ing, eg = mesh.nodes[INGRESS], mesh.nodes[EGRESS]
+    for node in (ing, eg):
+        node.update_map(dead, 1.0)
+    assert ing.from_client(udp(), 1.0) == [Drop("no_instance")]
+    assert eg.from_server(answer, 1.0) == [Drop("no_instance")]
+    assert ing.drops["no_instance"] == 1 and eg.drops["no_instance"] == 1
+
+
+def test_a_client_error_about_its_own_flow_passes_the_tenant_check_on_any_chain():
+    """The ingress compares the error sender's tenant with the flow's
+    tenant (not its chain): a client's error about its own flow on a
+    chain whose id is not the tenant's passes."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw
+    mesh = Mesh()
+    m = mesh.map
+    m.add_chain(Chain(7, 1, ["B"], [9000]))
+    query = udp(dport=9000)
+    mesh.client(query)
+    assert mesh.hops[0][2].chain == 7
+    answer = udp("10.2.0.10", "10.1.0.10", 9000, 5000)
+    mesh.server(answer)
+    err = bytes(IP(src="10.1.0.10", dst="10.2.0.10") / ICMP(type=3, code=4) / Raw(answer[:28]))
+    mesh.client(err)
+    assert mesh.delivered[EGRESS][-1] == err and mesh.nodes[INGRESS].counters["icmp_related"] == 1
+
+
+def test_the_egress_keeps_sending_a_flows_replies_to_its_draining_instance():
+    """The egress's pin is the instance the flow came from; an instance
+    being drained is alive and no longer primary, and every reply of its
+    flows, one after another, still goes to it."""
+    mesh = Mesh()
+    mesh.client(udp())
+    b = mesh.hops[1][1]
+    drained = mesh.map.copy()
+    drained.set_state(b, InstanceState.DRAINING)
+    eg = mesh.nodes[EGRESS]
+    eg.update_map(drained, 1.0)
+    code = mesh.hops[0][2].code
+    assert drained.is_alive(b) and drained.primary("B", code) != b
+    answer = udp("10.2.0.10", "10.1.0.10", 53, 5000)
+    for _ in range(3):
+        [sent] = eg.from_server(answer, 1.0)
+        assert sent.to == b and wire.decode(sent.data).flags == wire.Flags.REVERSE
+
+
+def test_the_ingress_keeps_a_flow_on_its_draining_instance_and_counts_its_packets():
+    """The ingress's pin holds while its instance drains (alive, no longer
+    primary); the flow counts each client packet; a flow of one packet
+    idles out EDGE_TIMEOUT after it."""
+    from dataplane.core.node import EDGE_TIMEOUT
+    mesh = Mesh()
+    ing = mesh.nodes[INGRESS]
+    ing.from_client(udp(sport=6000), 0.0)
+    [sent] = ing.from_client(udp(), 0.0)
+    a = sent.to
+    drained = mesh.map.copy()
+    drained.set_state(a, InstanceState.DRAINING)
+    ing.update_map(drained, 1.0)
+    assert drained.primary("A", wire.decode(sent.data).code) != a
+    for _ in range(2):
+        [sent] = ing.from_client(udp(), 1.0)
+        assert sent.to == a and wire.decode(sent.data).flags == 0
+    [flow] = [e for e in ing.flows if e.key[4] == 5000]
+    assert flow.packets == 3
+    assert [e.key[4] for e in ing.flows.expire(EDGE_TIMEOUT, EDGE_TIMEOUT)] == [6000]
+
+
+def test_the_ingress_marks_only_the_first_packet_after_its_pin_died_rerouted():
+    """When the instance a client flow is pinned to dies, the ingress sends
+    the next packet to the new primary marked REROUTED, the ones after it
+    plain; the egress's flow is refreshed by each client packet."""
+    from dataplane.core.node import EDGE_TIMEOUT
+    mesh = Mesh()
+    mesh.client(udp(), now=0.0)
+    a = mesh.hops[0][1]
+    mesh.kill(a)
+    mesh.client(udp(), now=100.0)
+    mesh.client(udp(), now=100.0)
+    flags = [h.flags for src, _, h in mesh.hops if src == INGRESS]
+    assert flags == [0, wire.Flags.REROUTED, 0]
+    eg = mesh.nodes[EGRESS]
+    assert eg.flows.expire(100.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == [] and len(eg.flows) == 1
+
+
+def test_a_one_packet_egress_flow_idles_out_edge_timeout_after_it():
+    from dataplane.core.node import EDGE_TIMEOUT
+    eg = EgressNode(EGRESS, lab_map())
+    eg.from_fabric(wire.pack(1, 0, 5, 1, 1) + udp(), "ba", 10.0)
+    assert eg.flows.expire(10.0 + EDGE_TIMEOUT - 1, EDGE_TIMEOUT) == []
+    assert len(eg.flows.expire(10.0 + EDGE_TIMEOUT, EDGE_TIMEOUT)) == 1
