@@ -589,6 +589,21 @@ def test_orphaned_buckets_are_those_of_the_bucket_by_bucket_rule():
     assert min(seen.values()) > 3 and len(seen) == 4, seen
 
 
+def test_a_map_with_another_bucket_count_is_refused_loudly():
+    """A bucket names the same flows only within one bucket count: a map
+    with another count cannot be compared bucket by bucket with the one
+    held, so judging its orphans raises instead of reading one table's
+    buckets against the other's."""
+    old = lab_map()
+    node = ServiceNode("ba", old, create("firewall"))
+    other = ServiceMap(buckets=old.buckets // 2)
+    for svc, insts in old.services.items():
+        other.add_service(svc, list(insts))
+    other.set_state("bb", InstanceState.DEAD)
+    with pytest.raises(ValueError, match=f"bucket count changed from {old.buckets} to {old.buckets // 2}"):
+        node._orphaned(old, other, 1.0)
+
+
 # -- maps of the same epoch, replies, ICMP errors on their flow's pins ------------------------
 
 

@@ -541,10 +541,8 @@ class ServiceNode(Node):
             taken &= t0.where(1, dead | {None}) | (seconded0 & young)
         orphans = set(listed(taken, n))
         # a bucket stays orphaned while this instance leads it
-        p0, p1 = t0.ranks[0], t1.ranks[0]
-        i0 = t0.names.index(me) if me in t0.names else None
-        i1 = t1.names.index(me) if me in t1.names else None
-        orphans.update(b for b in self._orphans if p0[b] == i0 and p1[b] == i1)
+        still = (led0 & led1).to_bytes(n, "little")
+        orphans.update(b for b in self._orphans if still[b])
         # made secondary here, holding no role there before
         fresh = t1.where(1, mine) & ~led1 & ~led0 & ~seconded0
         since.append((now, fresh))
