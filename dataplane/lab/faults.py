@@ -97,31 +97,27 @@ def kill_host(topo: Topology, state: LabState, machine: str) -> float:
     return t
 
 
-def _uplink(topo: Topology, machine: str, up: bool) -> None:
+def _host_links(topo: Topology, machine: str, up: bool) -> None:
+    """A machine's links to the others: its underlay uplink with `[fabric]
+    underlay`, else every fabric link of its nodes."""
+    nodes = machine_nodes(topo, machine)
+    if topo.underlay is None:
+        for n in nodes:
+            _fabric_link(topo, n, up)
+        return
     with IPRoute(netns=topo.netns(machine), flags=0) as ip:
         ip.link("set", index=ip.link_lookup(ifname="u0")[0], state="up" if up else "down")
 
 
 def partition_host(topo: Topology, machine: str) -> float:
-    """Cut a machine off (its processes keep running): its underlay uplink
-    with `[fabric] underlay`, else every fabric link of its nodes."""
-    nodes = machine_nodes(topo, machine)
+    """Cut a machine off (its processes keep running)."""
     t = time.time()
-    if topo.underlay is not None:
-        _uplink(topo, machine, up=False)
-    else:
-        for n in nodes:
-            _fabric_link(topo, n, up=False)
+    _host_links(topo, machine, up=False)
     return t
 
 
 def heal_host(topo: Topology, machine: str) -> None:
-    nodes = machine_nodes(topo, machine)
-    if topo.underlay is not None:
-        _uplink(topo, machine, up=True)
-    else:
-        for n in nodes:
-            _fabric_link(topo, n, up=True)
+    _host_links(topo, machine, up=True)
 
 
 def impair(topo: Topology, node: str, loss: float = 0.0, delay_ms: float = 0.0,

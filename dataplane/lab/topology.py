@@ -28,6 +28,9 @@ POLICIES = ("off", "async", "ordered", "acked")
 STORES = ("embedded", "etcd")
 ENDPOINT = re.compile(r"^http://(?P<ip>[0-9.]+):(?P<port>[0-9]{1,5})$")
 FIRST_INSTANCE_HOST = 10
+FIRST_PEER_HOST = 5
+MAX_PEERS = FIRST_INSTANCE_HOST - FIRST_PEER_HOST
+"""Peer controllers take the fabric addresses between the edges' and the instances'."""
 
 
 class TopologyError(ValueError):
@@ -197,10 +200,11 @@ class Topology:
 
     def fabric_ip(self, node: str) -> str:
         """The controller .2, the edges .3 and .4, the peer controllers from
-        .5 (at most FIRST_INSTANCE_HOST - 5 of them), instances from .10."""
+        .5 (at most MAX_PEERS of them), instances from .10."""
         k = self.forwarders().index(node)
-        edges = 3 + len(self.peers)
-        host = 2 + k if k < 3 else 5 + k - 3 if k < edges else FIRST_INSTANCE_HOST + k - edges
+        peers_end = 3 + len(self.peers)
+        host = 2 + k if k < 3 else FIRST_PEER_HOST + k - 3 if k < peers_end else \
+            FIRST_INSTANCE_HOST + k - peers_end
         return str(self.subnet.network_address + host)
 
     def extra_nodes(self) -> list[ExtraNode]:
@@ -537,8 +541,8 @@ class _Validator:
     def peers(self, t: dict[str, Any]) -> list[str]:
         """`[controller] peers`: the other controllers' names (fabric .5 up)."""
         names = self.get(t, "peers", "controller", list, [])
-        if len(names) > FIRST_INSTANCE_HOST - 5:
-            raise self.fail("controller.peers", f"at most {FIRST_INSTANCE_HOST - 5} peers "
+        if len(names) > MAX_PEERS:
+            raise self.fail("controller.peers", f"at most {MAX_PEERS} peers "
                             "(fabric addresses .5-.9)")
         return [self.name(n, f"controller.peers[{i}]", "controller") for i, n in enumerate(names)]
 

@@ -71,7 +71,7 @@ from dataplane.core.control import (ControlClient, Controller, ControlSend, MapP
 from dataplane.core.events import Deliver, Persist, Propose, Send, TookOver
 from dataplane.core.header import UDP_PORT
 from dataplane.lab import keyrot
-from dataplane.lab.topology import FIRST_INSTANCE_HOST, Topology, load
+from dataplane.lab.topology import MAX_PEERS, Topology, load
 from dataplane.core.liveness import Declared, FailureDetector
 from dataplane.shells.mapkeep import Conflict, Following, KeepError, keeper
 from dataplane.shells.metrics import MetricsServer, registry_for
@@ -174,7 +174,7 @@ class Pulse:
     `Topology.controllers`; and the control key it signs with, which a
     rotation changes after the fork (`set_key`)."""
 
-    CONTROLLERS = 1 + FIRST_INSTANCE_HOST - 5
+    CONTROLLERS = 1 + MAX_PEERS
     """The most controllers a topology has (`[controller] peers`)."""
     _LAYOUT = struct.Struct(f"=dQ??{CONTROLLERS}Q")
     _KEY = struct.Struct("=IBB64s")
