@@ -128,19 +128,26 @@ def follow_until(store, want, stop, got, known=0):
     return asyncio.ensure_future(store.follow(install, stop, known))
 
 
+async def following(etcd, prefix: str, last: bytes):
+    """A writer that stored v1 and a follower that has installed it, which
+    follows until it installs `last`: (writer, v1's write, follower, its
+    task, what it installed)."""
+    w = EtcdMapStore([etcd.url], prefix)
+    r1 = await w.write(b"v1", 0)
+    got: list[Stored] = []
+    reader = EtcdMapStore([etcd.url], prefix)
+    task = follow_until(reader, lambda s: s.value == last, asyncio.Event(), got)
+    while not got:
+        await asyncio.sleep(0.02)
+    return w, r1, reader, task, got
+
+
 def test_watch_resumes_after_etcd_restarts_and_misses_nothing(etcd):
     """The stream breaks (etcd killed and restarted); the follower watches
     again from its last revision + 1: it gets every map written meanwhile,
     in order, and never goes back."""
     async def go():
-        w = EtcdMapStore([etcd.url], "/t")
-        r1 = await w.write(b"v1", 0)
-        got: list[Stored] = []
-        stop = asyncio.Event()
-        reader = EtcdMapStore([etcd.url], "/t")
-        task = follow_until(reader, lambda s: s.value == b"v4", stop, got)
-        while not got:
-            await asyncio.sleep(0.02)
+        w, r1, reader, task, got = await following(etcd, "/t", b"v4")
         r2 = await w.write(b"v2", r1.stored.revision)
         while len(got) < 2:
             await asyncio.sleep(0.02)
@@ -164,14 +171,7 @@ def test_a_watched_member_that_stops_answering_is_left_and_nothing_is_missed(etc
     resumes (from the last revision + 1) instead of waiting for ever; the
     map written once the member answers again arrives."""
     async def go():
-        w = EtcdMapStore([etcd.url], "/p")
-        r1 = await w.write(b"v1", 0)
-        got: list[Stored] = []
-        stop = asyncio.Event()
-        reader = EtcdMapStore([etcd.url], "/p")
-        task = follow_until(reader, lambda s: s.value == b"v2", stop, got)
-        while not got:
-            await asyncio.sleep(0.02)
+        w, r1, reader, task, got = await following(etcd, "/p", b"v2")
         os.kill(etcd.proc.pid, signal.SIGSTOP)
         try:
             await asyncio.sleep(PROBE_EVERY + PROBE_TIMEOUT + 0.5)
